@@ -1,0 +1,48 @@
+"""The `cllm` console script: `cllm decode ...` (later: gen, train, eval)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from cllm.errors import CllmError
+
+SUBCOMMANDS = {
+    "decode": ("cllm.commands.decode", "decode prompts with AR or Jacobi decoding and compare them"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    import importlib
+
+    parser = argparse.ArgumentParser(prog="cllm", description="Consistency LLMs and multi-token decoding.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, (module, help_text) in SUBCOMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        importlib.import_module(module).add_arguments(p)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point; returns the exit code (0 ok, 2 bad input) so tests can call it."""
+    import importlib
+
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    module = importlib.import_module(SUBCOMMANDS[args.command][0])
+    try:
+        module.run(args)
+    except CllmError as e:
+        print(f"cllm {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def console_main() -> None:
+    sys.exit(main())
+
+
+if __name__ == "__main__":
+    console_main()

@@ -1,0 +1,215 @@
+"""Prompt sources: the benchmark datasets under `../shared/data` (one loader per record format) and JSONL files.
+
+Every source yields `PromptRecord`s: the user message text (dataset-specific instructions are added here, and only
+here), an id, a category and, where the dataset has one, a reference answer.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from cllm.errors import CllmError
+
+
+@dataclass
+class PromptRecord:
+    id: str
+    prompt: str
+    dataset: str
+    category: str = ""
+    answer: str | None = None  # reference answer when the source has one (GSM8K solution, Spider SQL, ...)
+    meta: dict = field(default_factory=dict)
+
+
+def default_data_dir() -> Path:
+    """`$CLLM_DATA_DIR`, else the first `../shared/data` found from the working directory or this checkout."""
+    env = os.environ.get("CLLM_DATA_DIR")
+    if env:
+        return Path(env)
+    candidates = [Path.cwd() / ".." / "shared" / "data", Path(__file__).resolve().parents[2] / "shared" / "data"]
+    for c in candidates:
+        if c.is_dir():
+            return c.resolve()
+    return candidates[0]
+
+
+GSM8K_INSTRUCTION = "Solve the problem step by step. End with a line of the form '#### <number>'."
+
+
+def _gsm8k(root: Path, split: str) -> list[PromptRecord]:
+    split = split or "test"
+    out = []
+    for i, rec in enumerate(_read_jsonl(root / "gsm8k" / f"{split}.jsonl")):
+        out.append(
+            PromptRecord(
+                id=f"gsm8k-{split}-{i}",
+                prompt=f"{rec['question']}\n{GSM8K_INSTRUCTION}",
+                dataset="gsm8k",
+                category="math",
+                answer=rec["answer"],
+            )
+        )
+    return out
+
+
+def _question_jsonl(name: str, folder: str):
+    def load(root: Path, split: str) -> list[PromptRecord]:
+        out = []
+        for rec in _read_jsonl(root / folder / "question.jsonl"):
+            # Multi-turn questions: the first turn only (cllm decodes single-turn prompts).
+            ref = rec.get("reference")
+            out.append(
+                PromptRecord(
+                    id=str(rec["question_id"]),
+                    prompt=rec["turns"][0],
+                    dataset=name,
+                    category=rec.get("category", ""),
+                    answer=ref[0] if isinstance(ref, list) and ref and isinstance(ref[0], str) else None,
+                    meta={"n_turns": len(rec["turns"])},
+                )
+            )
+        return out
+
+    return load
+
+
+def _sharegpt(root: Path, split: str) -> list[PromptRecord]:
+    path = root / "sharegpt" / "ShareGPT_V3_filtered_1000.json"
+    out = []
+    for rec in _read_json(path):
+        first = rec["conversations"][0]
+        if first.get("from") != "human" or not first.get("value", "").strip():
+            continue
+        out.append(PromptRecord(id=str(rec["id"]), prompt=first["value"], dataset="sharegpt", category="chat"))
+    return out
+
+
+def spider_schema(table: dict) -> str:
+    """`table(col, col, ...)` lines for one database of Spider's tables.json."""
+    cols: dict[int, list[str]] = {}
+    for t_idx, col in table["column_names_original"]:
+        if t_idx >= 0:
+            cols.setdefault(t_idx, []).append(col)
+    return "\n".join(f"{name}({', '.join(cols.get(i, []))})" for i, name in enumerate(table["table_names_original"]))
+
+
+def _spider(root: Path, split: str) -> list[PromptRecord]:
+    tables = {t["db_id"]: t for t in _read_json(root / "spider" / "tables.json")}
+    out = []
+    for i, rec in enumerate(_read_json(root / "spider" / "dev.json")):
+        schema = spider_schema(tables[rec["db_id"]])
+        prompt = (
+            f"SQLite database '{rec['db_id']}' with tables:\n{schema}\n\n"
+            f"Write one SQL query that answers: {rec['question']}\nAnswer with the SQL query only."
+        )
+        out.append(
+            PromptRecord(id=f"spider-dev-{i}", prompt=prompt, dataset="spider", category=rec["db_id"],
+                         answer=rec["query"], meta={"db_id": rec["db_id"]})
+        )
+    return out
+
+
+def _humaneval(root: Path, split: str) -> list[PromptRecord]:
+    path = root / "humaneval" / "HumanEval.jsonl.gz"
+    if not path.is_file():
+        raise CllmError(f"dataset file not found: {path}")
+    out = []
+    with gzip.open(path, "rt", encoding="utf-8") as f:
+        for line in f:
+            rec = json.loads(line)
+            prompt = f"Complete the following Python function. Answer with code only.\n```python\n{rec['prompt']}```"
+            out.append(
+                PromptRecord(id=rec["task_id"], prompt=prompt, dataset="humaneval", category="code",
+                             meta={"code_prompt": rec["prompt"], "test": rec["test"], "entry_point": rec["entry_point"]})
+            )
+    return out
+
+
+def _code(root: Path, split: str) -> list[PromptRecord]:
+    """CoSQA queries (functions from the CodeSearchNet Python corpus), the stand-in for CodeSearchNet-Python."""
+    out = []
+    for rec in _read_json(root / "codesearchnet_cosqa" / "cosqa-dev.json"):
+        if rec.get("label") != 1:
+            continue
+        out.append(PromptRecord(id=rec["idx"], prompt=f"Write a Python function for: {rec['doc']}", dataset="code",
+                                category="code", answer=rec["code"]))
+    return out
+
+
+DATASETS = {
+    "gsm8k": _gsm8k,
+    "spec_bench": _question_jsonl("spec_bench", "spec_bench"),
+    "mt_bench": _question_jsonl("mt_bench", "mt_bench"),
+    "vicuna_bench": _question_jsonl("vicuna_bench", "vicuna_bench"),
+    "sharegpt": _sharegpt,
+    "spider": _spider,
+    "humaneval": _humaneval,
+    "code": _code,
+}
+
+
+def load_dataset_prompts(
+    name: str, split: str | None = None, data_dir: str | Path | None = None, limit: int | None = None, offset: int = 0
+) -> list[PromptRecord]:
+    if name not in DATASETS:
+        raise CllmError(f"unknown dataset {name!r}; choose one of {sorted(DATASETS)}")
+    root = Path(data_dir) if data_dir else default_data_dir()
+    if not root.is_dir():
+        raise CllmError(f"data folder not found: {root} (pass --data-dir or set CLLM_DATA_DIR)")
+    records = DATASETS[name](root, split or "")
+    return _window(records, limit, offset)
+
+
+def load_prompt_file(path: str | Path, field_name: str = "prompt", limit: int | None = None, offset: int = 0):
+    """Prompts from a JSONL file: one object per line with the prompt in `field_name` (optional `id`, `answer`,
+    `category`). Errors name the file and line."""
+    path = Path(path)
+    if not path.is_file():
+        raise CllmError(f"prompt file not found: {path}")
+    records = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise CllmError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
+            if not isinstance(rec, dict) or field_name not in rec:
+                raise CllmError(f"{path}:{lineno}: no field '{field_name}'")
+            text = rec[field_name]
+            if not isinstance(text, str) or not text.strip():
+                raise CllmError(f"{path}:{lineno}: field '{field_name}' is empty")
+            records.append(
+                PromptRecord(id=str(rec.get("id", rec.get("question_id", lineno))), prompt=text, dataset=path.stem,
+                             category=str(rec.get("category", "")), answer=rec.get("answer"))
+            )
+    if not records:
+        raise CllmError(f"prompt file has no prompts: {path}")
+    return _window(records, limit, offset)
+
+
+def _window(records: list[PromptRecord], limit: int | None, offset: int) -> list[PromptRecord]:
+    if offset < 0:
+        raise CllmError(f"offset must be >= 0, got {offset}")
+    if limit is not None and limit < 1:
+        raise CllmError(f"limit must be >= 1, got {limit}")
+    return records[offset : None if limit is None else offset + limit]
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    if not path.is_file():
+        raise CllmError(f"dataset file not found: {path}")
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def _read_json(path: Path):
+    if not path.is_file():
+        raise CllmError(f"dataset file not found: {path}")
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)

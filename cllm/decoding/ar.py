@@ -1,0 +1,82 @@
+"""Autoregressive baseline: one token per forward pass with a KV cache, greedy or sampled.
+
+Greedy output is token-identical to `model.generate(do_sample=False)`.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from cllm.decoding.common import DecodeResult, RaggedCache, as_batch, check_lengths, eos_ids
+from cllm.decoding.sampling import check_sampling_args, sample_token, warp_logits
+
+
+@torch.inference_mode()
+def ar_decode(
+    model,
+    tokenizer,
+    prompt_ids,
+    max_new_tokens: int = 256,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    seed: int | list[int] = 0,
+    eos_token_id: int | list[int] | None = None,
+) -> list[DecodeResult] | DecodeResult:
+    """Decode one prompt (list of ids) or a batch (list of lists). `temperature=0` is greedy.
+
+    Each row of a batch gets its own random generator (`seed + row` or the given list), so a row's sample does
+    not depend on the batch it ran in.
+    """
+    batch, single = as_batch(prompt_ids)
+    check_lengths(max_new_tokens)
+    check_sampling_args(temperature, top_k, top_p)
+    device = next(model.parameters()).device
+    stop = eos_ids(model, tokenizer, eos_token_id)
+    seeds = seed if isinstance(seed, list) else [seed + i for i in range(len(batch))]
+    generators = [torch.Generator(device=device).manual_seed(int(s)) for s in seeds]
+    pad_id = tokenizer.pad_token_id if tokenizer is not None and tokenizer.pad_token_id is not None else 0
+
+    t0 = time.perf_counter()
+    cache = RaggedCache(len(batch), device, pad_id)
+    active = list(range(len(batch)))  # caller's row index of every cache row
+    inputs = [list(p) for p in batch]  # the prefill: whole prompts
+    generated: list[list[int]] = [[] for _ in batch]
+    results: list[DecodeResult | None] = [None] * len(batch)
+    while active:
+        logits, lengths = cache.forward(model, inputs)  # (B, W, V)
+        cache.keep(lengths)  # every input token is committed context
+        last_logits = logits[torch.arange(len(active)), torch.tensor(lengths) - 1]  # (B, V)
+        next_ids = []
+        for r, row in enumerate(active):
+            if temperature == 0:
+                tok = int(last_logits[r].argmax())
+            else:
+                warped = warp_logits(last_logits[r : r + 1], temperature, top_k, top_p)
+                tok = int(sample_token(warped, generators[row]))
+            next_ids.append(tok)
+        still = []
+        for r, (row, tok) in enumerate(zip(active, next_ids)):
+            generated[row].append(tok)
+            done = tok in stop or len(generated[row]) >= max_new_tokens
+            if done:
+                n = len(generated[row])
+                results[row] = DecodeResult(
+                    token_ids=generated[row],
+                    text=tokenizer.decode(generated[row], skip_special_tokens=True) if tokenizer else "",
+                    n_forwards=n,
+                    accept_lengths=[1] * n,
+                    finish_reason="eos" if tok in stop else "length",
+                    wall_time_s=time.perf_counter() - t0,
+                )
+            else:
+                still.append(r)
+        if len(still) < len(active):
+            if still:
+                cache.select(still)
+            active = [active[r] for r in still]
+            next_ids = [next_ids[r] for r in still]
+        inputs = [[t] for t in next_ids]
+    return results[0] if single else results

@@ -1,0 +1,153 @@
+"""Pieces every decoder shares: the result dataclass and a KV cache for rows that advance at different speeds."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from transformers import DynamicCache
+
+from cllm.errors import CllmError
+
+
+@dataclass
+class BlockTrajectory:
+    """One n-token block of a Jacobi decode: every iteration's input state and the fixed point it reached."""
+
+    block_index: int
+    start: int  # offset of the block's first token among the generated tokens
+    states: list[list[int]]  # y(0) .. y(k): the input state of every iteration, `width` ids each
+    fixed_point: list[int]  # the committed tokens; shorter than `width` only when EOS ended the block
+
+
+@dataclass
+class DecodeResult:
+    """Output and statistics of decoding one prompt."""
+
+    token_ids: list[int]  # new tokens only (EOS included when it stopped the row)
+    text: str
+    n_forwards: int  # model forward passes this prompt took part in (the prefill counts as one)
+    accept_lengths: list[int]  # tokens committed by each forward pass
+    finish_reason: str  # "eos" or "length"
+    wall_time_s: float = 0.0  # seconds from the start of the call until this row finished
+    n_fast_forward: int = 0  # tokens committed beyond the first in an iteration (CLLM)
+    n_stationary: int = 0  # tokens already right and unchanged while an earlier token was still wrong (CLLM)
+    trajectory: list[BlockTrajectory] | None = None
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def n_new_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def tokens_per_forward(self) -> float:
+        return self.n_new_tokens / self.n_forwards if self.n_forwards else 0.0
+
+
+def eos_ids(model, tokenizer, eos_token_id=None) -> set[int]:
+    """The ids that end generation: the argument if given, else the model's generation config, else the tokenizer's."""
+    if eos_token_id is None:
+        gen_cfg = getattr(model, "generation_config", None)
+        eos_token_id = getattr(gen_cfg, "eos_token_id", None)
+        if eos_token_id is None and tokenizer is not None:
+            eos_token_id = tokenizer.eos_token_id
+    if eos_token_id is None:
+        return set()
+    if isinstance(eos_token_id, int):
+        return {eos_token_id}
+    return {int(i) for i in eos_token_id}
+
+
+def as_batch(prompt_ids) -> tuple[list[list[int]], bool]:
+    """Accept one prompt (list of ids) or a batch (list of lists); return the batch and whether it was single."""
+    if isinstance(prompt_ids, torch.Tensor):
+        prompt_ids = prompt_ids.tolist()
+    if len(prompt_ids) == 0:
+        raise CllmError("no prompt given")
+    single = isinstance(prompt_ids[0], int)
+    batch = [list(prompt_ids)] if single else [list(p) for p in prompt_ids]
+    for i, p in enumerate(batch):
+        if len(p) == 0:
+            raise CllmError(f"prompt {i} is empty")
+    return batch, single
+
+
+def check_lengths(max_new_tokens: int, block_size: int | None = None) -> None:
+    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise CllmError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
+    if block_size is not None and (not isinstance(block_size, int) or block_size < 1):
+        raise CllmError(f"block_size must be a positive integer, got {block_size!r}")
+
+
+class RaggedCache:
+    """A KV cache for a batch whose rows keep different numbers of tokens per forward pass.
+
+    All rows share one `DynamicCache` of length S; `valid` (B, S) marks which entries a row really owns. A
+    forward appends W columns to every row (shorter inputs are right-padded); `keep` then marks, per row, how
+    many of the new columns stay valid and crops the columns no row keeps. Dropped entries of one row that
+    another row keeps become holes, masked out of attention; position ids come from the count of valid entries,
+    so every row sees exactly the context it would see alone. With batch size 1 there are never holes.
+    """
+
+    def __init__(self, batch_size: int, device: torch.device, pad_token_id: int):
+        self.cache = DynamicCache()
+        self.valid = torch.zeros(batch_size, 0, dtype=torch.bool, device=device)  # (B, S)
+        self.device = device
+        self.pad_token_id = pad_token_id
+        self._last_width = 0
+
+    @property
+    def n_rows(self) -> int:
+        return self.valid.shape[0]
+
+    def forward(self, model, inputs: list[list[int]]) -> tuple[torch.Tensor, list[int]]:
+        """Run `model` on one token list per row on top of the cache. Returns logits (B, W, V) and the lengths."""
+        if len(inputs) != self.n_rows:
+            raise ValueError(f"{len(inputs)} inputs for {self.n_rows} cache rows")
+        lengths = [len(x) for x in inputs]
+        width = max(lengths)
+        input_ids = torch.full((self.n_rows, width), self.pad_token_id, dtype=torch.long, device=self.device)
+        new_valid = torch.zeros(self.n_rows, width, dtype=torch.bool, device=self.device)  # (B, W)
+        for b, x in enumerate(inputs):
+            input_ids[b, : len(x)] = torch.tensor(x, dtype=torch.long, device=self.device)
+            new_valid[b, : len(x)] = True
+        start = self.valid.sum(dim=1, keepdim=True)  # (B, 1): tokens each row owns so far
+        position_ids = start + torch.arange(width, device=self.device).unsqueeze(0)  # (B, W)
+        attention_mask = torch.cat([self.valid, new_valid], dim=1).long()  # (B, S + W)
+        out = model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=self.cache,
+            use_cache=True,
+        )
+        self.cache = out.past_key_values
+        self.valid = torch.cat([self.valid, torch.zeros_like(new_valid)], dim=1)
+        self._last_width = width
+        return out.logits, lengths
+
+    def keep(self, n_keep: list[int]) -> None:
+        """After `forward`: row b keeps the KV of its first n_keep[b] new tokens; columns nobody keeps are cropped."""
+        width = self._last_width
+        s0 = self.valid.shape[1] - width
+        for b, k in enumerate(n_keep):
+            self.valid[b, s0 : s0 + k] = True
+        max_keep = max(n_keep) if n_keep else 0
+        if width - max_keep > 0:
+            self.cache.crop(-(width - max_keep))  # transformers 5: a negative count of tokens to remove
+            self.valid = self.valid[:, : s0 + max_keep]
+        self._last_width = 0
+
+    def select(self, rows: list[int]) -> None:
+        """Keep only these rows (finished rows leave the batch so they cost nothing)."""
+        idx = torch.tensor(rows, dtype=torch.long, device=self.device)
+        if self.valid.shape[1] > 0:
+            self.cache.batch_select_indices(idx)
+        self.valid = self.valid[idx]
+        # Trailing columns no remaining row owns are cropped; holes in the middle stay masked.
+        owned = self.valid.any(dim=0).nonzero()
+        n_used = int(owned.max()) + 1 if owned.numel() else 0
+        n_drop = self.valid.shape[1] - n_used
+        if 0 < n_drop < self.valid.shape[1]:
+            self.cache.crop(-n_drop)
+            self.valid = self.valid[:, :n_used]

@@ -1,0 +1,43 @@
+"""Logit warping and sampling shared by every sampling decoder (AR now; SpS and MTAD warp the same way).
+
+Order follows Hugging Face and the MTAD code: temperature, then top-k, then top-p. Pure tensor functions.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from cllm.errors import CllmError
+
+
+def check_sampling_args(temperature: float, top_k: int | None, top_p: float | None) -> None:
+    if temperature < 0:
+        raise CllmError(f"temperature must be >= 0 (0 means greedy), got {temperature}")
+    if top_k is not None and top_k < 0:
+        raise CllmError(f"top_k must be >= 0 (0 disables it), got {top_k}")
+    if top_p is not None and not (0.0 < top_p <= 1.0):
+        raise CllmError(f"top_p must be in (0, 1], got {top_p}")
+
+
+def warp_logits(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None):
+    """Return logits (..., V) divided by the temperature with filtered tokens set to -inf."""
+    logits = logits.float() / max(temperature, 1e-8)
+    if top_k:
+        k = min(int(top_k), logits.shape[-1])
+        kth = torch.topk(logits, k, dim=-1).values[..., -1:]  # (..., 1)
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        probs = sorted_logits.softmax(dim=-1)
+        # Drop a token when the mass strictly before it already reaches top_p (the top token always stays).
+        mass_before = probs.cumsum(dim=-1) - probs
+        drop_sorted = mass_before >= top_p
+        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    return logits
+
+
+def sample_token(logits: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Draw one id per row from already-warped logits (B, V) -> (B,)."""
+    probs = logits.softmax(dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)

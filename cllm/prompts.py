@@ -1,0 +1,22 @@
+"""The one place that turns a user message into prompt token ids (chat template when the tokenizer has one)."""
+
+from __future__ import annotations
+
+from cllm.errors import CllmError
+
+
+def format_prompt(tokenizer, text: str, system: str | None = None) -> list[int]:
+    """Token ids of `text` as a single user turn, ready for the assistant's answer.
+
+    With a chat template: the template with `add_generation_prompt=True` (its default system prompt applies when
+    `system` is None). Without one: the plain text, with the tokenizer's special tokens (e.g. BOS).
+    """
+    if not isinstance(text, str) or not text.strip():
+        raise CllmError("empty prompt")
+    if getattr(tokenizer, "chat_template", None):
+        messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": text}]
+        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        if hasattr(ids, "keys"):  # transformers 5 returns a BatchEncoding
+            ids = ids["input_ids"]
+        return list(ids)
+    return list(tokenizer(text if system is None else f"{system}\n\n{text}")["input_ids"])
