@@ -23,6 +23,7 @@ class PromptRecord:
     category: str = ""
     answer: str | None = None  # reference answer when the source has one (GSM8K solution, Spider SQL, ...)
     meta: dict = field(default_factory=dict)
+    index: int = -1  # stable position in the whole source (dataset order, or file line - 1), set by the loaders
 
 
 def default_data_dir() -> Path:
@@ -161,35 +162,67 @@ def load_dataset_prompts(
     if not root.is_dir():
         raise CllmError(f"data folder not found: {root} (pass --data-dir or set CLLM_DATA_DIR)")
     records = DATASETS[name](root, split or "")
+    for i, r in enumerate(records):
+        r.index = i
     return _window(records, limit, offset)
 
 
-def load_prompt_file(path: str | Path, field_name: str = "prompt", limit: int | None = None, offset: int = 0):
-    """Prompts from a JSONL file: one object per line with the prompt in `field_name` (optional `id`, `answer`,
-    `category`). Errors name the file and line."""
+def read_prompt_file(path: str | Path, field_name: str = "prompt", on_bad: str = "fail", template: str | None = None):
+    """All prompts of a JSONL file and the bad lines: `(records, bad)` with bad = ["file:line: reason", ...].
+
+    Each line is an object with the prompt in `field_name` (optional `id`, `answer`, `category`). `template`, e.g.
+    "Question: {question}\nAnswer:", builds the prompt from the line's fields instead. With on_bad="fail" the
+    first bad line raises an error naming the file and line; with "skip" it is counted and left out.
+    """
     path = Path(path)
     if not path.is_file():
         raise CllmError(f"prompt file not found: {path}")
-    records = []
+    records, bad = [], []
     with open(path, encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
                 continue
             try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise CllmError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
-            if not isinstance(rec, dict) or field_name not in rec:
-                raise CllmError(f"{path}:{lineno}: no field '{field_name}'")
-            text = rec[field_name]
-            if not isinstance(text, str) or not text.strip():
-                raise CllmError(f"{path}:{lineno}: field '{field_name}' is empty")
+                rec, text = _parse_prompt_line(line, field_name, template)
+            except ValueError as e:
+                msg = f"{path}:{lineno}: {e}"
+                if on_bad == "fail":
+                    raise CllmError(msg) from None
+                bad.append(msg)
+                continue
             records.append(
                 PromptRecord(id=str(rec.get("id", rec.get("question_id", lineno))), prompt=text, dataset=path.stem,
-                             category=str(rec.get("category", "")), answer=rec.get("answer"))
+                             category=str(rec.get("category", "")), answer=rec.get("answer"), index=lineno - 1)
             )
     if not records:
         raise CllmError(f"prompt file has no prompts: {path}")
+    return records, bad
+
+
+def _parse_prompt_line(line: str, field_name: str, template: str | None):
+    try:
+        rec = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"not valid JSON ({e.msg})") from None
+    if not isinstance(rec, dict):
+        raise ValueError("not a JSON object")
+    if template is not None:
+        try:
+            text = template.format(**rec)
+        except (KeyError, IndexError) as e:
+            raise ValueError(f"template needs field {e}") from None
+    elif field_name not in rec:
+        raise ValueError(f"no field '{field_name}'")
+    else:
+        text = rec[field_name]
+    if not isinstance(text, str) or not text.strip():
+        raise ValueError(f"field '{field_name}' is empty")
+    return rec, text
+
+
+def load_prompt_file(path: str | Path, field_name: str = "prompt", limit: int | None = None, offset: int = 0):
+    """Prompts from a JSONL file (see `read_prompt_file`); any bad line is an error naming file and line."""
+    records, _ = read_prompt_file(path, field_name)
     return _window(records, limit, offset)
 
 

@@ -34,7 +34,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--top-k", type=int, default=None, help="AR sampling: keep the k most likely tokens")
     p.add_argument("--top-p", type=float, default=None, help="AR sampling: nucleus mass in (0, 1]")
     p.add_argument("--seed", type=int, default=0, help="seed for Jacobi initial guesses and sampling")
-    p.add_argument("--dtype", default="fp32", choices=("fp32", "bf16", "fp16"), help="(default: %(default)s)")
+    p.add_argument("--dtype", default="fp32", choices=("fp32", "bf16", "fp16", "fp64"), help="bf16 for speed, fp32 (or fp64) for exactness checks (default: %(default)s)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available, else cpu)")
     p.add_argument("--device-map", default=None, help="'auto' spreads a large model over the GPUs (accelerate)")
     p.add_argument("--warmup", type=int, default=1, help="untimed warm-up runs per method (default: %(default)s)")

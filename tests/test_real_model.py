@@ -1,0 +1,49 @@
+"""The real default model, SmolLM2-135M-Instruct (marked `real_model`: slower, still run in CI)."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+
+from cllm.data import load_dataset_prompts
+from cllm.decoding import ar_decode, jacobi_decode
+from cllm.models import load_model
+from cllm.prompts import format_prompt
+
+pytestmark = pytest.mark.real_model
+
+
+@pytest.fixture(scope="module")
+def smollm():
+    load_model("smollm2-135m")  # converts once if the cache is empty
+    t0 = time.perf_counter()
+    model, tok = load_model("smollm2-135m", dtype="fp32")
+    return model, tok, time.perf_counter() - t0
+
+
+def test_alias_loads_from_cache_in_seconds(smollm):
+    model, tok, seconds = smollm
+    assert type(model).__name__ == "LlamaForCausalLM"
+    assert model.config.vocab_size == 49152 and tok.eos_token == "<|im_end|>"
+    assert seconds < 30, f"reloading the converted model took {seconds:.1f} s"
+
+
+def test_chat_template_is_applied(smollm):
+    _, tok, _ = smollm
+    ids = format_prompt(tok, "What is 2 + 3?")
+    text = tok.decode(ids)
+    assert "<|im_start|>user\nWhat is 2 + 3?<|im_end|>" in text and text.endswith("<|im_start|>assistant\n")
+
+
+def test_jacobi_equals_ar_equals_generate_on_gsm8k(smollm):
+    model, tok, _ = smollm
+    for rec in load_dataset_prompts("gsm8k", limit=2):
+        ids = format_prompt(tok, rec.prompt)
+        gen = model.generate(torch.tensor([ids]), max_new_tokens=48, do_sample=False)[0, len(ids):].tolist()
+        ar = ar_decode(model, tok, ids, max_new_tokens=48)
+        jac = jacobi_decode(model, tok, ids, block_size=16, max_new_tokens=48)
+        assert ar.token_ids == gen
+        assert jac.token_ids == gen
+        assert jac.n_forwards <= ar.n_forwards

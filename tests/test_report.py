@@ -1,0 +1,36 @@
+"""Report arithmetic on literal rows."""
+
+from cllm.report import answer_line, build_report
+
+
+def row(i, tokens, forwards, accepts, ff=0, st=0):
+    return {"index": i, "id": f"q{i}", "category": "c", "dataset": "d", "token_ids": tokens, "text": "t",
+            "new_tokens": len(tokens), "forwards": forwards, "accept_lengths": accepts, "fast_forward": ff,
+            "stationary": st, "wall_time": 1.0, "finish_reason": "length"}
+
+
+def test_speedup_and_identity_from_literal_rows():
+    rows = {
+        "ar": [row(0, [1, 2, 3, 4], 4, [1, 1, 1, 1]), row(1, [5, 6], 2, [1, 1])],
+        "jacobi": [row(0, [1, 2, 3, 4], 2, [3, 1], ff=2, st=1), row(1, [5, 7], 2, [1, 1])],
+    }
+    rep = build_report("m", "fp32", rows, {"ar": 3.0, "jacobi": 2.0}, {"temperature": 0.0})
+    ar, jac = rep["methods"]["ar"], rep["methods"]["jacobi"]
+    assert ar["tokens_per_second"] == 2.0 and jac["tokens_per_second"] == 3.0
+    assert jac["speedup_vs_ar"] == 1.5
+    assert jac["tokens_per_forward"] == 6 / 4 and jac["mean_accept_length"] == 1.5
+    assert jac["identical_to_ar"] == 0.5 and jac["not_identical_ids"] == ["q1"]
+    assert jac["fast_forward_tokens"] == 2 and jac["stationary_tokens"] == 1
+    assert "speedup_vs_ar" not in ar
+
+
+def test_sampled_baseline_has_no_identity_claim():
+    rows = {"ar": [row(0, [1], 1, [1])], "jacobi": [row(0, [1], 1, [1])]}
+    rep = build_report("m", "fp32", rows, {"ar": 1.0, "jacobi": 1.0}, {"temperature": 0.7})
+    assert "identical_to_ar" not in rep["methods"]["jacobi"]
+
+
+def test_answer_line_is_spec_bench_format():
+    line = answer_line(row(3, [1, 2, 3], 2, [2, 1]), "m-jacobi")
+    assert line["question_id"] == "q3" and line["model_id"] == "m-jacobi"
+    assert line["choices"][0]["new_tokens"] == [3] and line["choices"][0]["decoding_steps"] == [2]
