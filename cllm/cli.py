@@ -1,4 +1,4 @@
-"""The `cllm` console script: `cllm decode ...` (later: gen, train, eval)."""
+"""The `cllm` console script: `cllm decode ...`, `cllm gen ...`."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from cllm.errors import CllmError
 
 SUBCOMMANDS = {
     "decode": ("cllm.commands.decode", "decode prompts with AR or Jacobi decoding and compare them"),
+    "gen": ("cllm.commands.gen", "collect Jacobi trajectories (resumable, sharded, batched)"),
 }
 
 

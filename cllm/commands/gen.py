@@ -1,0 +1,165 @@
+"""`cllm gen`: collect Jacobi trajectories of a model over a prompt set (see `cllm.trajectories`)."""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+import time
+from pathlib import Path
+
+from cllm import config
+from cllm.errors import CllmError
+from cllm.trajectories import GenConfig
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    config.add_arguments(p, GenConfig)
+
+
+def run(args) -> dict:
+    given = {k: v for k, v in vars(args).items() if k != "command"}
+    return generate(config.resolve(GenConfig, given))
+
+
+def load_source(cfg: GenConfig):
+    """All prompts of the source with `offset`/`limit` applied, and the bad lines skipped (prompt files only)."""
+    from cllm.data import _window, load_dataset_prompts, read_prompt_file
+
+    if cfg.dataset:
+        return load_dataset_prompts(cfg.dataset, cfg.split, cfg.data_dir, cfg.limit, cfg.offset), []
+    records, bad = read_prompt_file(cfg.prompts, cfg.prompt_field, cfg.on_bad_record, cfg.template)
+    return _window(records, cfg.limit, cfg.offset), bad
+
+
+def label_text(answer: str) -> str:
+    """Ground-truth answer text for label_ids (GSM8K calculator annotations <<a*b=c>> removed)."""
+    return re.sub(r"<<[^>]*>>", "", answer)
+
+
+def generate(cfg: GenConfig, after_commit=None) -> dict:
+    """Run (or resume) a collection job; returns the summary of the whole output folder.
+
+    `after_commit(n_committed_batches)` is called after every committed batch (tests use it to interrupt).
+    """
+    from tqdm import tqdm
+
+    from cllm import distributed
+    from cllm.decoding import jacobi_decode
+    from cllm.models import load_model
+    from cllm.prompts import format_prompt
+    from cllm.trajectories import ShardStore, block_records, check_or_write_manifest, fingerprint, summarize
+
+    records, bad = load_source(cfg)
+    ctx = distributed.setup()
+    try:
+        n_workers = cfg.num_shards * ctx.world_size
+        worker = cfg.shard_index * ctx.world_size + ctx.rank
+        tag = f"{worker:05d}-of-{n_workers:05d}"
+        out = Path(cfg.out)
+        fp = fingerprint(cfg, n_workers)
+        # Rank 0 writes (or checks) the manifest first, the other ranks then check it.
+        if ctx.is_main:
+            check_or_write_manifest(out, fp, cfg.overwrite)
+        if ctx.world_size > 1:
+            import torch.distributed as dist
+
+            dist.barrier()
+            if not ctx.is_main:
+                check_or_write_manifest(out, fp, overwrite=False)
+        store = ShardStore(out, tag, cfg.shard_records, cfg.overwrite)
+        if store.repaired_bytes:
+            print(f"[cllm gen] {tag}: cut {store.repaired_bytes} bytes of uncommitted output; redoing those prompts",
+                  file=sys.stderr)
+        done = store.done_ids()
+        mine = records[worker::n_workers]
+        todo = [r for r in mine if r.index not in done]
+
+        model, tok = load_model(cfg.model, cfg.dtype, cfg.device or ctx.device(), adapter=cfg.adapter)
+        context = getattr(model.config, "max_position_embeddings", None) or 10**9
+        max_prompt = cfg.max_prompt_tokens or context - cfg.max_new_tokens
+        if max_prompt < 1:
+            raise CllmError(f"--max-new-tokens {cfg.max_new_tokens} leaves no room for a prompt in the model "
+                            f"context of {context} tokens")
+        eos = tok.eos_token_id
+
+        bar = tqdm(total=len(mine), initial=len(mine) - len(todo), desc=f"gen {tag}", unit="prompt",
+                   disable=not ctx.is_main)
+        t_start = time.perf_counter()
+        n_batches = 0
+        for start in range(0, len(todo), cfg.batch_size):
+            batch = todo[start : start + cfg.batch_size]
+            t0 = time.perf_counter()
+            skipped, ready = {}, []
+            for rec in batch:
+                try:
+                    ids = format_prompt(tok, rec.prompt)
+                except CllmError:
+                    skipped[rec.index] = "empty"
+                    continue
+                if len(ids) > max_prompt:
+                    if cfg.on_long_prompt == "skip":
+                        skipped[rec.index] = "too_long"
+                        continue
+                    ids = ids[-max_prompt:]
+                ready.append((rec, ids))
+            out_records, stats = [], {"blocks_kept": 0, "blocks_dropped": 0, "iterations": 0, "blocks": 0,
+                                      "new_tokens": 0, "forwards": 0, "state_tokens": 0}
+            if ready:
+                results = jacobi_decode(
+                    model, tok, [ids for _, ids in ready], cfg.block_size, cfg.max_new_tokens, cfg.init,
+                    seed=[cfg.seed * 1_000_003 + rec.index for rec, _ in ready], record_trajectory=True,
+                )
+                for (rec, ids), res in zip(ready, results):
+                    labels = None
+                    if cfg.labels and rec.answer:
+                        labels = tok(label_text(rec.answer), add_special_tokens=False)["input_ids"] + [eos]
+                    recs, dropped = block_records(rec.index, rec.id, ids, res, cfg, labels)
+                    out_records.extend(recs)
+                    stats["blocks_kept"] += len(recs)
+                    stats["blocks_dropped"] += dropped
+                    stats["blocks"] += len(res.trajectory)
+                    stats["iterations"] += sum(len(b.states) for b in res.trajectory)
+                    stats["new_tokens"] += res.n_new_tokens
+                    stats["forwards"] += res.n_forwards
+                    stats["state_tokens"] += sum(len(s) for r in recs for s in r["states"])
+            stats["seconds"] = time.perf_counter() - t0
+            store.commit(out_records, [rec.index for rec, _ in ready], skipped, stats)
+            n_batches += 1
+            bar.update(len(batch))
+            bar.set_postfix(blocks=stats["blocks_kept"], it_per_s=f"{stats['forwards'] / stats['seconds']:.1f}")
+            if after_commit is not None:
+                after_commit(n_batches)
+        bar.close()
+        wall = time.perf_counter() - t_start
+        if ctx.world_size > 1:
+            import torch.distributed as dist
+
+            dist.barrier()
+        summary = summarize(out)
+        summary["bad_records_skipped"] = len(bad)
+        summary["this_run_seconds"] = round(wall, 2)
+        if ctx.is_main:
+            print(format_summary(out, summary))
+            for line in bad[:5]:
+                print(f"  skipped bad record: {line}")
+        return summary
+    finally:
+        distributed.teardown(ctx)
+
+
+def format_summary(out: Path, s: dict) -> str:
+    def f(x, spec=".2f"):
+        return "-" if x is None else format(x, spec)
+
+    reasons = ", ".join(f"{k} {v}" for k, v in sorted(s["skipped_reasons"].items())) or "none"
+    return "\n".join([
+        f"trajectories in {out}",
+        f"  prompts done {s['prompts_done']}, skipped {s['prompts_skipped']} ({reasons}), "
+        f"bad records skipped {s['bad_records_skipped']}",
+        f"  blocks kept {s['blocks_kept']}, dropped as repetitive {s['blocks_dropped']}, records {s['records']}",
+        f"  mean Jacobi iterations per block {f(s['mean_iterations_per_block'])}, "
+        f"tokens per forward {f(s['tokens_per_forward'], '.3f')}",
+        f"  generated tokens {s['new_tokens']}, trajectory state tokens {s['state_tokens']}",
+        f"  decode seconds (all workers) {f(s['seconds'])}, this run wall {f(s['this_run_seconds'])} s",
+    ])
