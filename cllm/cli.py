@@ -1,4 +1,4 @@
-"""The `cllm` console script: `cllm decode ...`, `cllm gen ...`."""
+"""The `cllm` console script: `cllm decode`, `cllm gen`, `cllm train`."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from cllm.errors import CllmError
 SUBCOMMANDS = {
     "decode": ("cllm.commands.decode", "decode prompts with AR or Jacobi decoding and compare them"),
     "gen": ("cllm.commands.gen", "collect Jacobi trajectories (resumable, sharded, batched)"),
+    "train": ("cllm.commands.train", "train a consistency LLM on Jacobi trajectories (CLLM objective)"),
 }
 
 

@@ -1,0 +1,242 @@
+"""`cllm train` / `train/train_cllm.py`: fine-tune a model on its Jacobi trajectories (CLLM objective).
+
+Runs under plain python, `torchrun`, `accelerate launch` and `deepspeed` (pass `--deepspeed configs/deepspeed/*.json`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from cllm import config
+from cllm.config import opt
+from cllm.errors import CllmError
+
+
+@dataclass
+class TrainConfig:
+    model: str = opt("smollm2-135m", "model to train: alias, local folder, HF id or .gguf")
+    data: list = opt([], "`cllm gen` output folders or .jsonl record files")
+    output_dir: str | None = opt(None, "checkpoints and the final (merged) model")
+    block_size: int = opt(16, "Jacobi block size n; must match the data")
+    consistency: str = opt("global", "teacher state: global (fixed point y*) or local (successor y(j+1))",
+                           ("global", "local"))
+    divergence: str = opt("forward_kl", "forward_kl (paper), reverse_kl or jsd", ("forward_kl", "reverse_kl", "jsd"))
+    jsd_beta: float = opt(0.5, "beta of the generalized JSD")
+    temperature: float = opt(1.0, "softmax temperature of the consistency divergence")
+    ar_weight: float = opt(10.0, "weight of the AR loss (paper: 10)")
+    consistency_weight: float = opt(1.0, "weight of the consistency loss (paper: 1)")
+    ar_target: str = opt("fixed_point", "AR loss on the block's fixed point, or on ground-truth labels when present",
+                         ("fixed_point", "labels"))
+    label_smoothing: float = opt(0.0, "label smoothing of the AR loss")
+    state_sampling: str = opt("uniform", "one uniformly drawn state per block and epoch (paper), or all states",
+                              ("uniform", "all"))
+    use_aug: bool = opt(False, "also train on the records' aug_states")
+    max_context_tokens: int = opt(1024, "keep only the last this many context tokens of a record")
+    use_peft: bool = opt(False, "train a LoRA adapter (merged into the saved model at the end)")
+    lora_r: int = opt(16, "LoRA rank")
+    lora_alpha: int = opt(32, "LoRA alpha")
+    lora_dropout: float = opt(0.05, "LoRA dropout")
+    lora_target_modules: str = opt("all-linear", "comma-separated module names, or all-linear")
+    gradient_checkpointing: bool = opt(False, "recompute activations in backward to save memory")
+    bf16: bool = opt(False, "bf16 mixed precision (autocast; fp32 master weights)")
+    learning_rate: float = opt(2e-5, "peak learning rate (LoRA wants ~1e-4)")
+    lr_scheduler_type: str = opt("cosine", "transformers scheduler name")
+    warmup_steps: int = opt(0, "linear warm-up steps")
+    weight_decay: float = opt(0.0, "AdamW weight decay")
+    max_grad_norm: float = opt(1.0, "gradient clipping")
+    per_device_train_batch_size: int = opt(1, "examples per device and micro-batch")
+    gradient_accumulation_steps: int = opt(1, "micro-batches per optimizer step")
+    num_train_epochs: float = opt(1.0, "epochs (ignored when max_steps > 0)")
+    max_steps: int = opt(-1, "optimizer steps; -1 = by epochs")
+    logging_steps: int = opt(10, "log every this many steps")
+    save_steps: int = opt(100, "checkpoint every this many steps")
+    save_total_limit: int = opt(2, "checkpoints kept (older ones are rotated out)")
+    seed: int = opt(42, "training seed")
+    deepspeed: str | None = opt(None, "DeepSpeed JSON config (configs/deepspeed/)")
+    resume: bool = opt(False, "continue from the last checkpoint in output_dir")
+    report_to: str = opt("none", "none, tensorboard (offline), wandb, ...")
+    jacobi_eval_steps: int = opt(0, "every this many steps, measure Jacobi tokens per forward on a few training "
+                                    "prompts and log it (0 = off)")
+    jacobi_eval_prompts: int = opt(4, "prompts for that probe")
+    dataloader_num_workers: int = opt(0, "data loader worker processes")
+
+    def validate(self) -> None:
+        if not self.data:
+            raise CllmError("--data is required (a `cllm gen` output folder or .jsonl files)")
+        if not self.output_dir:
+            raise CllmError("--output-dir is required")
+        for name in ("block_size", "per_device_train_batch_size", "gradient_accumulation_steps", "lora_r",
+                     "logging_steps", "save_steps", "max_context_tokens"):
+            if getattr(self, name) < 1:
+                raise CllmError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if self.ar_weight < 0 or self.consistency_weight < 0 or self.ar_weight + self.consistency_weight == 0:
+            raise CllmError("--ar-weight and --consistency-weight must be >= 0 and not both 0")
+        if not 0 < self.jsd_beta < 1:
+            raise CllmError(f"--jsd-beta must be in (0, 1), got {self.jsd_beta}")
+        if self.temperature <= 0:
+            raise CllmError(f"--temperature must be > 0, got {self.temperature}")
+        if self.deepspeed and not Path(self.deepspeed).is_file():
+            raise CllmError(f"DeepSpeed config not found: {self.deepspeed}")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    config.add_arguments(p, TrainConfig)
+
+
+def run(args) -> None:
+    given = {k: v for k, v in vars(args).items() if k != "command"}
+    cfg = config.resolve(TrainConfig, given)
+    try:
+        train(cfg)
+    except CllmError:
+        sys.stderr.write("\n")  # end the progress bar's line so the error stands on its own
+        raise
+
+
+def _prepare_environment(cfg: TrainConfig) -> None:
+    import torch
+
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # DeepSpeed on CPU: gloo, no CUDA probing
+    if cfg.deepspeed and "RANK" not in os.environ:
+        # A plain `python train_cllm.py --deepspeed ...` is a world of one; DeepSpeed wants the env set.
+        os.environ.update({"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
+                           "MASTER_PORT": os.environ.get("MASTER_PORT", "29591")})
+
+
+def _last_checkpoint(output_dir: str) -> str | None:
+    from transformers.trainer_utils import get_last_checkpoint
+
+    return get_last_checkpoint(output_dir) if Path(output_dir).is_dir() else None
+
+
+def train(cfg: TrainConfig) -> dict:
+    """Train and save; returns the final training metrics. `cllm decode --model OUTPUT_DIR` loads the result."""
+    _prepare_environment(cfg)
+    import torch
+    import torch.distributed as dist
+    from transformers import TrainingArguments
+
+    from cllm.models import load_model
+    from cllm.train_data import PackedCollator, TrajectoryDataset, check_records, read_records
+    from cllm.trainer import CllmTrainer, LossSettings
+
+    records = read_records(cfg.data)
+    model, tok = load_model(cfg.model, dtype="fp32", device=None)
+    check_records(records, cfg.block_size, model.config.vocab_size, where=", ".join(map(str, cfg.data)))
+    for r in records:  # bound the memory of long contexts: keep the context's end
+        if len(r["prompt_ids"]) > cfg.max_context_tokens:
+            cut = len(r["prompt_ids"]) - cfg.max_context_tokens
+            r["prompt_ids"] = r["prompt_ids"][cut:]
+            r["prompt_len"] = max(1, r["prompt_len"] - cut)
+    dataset = TrajectoryDataset(records, cfg.state_sampling, cfg.consistency, cfg.use_aug)
+    collator = PackedCollator(tok.pad_token_id, cfg.block_size, cfg.ar_target)
+
+    if cfg.use_peft:
+        from peft import LoraConfig, get_peft_model
+
+        targets = "all-linear" if cfg.lora_target_modules == "all-linear" else cfg.lora_target_modules.split(",")
+        model = get_peft_model(model, LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha,
+                                                 lora_dropout=cfg.lora_dropout, target_modules=targets,
+                                                 task_type="CAUSAL_LM"))
+    model.config.use_cache = False
+
+    resume_from = None
+    if cfg.resume:
+        resume_from = _last_checkpoint(cfg.output_dir)
+        if resume_from is None:
+            print(f"[cllm train] --resume: no checkpoint in {cfg.output_dir}, starting from scratch", file=sys.stderr)
+
+    args = TrainingArguments(
+        output_dir=cfg.output_dir,
+        per_device_train_batch_size=cfg.per_device_train_batch_size,
+        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+        learning_rate=cfg.learning_rate,
+        lr_scheduler_type=cfg.lr_scheduler_type,
+        warmup_steps=cfg.warmup_steps,
+        weight_decay=cfg.weight_decay,
+        max_grad_norm=cfg.max_grad_norm,
+        num_train_epochs=cfg.num_train_epochs,
+        max_steps=cfg.max_steps,
+        logging_steps=cfg.logging_steps,
+        save_strategy="steps",
+        save_steps=cfg.save_steps,
+        save_total_limit=cfg.save_total_limit,
+        seed=cfg.seed,
+        bf16=cfg.bf16,
+        activation_checkpointing=cfg.gradient_checkpointing,
+        deepspeed=cfg.deepspeed,
+        report_to=[] if cfg.report_to == "none" else cfg.report_to.split(","),
+        remove_unused_columns=False,
+        dataloader_num_workers=cfg.dataloader_num_workers,
+        save_only_model=False,
+        use_cpu=not torch.cuda.is_available(),
+    )
+    probe = _jacobi_probe(cfg, records, tok) if cfg.jacobi_eval_steps > 0 else None
+    trainer = CllmTrainer(
+        model=model, args=args, train_dataset=dataset, data_collator=collator, processing_class=tok,
+        loss_settings=LossSettings(cfg.ar_weight, cfg.consistency_weight, cfg.divergence, cfg.jsd_beta,
+                                   cfg.temperature, cfg.label_smoothing),
+        jacobi_probe=probe,
+    )
+    result = trainer.train(resume_from_checkpoint=resume_from)
+    _save_final(cfg, trainer, tok)
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()  # DeepSpeed may otherwise abort at exit (ZeRO-3 offload, bf16)
+    return result.metrics
+
+
+def _save_final(cfg: TrainConfig, trainer, tok) -> None:
+    """A full model in output_dir (LoRA merged), loadable by `cllm decode --model OUTPUT_DIR`."""
+    out = Path(cfg.output_dir)
+    if cfg.use_peft:
+        adapter_dir = out / "adapter"
+        trainer.save_model(str(adapter_dir))  # the adapter only (gathered under ZeRO-3)
+        if trainer.is_world_process_zero():
+            from peft import PeftModel
+
+            from cllm.models import load_model
+
+            # Merge into a fresh copy of the base: works the same after any backend (DDP, ZeRO-2/3).
+            base, _ = load_model(cfg.model, dtype="fp32", device="cpu")
+            merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
+            merged.save_pretrained(out)
+    else:
+        trainer.save_model(str(out))
+    if trainer.is_world_process_zero():
+        tok.save_pretrained(out)
+        (out / "cllm_train.json").write_text(json.dumps(config.to_dict(cfg), indent=2) + "\n")
+        history = [h for h in trainer.state.log_history]
+        (out / "log_history.json").write_text(json.dumps(history, indent=1) + "\n")
+
+
+def _jacobi_probe(cfg: TrainConfig, records: list[dict], tok):
+    """Every `jacobi_eval_steps`: Jacobi tokens per forward on a few training prompts (held-in)."""
+    import torch
+
+    from cllm.decoding import jacobi_decode
+
+    seen, prompts = set(), []
+    for r in records:
+        if r["data_id"] not in seen and len(prompts) < cfg.jacobi_eval_prompts:
+            seen.add(r["data_id"])
+            prompts.append(r["prompt_ids"][: r["prompt_len"]])
+
+    def probe(model, step: int) -> dict:
+        if step == 0 or step % cfg.jacobi_eval_steps:
+            return {}
+        was_training = model.training
+        model.eval()
+        with torch.no_grad():
+            res = jacobi_decode(model, tok, prompts, cfg.block_size, 4 * cfg.block_size)
+        if was_training:
+            model.train()
+        return {"jacobi/tokens_per_forward": round(sum(r.n_new_tokens for r in res) / sum(r.n_forwards for r in res), 4)}
+
+    return probe

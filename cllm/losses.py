@@ -1,0 +1,80 @@
+"""CLLM training losses as pure tensor functions.
+
+Shapes: logits (B, n, V) over the n block positions (or (B, T, V) for the AR loss), masks (B, n) or (B, T) with
+True/1 where a position counts. Every loss returns a SUM over counted positions divided by `normalizer` (default:
+the number of counted positions, at least 1), so that callers can pass the token count of a whole gradient-
+accumulation window and get a loss that is correct under accumulation. A fully masked input gives 0, never NaN.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+DIVERGENCES = ("forward_kl", "reverse_kl", "jsd")
+
+
+def divergence(teacher_logits: torch.Tensor, student_logits: torch.Tensor, kind: str = "forward_kl",
+               beta: float = 0.5, temperature: float = 1.0) -> torch.Tensor:
+    """Per-position divergence D(p_teacher || p_student), shape (...). The teacher is detached here.
+
+    forward_kl: KL(p_t || p_s) (the paper); reverse_kl: KL(p_s || p_t); jsd: generalized Jensen-Shannon with weight
+    beta as in GKD, beta * KL(p_t || m) + (1 - beta) * KL(p_s || m) with m = beta * p_t + (1 - beta) * p_s
+    (beta -> 0 approaches forward KL scaled by beta, beta = 0.5 is the symmetric JSD). Both are softened by the
+    temperature; the result is multiplied by temperature**2 so gradients keep their scale (Hinton et al.).
+    """
+    if kind not in DIVERGENCES:
+        raise ValueError(f"unknown divergence {kind!r}; choose one of {DIVERGENCES}")
+    t_logp = F.log_softmax(teacher_logits.detach().float() / temperature, dim=-1)
+    s_logp = F.log_softmax(student_logits.float() / temperature, dim=-1)
+    if kind == "forward_kl":
+        d = (t_logp.exp() * (t_logp - s_logp)).sum(-1)
+    elif kind == "reverse_kl":
+        d = (s_logp.exp() * (s_logp - t_logp)).sum(-1)
+    else:
+        if not 0.0 < beta < 1.0:
+            raise ValueError(f"jsd beta must be in (0, 1), got {beta}")
+        log_m = torch.logsumexp(
+            torch.stack([t_logp + torch.log(torch.tensor(beta)), s_logp + torch.log(torch.tensor(1 - beta))]), dim=0
+        )
+        d = beta * (t_logp.exp() * (t_logp - log_m)).sum(-1) + (1 - beta) * (s_logp.exp() * (s_logp - log_m)).sum(-1)
+    return d * temperature**2
+
+
+def _masked_mean(values: torch.Tensor, mask: torch.Tensor, normalizer=None) -> torch.Tensor:
+    mask = mask.to(values.dtype)
+    total = (values * mask).sum()
+    if normalizer is None:
+        normalizer = mask.sum()
+    normalizer = torch.as_tensor(normalizer, dtype=values.dtype, device=values.device).clamp(min=1)
+    return total / normalizer
+
+
+def consistency_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: torch.Tensor,
+                     kind: str = "forward_kl", beta: float = 0.5, temperature: float = 1.0,
+                     normalizer=None) -> torch.Tensor:
+    """Consistency loss over block positions: sum_i D(q(.|ctx, teacher state)_i || q(.|ctx, y(j))_i) / normalizer.
+
+    Global consistency: the teacher logits come from the fixed point y*; local consistency: from the successor
+    state y(j+1). Either way they come from the same model with gradient stopped (detached here).
+    """
+    return _masked_mean(divergence(teacher_logits, student_logits, kind, beta, temperature), mask, normalizer)
+
+
+def ar_loss(logits: torch.Tensor, target_ids: torch.Tensor, mask: torch.Tensor, label_smoothing: float = 0.0,
+            normalizer=None) -> torch.Tensor:
+    """Cross-entropy of `target_ids` (B, T) under `logits` (B, T, V) (already aligned: logits[:, t] predicts
+    target_ids[:, t]), over positions where `mask` is set (prompt and padding masked)."""
+    ce = F.cross_entropy(
+        logits.float().reshape(-1, logits.shape[-1]),
+        target_ids.reshape(-1).clamp(min=0),
+        reduction="none",
+        label_smoothing=label_smoothing,
+    ).view(target_ids.shape)
+    return _masked_mean(ce, mask, normalizer)
+
+
+def converged_prefix(student_logits: torch.Tensor, fixed_point: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Tokens one Jacobi step from the state would commit: the leading run where argmax == y* (B,) (a metric)."""
+    hit = (student_logits.argmax(-1) == fixed_point) & mask.bool()
+    return hit.long().cumprod(dim=-1).sum(-1)

@@ -1,0 +1,87 @@
+"""`CllmTrainer`: a `transformers.Trainer` whose loss is ar_weight * AR + consistency_weight * consistency.
+
+Only public hooks are overridden: `compute_loss` (the objective), `log` (per-term metrics and the optional Jacobi
+tokens-per-forward probe) and `get_batch_samples` (token counts of the whole gradient-accumulation window, so
+that each loss is a sum over the window's tokens divided by their number, whatever the micro-batch split).
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass
+
+import torch
+from transformers import Trainer
+
+from cllm.errors import CllmError
+from cllm.losses import ar_loss, consistency_loss, converged_prefix
+
+
+@dataclass
+class LossSettings:
+    ar_weight: float = 10.0
+    consistency_weight: float = 1.0
+    divergence: str = "forward_kl"
+    jsd_beta: float = 0.5
+    temperature: float = 1.0
+    label_smoothing: float = 0.0
+
+
+class CllmTrainer(Trainer):
+    def __init__(self, *args, loss_settings: LossSettings | None = None, jacobi_probe=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.loss_settings = loss_settings or LossSettings()
+        self.jacobi_probe = jacobi_probe  # optional (model, step) -> dict of metrics, run at logging steps
+        self._window = None
+        self._metrics: dict[str, list[float]] = defaultdict(list)
+
+    def get_batch_samples(self, epoch_iterator, num_batches, device):
+        batch_samples, num_items = super().get_batch_samples(epoch_iterator, num_batches, device)
+        if batch_samples:
+            self._window = {
+                "block": sum(int(b["block_mask"].sum()) for b in batch_samples),
+                "ar": sum(int(b["ar_mask"].sum()) for b in batch_samples),
+                "steps": len(batch_samples),
+            }
+        return batch_samples, num_items
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        s = self.loss_settings
+        out = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
+                    position_ids=inputs["position_ids"], use_cache=False)
+        logits = out.logits  # (B, T, V)
+        vocab = logits.shape[-1]
+
+        def pick(idx):  # (B, k) positions -> (B, k, V) logits
+            return logits.gather(1, idx.unsqueeze(-1).expand(-1, -1, vocab))
+
+        student, teacher, ar_logits = pick(inputs["student_idx"]), pick(inputs["teacher_idx"]), pick(inputs["ar_idx"])
+        block_norm = ar_norm = None
+        if model.training and self._window:
+            # Trainer divides the returned loss by the number of micro-batches; these normalizers undo that so the
+            # window's loss is sum(tokens) / count(tokens).
+            block_norm = self._window["block"] / self._window["steps"]
+            ar_norm = self._window["ar"] / self._window["steps"]
+        cons = consistency_loss(student, teacher, inputs["block_mask"], s.divergence, s.jsd_beta, s.temperature,
+                                block_norm)
+        ar = ar_loss(ar_logits, inputs["ar_target"], inputs["ar_mask"], s.label_smoothing, ar_norm)
+        loss = s.ar_weight * ar + s.consistency_weight * cons
+        if not torch.isfinite(loss):
+            raise CllmError(f"non-finite loss at step {self.state.global_step + 1}: ar={ar.item()}, "
+                            f"consistency={cons.item()} (lower the learning rate or check the data)")
+        if model.training:
+            with torch.no_grad():
+                self._metrics["loss/ar"].append(ar.item())
+                self._metrics["loss/consistency"].append(cons.item())
+                conv = converged_prefix(student, inputs["fixed_point"], inputs["block_mask"]).float().mean()
+                self._metrics["tokens_converged"].append(conv.item())
+        return (loss, out) if return_outputs else loss
+
+    def log(self, logs: dict, start_time: float | None = None) -> None:
+        if self._metrics and "loss" in logs:
+            for k, v in self._metrics.items():
+                logs[k] = round(sum(v) / len(v), 5)
+            self._metrics.clear()
+        if self.jacobi_probe is not None and "loss" in logs:
+            logs.update(self.jacobi_probe(self.model, self.state.global_step))
+        super().log(logs, start_time)

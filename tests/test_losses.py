@@ -1,0 +1,86 @@
+"""Losses against hand-computed values and identities."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from cllm.losses import ar_loss, consistency_loss, converged_prefix, divergence
+
+
+def test_forward_kl_hand_computed():
+    # p_t = (0.5, 0.5), p_s = (0.25, 0.75): KL = 0.5 ln(0.5/0.25) + 0.5 ln(0.5/0.75) = 0.5 ln 2 + 0.5 ln(2/3)
+    t = torch.tensor([[[0.0, 0.0]]])
+    s = torch.tensor([[[math.log(0.25), math.log(0.75)]]])
+    expected = 0.5 * math.log(2) + 0.5 * math.log(2 / 3)
+    assert divergence(t, s, "forward_kl").item() == pytest.approx(expected, rel=1e-6)
+    # reverse: 0.25 ln(0.25/0.5) + 0.75 ln(0.75/0.5)
+    assert divergence(t, s, "reverse_kl").item() == pytest.approx(0.25 * math.log(0.5) + 0.75 * math.log(1.5), rel=1e-6)
+    # JSD(0.5): 0.5 KL(p_t||m) + 0.5 KL(p_s||m), m = (0.375, 0.625)
+    m = (0.375, 0.625)
+    jsd = 0.5 * (0.5 * math.log(0.5 / m[0]) + 0.5 * math.log(0.5 / m[1])) + 0.5 * (
+        0.25 * math.log(0.25 / m[0]) + 0.75 * math.log(0.75 / m[1]))
+    assert divergence(t, s, "jsd", beta=0.5).item() == pytest.approx(jsd, rel=1e-6)
+
+
+def test_forward_kl_matches_kl_div_and_is_zero_for_equal_inputs():
+    g = torch.Generator().manual_seed(0)
+    t, s = torch.randn(2, 5, 11, generator=g), torch.randn(2, 5, 11, generator=g)
+    mask = torch.ones(2, 5, dtype=torch.bool)
+    ref = F.kl_div(F.log_softmax(s, -1), F.log_softmax(t, -1), log_target=True, reduction="sum") / 10
+    assert consistency_loss(s, t, mask).item() == pytest.approx(ref.item(), rel=1e-5)
+    for kind in ("forward_kl", "reverse_kl", "jsd"):
+        assert consistency_loss(t, t.clone(), mask, kind).abs().item() < 1e-6
+        assert consistency_loss(s, t, mask, kind).item() > 0
+
+
+def test_fully_masked_gives_zero_without_nan():
+    s = torch.randn(2, 3, 7, requires_grad=True)
+    t = torch.randn(2, 3, 7)
+    none = torch.zeros(2, 3, dtype=torch.bool)
+    c = consistency_loss(s, t, none)
+    a = ar_loss(s, torch.zeros(2, 3, dtype=torch.long), none)
+    assert c.item() == 0.0 and a.item() == 0.0
+    (c + a).backward()
+    assert torch.isfinite(s.grad).all()
+
+
+def test_gradient_flows_to_the_student_only():
+    s = torch.randn(1, 4, 9, requires_grad=True)
+    t = torch.randn(1, 4, 9, requires_grad=True)
+    consistency_loss(s, t, torch.ones(1, 4, dtype=torch.bool)).backward()
+    assert s.grad is not None and s.grad.abs().sum() > 0
+    assert t.grad is None
+
+
+def test_ar_loss_masking_smoothing_and_normalizer():
+    logits = torch.tensor([[[2.0, 0.0, 0.0], [0.0, 1.0, 0.0], [5.0, 5.0, 5.0]]])
+    target = torch.tensor([[0, 1, 2]])
+    mask = torch.tensor([[True, True, False]])  # the third position is prompt/padding
+    ce = F.cross_entropy(logits[0, :2], target[0, :2])
+    assert ar_loss(logits, target, mask).item() == pytest.approx(ce.item(), rel=1e-6)
+    # A normalizer (tokens of a whole accumulation window) replaces the local count.
+    assert ar_loss(logits, target, mask, normalizer=4).item() == pytest.approx(ce.item() * 2 / 4, rel=1e-6)
+    sm = F.cross_entropy(logits[0, :2], target[0, :2], label_smoothing=0.1)
+    assert ar_loss(logits, target, mask, label_smoothing=0.1).item() == pytest.approx(sm.item(), rel=1e-6)
+
+
+def test_accumulation_normalisation_is_token_weighted():
+    # Two micro-batches with 1 and 3 valid tokens: the window loss is the mean over 4 tokens, not a mean of means.
+    g = torch.Generator().manual_seed(1)
+    logits = torch.randn(2, 3, 5, generator=g)
+    target = torch.randint(5, (2, 3), generator=g)
+    masks = [torch.tensor([[True, False, False]]), torch.tensor([[True, True, True]])]
+    window = sum(ar_loss(logits[i : i + 1], target[i : i + 1], masks[i], normalizer=4 / 2) for i in range(2)) / 2
+    full = ar_loss(logits, target, torch.cat(masks))
+    assert window.item() == pytest.approx(full.item(), rel=1e-6)
+
+
+def test_converged_prefix_counts_leading_hits():
+    logits = torch.zeros(1, 4, 3)
+    logits[0, torch.arange(4), torch.tensor([1, 2, 0, 1])] = 1.0  # argmax 1, 2, 0, 1
+    assert converged_prefix(logits, torch.tensor([[1, 2, 1, 1]]), torch.ones(1, 4)).tolist() == [2]
+    assert converged_prefix(logits, torch.tensor([[0, 2, 0, 1]]), torch.ones(1, 4)).tolist() == [0]

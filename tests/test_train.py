@@ -1,0 +1,177 @@
+"""CLLM training: packed examples equal separate forwards, short runs train/checkpoint/resume/save, bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from cllm.cli import main
+from cllm.commands.gen import generate
+from cllm.commands.train import TrainConfig, train
+from cllm.config import resolve
+from cllm.train_data import CONTEXT, FIXED, LABELS, NEXT, PAD, PROMPT, STATE, PackedCollator, segment_mask
+from cllm.trajectories import GenConfig
+from conftest import tiny_model
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def traj_dir(tiny_model_dir, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("traj")
+    lines = [json.dumps({"prompt": " ".join(f"w{3 + (i * 13 + j * 7) % 60}" for j in range(3 + i % 3)),
+                         "answer": f"w{5 + i} w{6 + i} w{7 + i}"}) for i in range(6)]
+    (tmp / "p.jsonl").write_text("\n".join(lines) + "\n")
+    generate(resolve(GenConfig, {"model": str(tiny_model_dir), "prompts": str(tmp / "p.jsonl"), "out": str(tmp / "t"),
+                                 "block_size": 4, "max_new_tokens": 12, "batch_size": 6, "repeat_threshold": 0,
+                                 "labels": True}))
+    return tmp / "t"
+
+
+def test_segment_mask_against_brute_force():
+    seg = torch.tensor([[PROMPT, PROMPT, CONTEXT, FIXED, FIXED, STATE, STATE, NEXT, LABELS, PAD]])
+    got = segment_mask(seg)[0]
+    s = seg[0].tolist()
+    for q in range(len(s)):
+        for k in range(len(s)):
+            if k == q:
+                want = True
+            elif k > q or s[q] == PAD:
+                want = False
+            elif s[q] == LABELS:
+                want = s[k] in (PROMPT, LABELS)
+            else:  # prompt, context and block queries: the context and their own segment
+                want = s[k] in (PROMPT, CONTEXT) or s[k] == s[q]
+                want = want and not (s[q] == PROMPT and s[k] == CONTEXT)
+            assert bool(got[q, k]) == want, (q, k)
+
+
+@torch.no_grad()
+def test_packed_forward_equals_separate_forwards():
+    model = tiny_model(5)
+    ctx, p_len = [5, 6, 7, 8, 9, 10], 4
+    fp, st, nxt, labels = [11, 12, 13, 14], [20, 21, 22, 23], [11, 30, 31, 32], [40, 41, 42]
+    for local, ar_target in [(False, "fixed_point"), (True, "labels")]:
+        ex = {"prompt_ids": ctx, "prompt_len": p_len, "fixed_point": fp, "state": st,
+              "next_state": nxt if local else None, "label_ids": labels}
+        short = {"prompt_ids": ctx[:5], "prompt_len": 3, "fixed_point": fp[:2], "state": st[:2],
+                 "next_state": nxt[:2] if local else None, "label_ids": labels[:2]}
+        batch = PackedCollator(0, 4, ar_target, torch.float64)([ex, short])
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                       position_ids=batch["position_ids"]).logits
+
+        def sep(seq, start, k):  # logits predicting seq[start : start + k] from a plain causal forward
+            return model(torch.tensor([seq])).logits[0, start - 1 : start - 1 + k]
+
+        for b, e in enumerate([ex, short]):
+            m, c = len(e["fixed_point"]), e["prompt_ids"]
+            pick = lambda key: logits[b, batch[key][b, :m]]  # noqa: E731
+            assert torch.allclose(pick("student_idx"), sep(c + e["state"], len(c), m), atol=1e-10)
+            teacher = e["next_state"] if local else e["fixed_point"]
+            assert torch.allclose(pick("teacher_idx"), sep(c + teacher, len(c), m), atol=1e-10)
+            a = int(batch["ar_mask"][b].sum())
+            ar_logits = logits[b, batch["ar_idx"][b, :a]]
+            if ar_target == "labels":
+                p = c[: e["prompt_len"]]
+                assert torch.allclose(ar_logits, sep(p + e["label_ids"], len(p), a), atol=1e-10)
+                assert batch["ar_target"][b, :a].tolist() == e["label_ids"]
+            else:
+                assert torch.allclose(ar_logits, sep(c + e["fixed_point"], len(c), a), atol=1e-10)
+
+
+def train_cfg(model_dir, data, out, **kw):
+    base = dict(model=str(model_dir), data=[str(data)], output_dir=str(out), block_size=4, max_steps=4,
+                logging_steps=1, save_steps=2, learning_rate=1e-3, per_device_train_batch_size=2)
+    base.update(kw)
+    return resolve(TrainConfig, base)
+
+
+def _weights(folder) -> dict:
+    return load_file(str(Path(folder) / "model.safetensors"))
+
+
+@pytest.mark.parametrize("peft", [False, True])
+def test_short_run_trains_checkpoints_resumes_and_decodes(peft, tiny_model_dir, traj_dir, tmp_path):
+    out = tmp_path / "run"
+    metrics = train(train_cfg(tiny_model_dir, traj_dir, out, use_peft=peft, lora_r=4, lora_alpha=8,
+                              gradient_accumulation_steps=2))
+    history = json.loads((out / "log_history.json").read_text())
+    steps = [h for h in history if "loss" in h]
+    assert len(steps) == 4 and all(torch.isfinite(torch.tensor(h["loss"])) for h in steps)
+    assert all("loss/ar" in h and "loss/consistency" in h and "tokens_converged" in h for h in steps)
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
+    before, after = _weights(tiny_model_dir), _weights(out)
+    assert before.keys() == after.keys()
+    changed = [k for k in before if not torch.equal(before[k], after[k])]
+    if peft:  # LoRA on all linear layers: every projection and the head change once merged
+        assert all(k in changed for k in before if k.endswith("proj.weight"))
+        assert (out / "adapter" / "adapter_config.json").is_file()
+    else:
+        assert sorted(changed) == sorted(before)  # every trainable parameter moved
+    # Resume: continue from checkpoint-4 to step 6.
+    train(train_cfg(tiny_model_dir, traj_dir, out, use_peft=peft, lora_r=4, lora_alpha=8,
+                    gradient_accumulation_steps=2, max_steps=6, resume=True))
+    history = json.loads((out / "log_history.json").read_text())
+    assert [h["step"] for h in history if "loss" in h][-2:] == [5, 6]
+    assert "checkpoint-6" in [p.name for p in out.glob("checkpoint-*")]
+    assert metrics["train_runtime"] > 0
+    assert main(["decode", "--model", str(out), "--prompt", "w3 w4", "--max-new-tokens", "8", "--quiet"]) == 0
+
+
+def test_nan_loss_stops_with_the_step(tiny_model_dir, traj_dir, tmp_path, capsys):
+    code = main(["train", "--model", str(tiny_model_dir), "--data", str(traj_dir), "--output-dir",
+                 str(tmp_path / "o"), "--block-size", "4", "--max-steps", "3", "--ar-weight", "inf"])
+    err = capsys.readouterr().err.strip().splitlines()
+    errors = [line for line in err if line.startswith("cllm train: error:")]
+    assert code == 2 and len(errors) == 1 and "non-finite loss at step 1" in errors[0]
+
+
+def test_bad_data_and_config_are_refused(tiny_model_dir, traj_dir, tmp_path, capsys):
+    from cllm.trajectories import load_trajectories
+
+    recs = load_trajectories(traj_dir)
+    wrong_format = tmp_path / "w.jsonl"
+    wrong_format.write_text(json.dumps({"prompt": "x"}) + "\n")
+    other_vocab = tmp_path / "v.jsonl"
+    other_vocab.write_text(json.dumps({**recs[0], "fixed_point": [70000] * 4}) + "\n")
+    yaml_bad = tmp_path / "c.yaml"
+    yaml_bad.write_text("block_size: 4\nlearnig_rate: 0.1\n")
+    common = ["--model", str(tiny_model_dir), "--output-dir", str(tmp_path / "o")]
+    cases = [
+        (["--data", str(wrong_format)], "not a trajectory record"),
+        (["--data", str(other_vocab), "--block-size", "4"], "outside the model's vocabulary"),
+        (["--data", str(traj_dir), "--block-size", "8"], "block_size is 8"),
+        (["--config", str(yaml_bad), "--data", str(traj_dir)], "unknown key 'learnig_rate'"),
+        (["--data", str(tmp_path / "missing")], "trajectory data not found"),
+    ]
+    for args, message in cases:
+        capsys.readouterr()
+        code = main(["train", *common, *args])
+        errors = [x for x in capsys.readouterr().err.splitlines() if x.startswith("cllm train: error:")]
+        assert code == 2 and len(errors) == 1 and message in errors[0], (args, errors)
+
+
+@pytest.mark.parametrize("zero", ["zero2", "zero3"])
+def test_deepspeed_two_processes(zero, tiny_model_dir, traj_dir, tmp_path):
+    out = tmp_path / zero
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1",
+           "TORCH_EXTENSIONS_DIR": str(Path.home() / ".cache" / "cllm" / "torch_extensions")}
+    port = "29561" if zero == "zero2" else "29562"
+    proc = subprocess.run(
+        [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", port,
+         str(REPO / "train" / "train_cllm.py"), "--model", str(tiny_model_dir), "--data", str(traj_dir),
+         "--output-dir", str(out), "--block-size", "4", "--max-steps", "2", "--save-steps", "2",
+         "--deepspeed", str(REPO / "configs" / "deepspeed" / f"{zero}.json")],
+        capture_output=True, text=True, env=env, timeout=900,
+    )
+    assert proc.returncode == 0, (proc.stdout[-3000:], proc.stderr[-3000:])
+    before, after = _weights(tiny_model_dir), _weights(out)
+    assert {k: v.shape for k, v in after.items()} == {k: v.shape for k, v in before.items()}
+    assert any(not torch.equal(before[k], after[k]) for k in before)
