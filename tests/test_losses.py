@@ -84,3 +84,13 @@ def test_converged_prefix_counts_leading_hits():
     logits[0, torch.arange(4), torch.tensor([1, 2, 0, 1])] = 1.0  # argmax 1, 2, 0, 1
     assert converged_prefix(logits, torch.tensor([[1, 2, 1, 1]]), torch.ones(1, 4)).tolist() == [2]
     assert converged_prefix(logits, torch.tensor([[0, 2, 0, 1]]), torch.ones(1, 4)).tolist() == [0]
+
+
+def test_training_log_plot_is_a_png(tmp_path):
+    from cllm.plots import plot_training_log
+
+    log = [{"step": s, "loss": 5.0 / s, "loss/ar": 0.4 / s, "loss/consistency": 1.0 / s, "tokens_converged": s / 10}
+           for s in range(1, 6)] + [{"step": 5, "jacobi/tokens_per_forward": 1.2}]
+    (tmp_path / "log_history.json").write_text(__import__("json").dumps(log))
+    png = plot_training_log(tmp_path, tmp_path / "loss.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000

@@ -167,7 +167,7 @@ def test_deepspeed_two_processes(zero, tiny_model_dir, traj_dir, tmp_path):
     proc = subprocess.run(
         [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", port,
          str(REPO / "train" / "train_cllm.py"), "--model", str(tiny_model_dir), "--data", str(traj_dir),
-         "--output-dir", str(out), "--block-size", "4", "--max-steps", "2", "--save-steps", "2",
+         "--output-dir", str(out), "--block-size", "4", "--max-steps", "3", "--save-steps", "3", "--learning-rate", "1e-3",
          "--deepspeed", str(REPO / "configs" / "deepspeed" / f"{zero}.json")],
         capture_output=True, text=True, env=env, timeout=900,
     )
