@@ -101,11 +101,15 @@ def _weights(folder) -> dict:
 def test_short_run_trains_checkpoints_resumes_and_decodes(peft, tiny_model_dir, traj_dir, tmp_path):
     out = tmp_path / "run"
     metrics = train(train_cfg(tiny_model_dir, traj_dir, out, use_peft=peft, lora_r=4, lora_alpha=8,
-                              gradient_accumulation_steps=2))
+                              gradient_accumulation_steps=2, gradient_checkpointing=True, jacobi_eval_steps=2,
+                              report_to="tensorboard"))
     history = json.loads((out / "log_history.json").read_text())
     steps = [h for h in history if "loss" in h]
     assert len(steps) == 4 and all(torch.isfinite(torch.tensor(h["loss"])) for h in steps)
     assert all("loss/ar" in h and "loss/consistency" in h and "tokens_converged" in h for h in steps)
+    probes = [h["jacobi/tokens_per_forward"] for h in steps if "jacobi/tokens_per_forward" in h]
+    assert len(probes) == 2 and all(p >= 1.0 for p in probes)  # steps 2 and 4
+    assert list(out.rglob("events.out.tfevents.*")), "TensorBoard wrote no event file"
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
     before, after = _weights(tiny_model_dir), _weights(out)
     assert before.keys() == after.keys()
