@@ -42,9 +42,11 @@ def plot_training_log(source: str | Path, png: str | Path) -> Path:
     axes[0].set_ylabel("loss")
     axes[0].legend()
     axes[0].set_title("training losses")
-    conv = [(h["step"], h["tokens_converged"]) for h in history if "tokens_converged" in h]
-    if conv:
-        axes[1].plot(*zip(*conv), label="tokens converged (1 step from the state)")
+    for key, label in [("tokens_converged", "tokens right after 1 step from the state"),
+                       ("tokens_gained", "... beyond the state's own right prefix")]:
+        pts = [(h["step"], h[key]) for h in history if key in h]
+        if pts:
+            axes[1].plot(*zip(*pts), label=label)
     probe = [(h["step"], h["jacobi/tokens_per_forward"]) for h in read_log_history(source)
              if "jacobi/tokens_per_forward" in h]
     if probe:

@@ -168,7 +168,7 @@ class PackedCollator:
         else:
             ar_idx, ar_target = [Lc - 1] + [fixed_at + i for i in range(m - 1)], list(fp)
         return {"ids": ids, "seg": seg, "pos": pos, "teacher_idx": teacher_idx, "student_idx": student_idx,
-                "fixed_point": list(fp), "ar_idx": ar_idx, "ar_target": ar_target}
+                "fixed_point": list(fp), "state": list(st), "ar_idx": ar_idx, "ar_target": ar_target}
 
     def __call__(self, examples: list[dict]) -> dict:
         packed = [self.pack(e) for e in examples]
@@ -182,6 +182,7 @@ class PackedCollator:
         student_idx = torch.zeros(B, n, dtype=torch.long)
         teacher_idx = torch.zeros(B, n, dtype=torch.long)
         fixed_point = torch.zeros(B, n, dtype=torch.long)
+        state = torch.zeros(B, n, dtype=torch.long)
         block_mask = torch.zeros(B, n, dtype=torch.bool)
         ar_idx = torch.zeros(B, A, dtype=torch.long)
         ar_target = torch.zeros(B, A, dtype=torch.long)
@@ -195,6 +196,7 @@ class PackedCollator:
             student_idx[b, :m] = torch.tensor(p["student_idx"])
             teacher_idx[b, :m] = torch.tensor(p["teacher_idx"])
             fixed_point[b, :m] = torch.tensor(p["fixed_point"])
+            state[b, :m] = torch.tensor(p["state"])
             block_mask[b, :m] = True
             ar_idx[b, :a] = torch.tensor(p["ar_idx"])
             ar_target[b, :a] = torch.tensor(p["ar_target"])
@@ -203,5 +205,5 @@ class PackedCollator:
         attention_mask = torch.zeros(B, 1, T, T, dtype=self.mask_dtype)
         attention_mask.masked_fill_(~allowed.unsqueeze(1), torch.finfo(self.mask_dtype).min)
         return {"input_ids": input_ids, "position_ids": position_ids, "attention_mask": attention_mask,
-                "student_idx": student_idx, "teacher_idx": teacher_idx, "fixed_point": fixed_point,
+                "student_idx": student_idx, "teacher_idx": teacher_idx, "fixed_point": fixed_point, "state": state,
                 "block_mask": block_mask, "ar_idx": ar_idx, "ar_target": ar_target, "ar_mask": ar_mask}

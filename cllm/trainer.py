@@ -73,8 +73,11 @@ class CllmTrainer(Trainer):
             with torch.no_grad():
                 self._metrics["loss/ar"].append(ar.item())
                 self._metrics["loss/consistency"].append(cons.item())
-                conv = converged_prefix(student, inputs["fixed_point"], inputs["block_mask"]).float().mean()
-                self._metrics["tokens_converged"].append(conv.item())
+                conv = converged_prefix(student, inputs["fixed_point"], inputs["block_mask"]).float()
+                # What the state already had right at its start (a committed prefix is not progress).
+                had = ((inputs["state"] == inputs["fixed_point"]) & inputs["block_mask"]).long().cumprod(-1).sum(-1)
+                self._metrics["tokens_converged"].append(conv.mean().item())
+                self._metrics["tokens_gained"].append((conv - had.float()).mean().item())
         return (loss, out) if return_outputs else loss
 
     def log(self, logs: dict, start_time: float | None = None) -> None:

@@ -106,7 +106,7 @@ def test_short_run_trains_checkpoints_resumes_and_decodes(peft, tiny_model_dir, 
     history = json.loads((out / "log_history.json").read_text())
     steps = [h for h in history if "loss" in h]
     assert len(steps) == 4 and all(torch.isfinite(torch.tensor(h["loss"])) for h in steps)
-    assert all("loss/ar" in h and "loss/consistency" in h and "tokens_converged" in h for h in steps)
+    assert all("loss/ar" in h and "loss/consistency" in h and "tokens_gained" in h for h in steps)
     probes = [h["jacobi/tokens_per_forward"] for h in steps if "jacobi/tokens_per_forward" in h]
     assert len(probes) == 2 and all(p >= 1.0 for p in probes)  # steps 2 and 4
     assert list(out.rglob("events.out.tfevents.*")), "TensorBoard wrote no event file"
