@@ -27,15 +27,16 @@ class PromptRecord:
 
 
 def default_data_dir() -> Path:
-    """`$CLLM_DATA_DIR`, else the first `../shared/data` found from the working directory or this checkout."""
+    """`$CLLM_DATA_DIR`, else the nearest `shared/data` beside the working directory or this checkout, or above."""
     env = os.environ.get("CLLM_DATA_DIR")
     if env:
         return Path(env)
-    candidates = [Path.cwd() / ".." / "shared" / "data", Path(__file__).resolve().parents[2] / "shared" / "data"]
-    for c in candidates:
-        if c.is_dir():
-            return c.resolve()
-    return candidates[0]
+    for start in (Path.cwd().resolve(), Path(__file__).resolve().parents[1]):
+        for parent in [start, *start.parents]:
+            candidate = parent / "shared" / "data"
+            if candidate.is_dir():
+                return candidate
+    return Path.cwd() / ".." / "shared" / "data"
 
 
 GSM8K_INSTRUCTION = "Solve the problem step by step. End with a line of the form '#### <number>'."
