@@ -155,22 +155,6 @@ def _looks_like_path(spec: str) -> bool:
     return spec.startswith((".", "/", "~")) or spec.count("/") > 1 or spec.endswith("/")
 
 
-def load_tokenizer(spec: str):
-    from transformers import AutoTokenizer
-
-    spec = str(spec)
-    if spec.endswith(".gguf"):
-        p = Path(spec).expanduser()
-        if not p.is_file():
-            raise CllmError(f"model file not found: {spec}")
-        return AutoTokenizer.from_pretrained(str(p.parent), gguf_file=p.name)
-    path = resolve_model_path(spec)
-    try:
-        return AutoTokenizer.from_pretrained(path)
-    except (OSError, ValueError) as e:
-        raise CllmError(f"cannot load tokenizer for model '{spec}': {str(e).splitlines()[0]}") from None
-
-
 def load_model(
     spec: str,
     dtype: str | torch.dtype | None = "fp32",
