@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+from collections import defaultdict
 import sys
 import time
 
@@ -42,8 +43,8 @@ def main(argv=None) -> int:
     collate = PackedCollator(tok.pad_token_id, args.block_size)
     settings = LossSettings()
     # compute_loss needs only the settings and the trainer state; call it unbound on a minimal stand-in.
-    stub = argparse.Namespace(loss_settings=settings, _window=None, _metrics={}, state=argparse.Namespace(global_step=0))
-    stub._metrics = __import__("collections").defaultdict(list)
+    stub = argparse.Namespace(loss_settings=settings, _window=None, _metrics=defaultdict(list),
+                              state=argparse.Namespace(global_step=0))
 
     def cllm_step(ex):
         batch = collate([ex])

@@ -165,7 +165,7 @@ def load_dataset_prompts(
     records = DATASETS[name](root, split or "")
     for i, r in enumerate(records):
         r.index = i
-    return _window(records, limit, offset)
+    return window(records, limit, offset)
 
 
 def read_prompt_file(path: str | Path, field_name: str = "prompt", on_bad: str = "fail", template: str | None = None):
@@ -224,10 +224,10 @@ def _parse_prompt_line(line: str, field_name: str, template: str | None):
 def load_prompt_file(path: str | Path, field_name: str = "prompt", limit: int | None = None, offset: int = 0):
     """Prompts from a JSONL file (see `read_prompt_file`); any bad line is an error naming file and line."""
     records, _ = read_prompt_file(path, field_name)
-    return _window(records, limit, offset)
+    return window(records, limit, offset)
 
 
-def _window(records: list[PromptRecord], limit: int | None, offset: int) -> list[PromptRecord]:
+def window(records: list[PromptRecord], limit: int | None, offset: int) -> list[PromptRecord]:
     if offset < 0:
         raise CllmError(f"offset must be >= 0, got {offset}")
     if limit is not None and limit < 1:

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from cllm.decoding import ar_decode, jacobi_decode
+from cllm.decoding import jacobi_decode
 from cllm.decoding.jacobi import _commit, _Row, n_to_commit
 from cllm.errors import CllmError
 from conftest import VOCAB, random_prompt, tiny_model

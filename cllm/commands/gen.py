@@ -24,12 +24,12 @@ def run(args) -> dict:
 
 def load_source(cfg: GenConfig):
     """All prompts of the source with `offset`/`limit` applied, and the bad lines skipped (prompt files only)."""
-    from cllm.data import _window, load_dataset_prompts, read_prompt_file
+    from cllm.data import window, load_dataset_prompts, read_prompt_file
 
     if cfg.dataset:
         return load_dataset_prompts(cfg.dataset, cfg.split, cfg.data_dir, cfg.limit, cfg.offset), []
     records, bad = read_prompt_file(cfg.prompts, cfg.prompt_field, cfg.on_bad_record, cfg.template)
-    return _window(records, cfg.limit, cfg.offset), bad
+    return window(records, cfg.limit, cfg.offset), bad
 
 
 def label_text(answer: str) -> str:
