@@ -1,4 +1,4 @@
-"""The `cllm` console script: `cllm decode`, `cllm gen`, `cllm train`."""
+"""The `cllm` console script: `cllm decode`, `cllm gen`, `cllm train`, `cllm train-draft`."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ SUBCOMMANDS = {
     "decode": ("cllm.commands.decode", "decode prompts with AR or Jacobi decoding and compare them"),
     "gen": ("cllm.commands.gen", "collect Jacobi trajectories (resumable, sharded, batched)"),
     "train": ("cllm.commands.train", "train a consistency LLM on Jacobi trajectories (CLLM objective)"),
+    "train-draft": ("cllm.commands.draft", "cut a small draft out of the target and distil it (for SpS / MTAD)"),
 }
 
 

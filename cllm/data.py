@@ -86,7 +86,11 @@ def _sharegpt(root: Path, split: str) -> list[PromptRecord]:
         first = rec["conversations"][0]
         if first.get("from") != "human" or not first.get("value", "").strip():
             continue
-        out.append(PromptRecord(id=str(rec["id"]), prompt=first["value"], dataset="sharegpt", category="chat"))
+        conv = rec["conversations"]
+        # The first reply (when it follows) is the reference answer: draft distillation trains on it.
+        reply = conv[1]["value"] if len(conv) > 1 and conv[1].get("from") == "gpt" else None
+        out.append(PromptRecord(id=str(rec["id"]), prompt=first["value"], dataset="sharegpt", category="chat",
+                                answer=reply))
     return out
 
 
@@ -166,6 +170,25 @@ def load_dataset_prompts(
     for i, r in enumerate(records):
         r.index = i
     return window(records, limit, offset)
+
+
+def load_dataset_mix(names: str, split: str | None = None, data_dir: str | Path | None = None,
+                     limit: int | None = None, offset: int = 0, spread: bool = False) -> list[PromptRecord]:
+    """One or more comma-separated datasets, `limit`/`offset` applied to each. `spread` takes `limit` records evenly
+    spaced over each dataset (after the offset) instead of the first ones, so that every category is represented."""
+    out = []
+    for name in [n.strip() for n in names.split(",") if n.strip()]:
+        if not spread or limit is None:
+            out += load_dataset_prompts(name, split, data_dir, limit, offset)
+            continue
+        records = load_dataset_prompts(name, split, data_dir, None, offset)
+        if limit < 0:
+            raise CllmError(f"limit must be >= 0, got {limit}")
+        n = len(records)
+        out += [records[i * n // limit] for i in range(min(limit, n))] if n else []
+    if not out:
+        raise CllmError(f"no prompts selected from dataset(s) {names!r}")
+    return out
 
 
 def read_prompt_file(path: str | Path, field_name: str = "prompt", on_bad: str = "fail", template: str | None = None):

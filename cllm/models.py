@@ -169,7 +169,10 @@ def load_model(
     `adapter` is an optional PEFT adapter folder merged into the weights.
     """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
+    # The per-tensor "Loading weights" bar takes a second for our models and buries errors printed after it.
+    hf_logging.disable_progress_bar()
     spec = str(spec)
     torch_dtype = parse_dtype(dtype)
     if spec.endswith(".gguf"):

@@ -5,18 +5,36 @@ from __future__ import annotations
 import time
 
 
-def method_summary(rows: list[dict], seconds: float) -> dict:
-    """Totals for one method. `seconds` is the wall-clock time spent in its decode calls."""
+def method_summary(rows: list[dict], seconds: float, joules: float | None = None) -> dict:
+    """Totals for one method. `seconds` is the wall-clock time spent in its decode calls, `joules` the CPU
+    package energy over them (None where no energy counter is readable).
+
+    Draft-then-verify rows (SpS, MTAD) carry `drafted`/`accepted`/`iterations`: acceptance_rate = accepted /
+    drafted (= accepted / (iterations x gamma) with a fixed gamma, except where the length cap shortened the last
+    drafts), block_efficiency = 1 + accepted / iterations. Rows with `logprobs` (the output's token log-probs
+    under the unwarped target) give the perplexity exp(- mean over prompts of the mean log-prob).
+    """
+    from cllm.metrics import perplexity
+
     new_tokens = sum(r["new_tokens"] for r in rows)
     forwards = sum(r["forwards"] for r in rows)
     accepts = [a for r in rows for a in r["accept_lengths"]]
+    drafted = sum(r.get("drafted", 0) for r in rows)
+    accepted = sum(r.get("accepted", 0) for r in rows)
+    iterations = sum(r.get("iterations", 0) for r in rows)
+    has_draft = any("drafted" in r for r in rows)
     return {
         "n_prompts": len(rows),
         "new_tokens": new_tokens,
         "wall_time_s": round(seconds, 4),
         "forwards": forwards,
         "tokens_per_second": new_tokens / seconds if seconds > 0 else None,
+        "ms_per_token": 1000 * seconds / new_tokens if new_tokens else None,
         "tokens_per_forward": new_tokens / forwards if forwards else None,
+        "acceptance_rate": (accepted / drafted if drafted else 0.0) if has_draft else None,
+        "block_efficiency": (1 + accepted / iterations if iterations else None) if has_draft else None,
+        "perplexity": perplexity([r["logprobs"] for r in rows]) if rows and all("logprobs" in r for r in rows) else None,
+        "energy_j_per_token": joules / new_tokens if joules is not None and new_tokens else None,
         "mean_accept_length": sum(accepts) / len(accepts) if accepts else None,
         "max_accept_length": max(accepts) if accepts else None,
         "fast_forward_tokens": sum(r["fast_forward"] for r in rows),
@@ -37,11 +55,12 @@ def method_summary(rows: list[dict], seconds: float) -> dict:
 
 
 def build_report(model: str, dtype: str, rows: dict[str, list[dict]], seconds: dict[str, float], settings: dict,
-                 baseline: str = "ar") -> dict:
+                 baseline: str = "ar", joules: dict[str, float | None] | None = None) -> dict:
     """`{"model", "dtype", "n_prompts", "settings", "methods": {name: summary}}`; methods other than the baseline
     get `speedup_vs_ar` (ratio of tokens per second) and `identical_to_ar` (share of token-identical outputs),
     when the baseline ran greedy on the same prompts."""
-    methods = {m: method_summary(rows[m], seconds[m]) for m in rows}
+    joules = joules or {}
+    methods = {m: method_summary(rows[m], seconds[m], joules.get(m)) for m in rows}
     n_prompts = max((len(v) for v in rows.values()), default=0)
     if baseline in rows:
         base = methods[baseline]
@@ -83,12 +102,14 @@ def format_table(report: dict) -> str:
     def fmt(x, spec):
         return "-" if x is None else format(x, spec)
 
-    head = f"{'method':<10} {'tokens':>7} {'fwd':>6} {'tok/fwd':>8} {'tok/s':>7} {'speedup':>8} {'identical':>9}"
+    head = (f"{'method':<10} {'tokens':>7} {'fwd':>6} {'tok/fwd':>8} {'tok/s':>7} {'speedup':>8} {'identical':>9} "
+            f"{'accept':>6} {'blk_eff':>7} {'ppl':>7}")
     lines = [f"model {report['model']}  dtype {report['dtype']}  prompts {report['n_prompts']}", head]
     for m, s in report["methods"].items():
         lines.append(
             f"{m:<10} {s['new_tokens']:>7} {s['forwards']:>6} {fmt(s['tokens_per_forward'], '.3f'):>8} "
             f"{fmt(s['tokens_per_second'], '.2f'):>7} {fmt(s.get('speedup_vs_ar'), '.3f'):>8} "
-            f"{fmt(s.get('identical_to_ar'), '.2f'):>9}"
+            f"{fmt(s.get('identical_to_ar'), '.2f'):>9} {fmt(s.get('acceptance_rate'), '.3f'):>6} "
+            f"{fmt(s.get('block_efficiency'), '.3f'):>7} {fmt(s.get('perplexity'), '.3f'):>7}"
         )
     return "\n".join(lines)

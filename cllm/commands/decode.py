@@ -9,30 +9,41 @@ from pathlib import Path
 
 from cllm.errors import CllmError
 
-METHODS = ("ar", "jacobi")
+METHODS = ("ar", "jacobi", "sps", "mtad")
+DRAFT_METHODS = ("sps", "mtad")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="smollm2-135m", help="alias, local folder, HF id or .gguf file (default: %(default)s)")
     p.add_argument("--adapter", default=None, help="optional PEFT adapter folder merged into --model")
     p.add_argument("--method", default="jacobi", choices=METHODS, help="decoder to run (default: %(default)s)")
-    p.add_argument("--compare", default=None, choices=METHODS, help="also run this method on the same prompts, interleaved")
+    p.add_argument("--compare", default=None, metavar="M[,M...]",
+                   help=f"also run these methods ({', '.join(METHODS)}) on the same prompts, interleaved")
+    p.add_argument("--draft", default=None, help="sps/mtad: draft model (same vocabulary), e.g. a train-draft output")
+    p.add_argument("--gamma", type=int, default=4, help="sps/mtad: draft tokens per iteration (default: %(default)s)")
+    p.add_argument("--adaptive-gamma", action="store_true", help="sps: +2 after a fully accepted round, -1 otherwise")
+    p.add_argument("--beam-width", type=int, default=4, help="mtad: beams of the draft's beam sampling (default: %(default)s)")
+    p.add_argument("--beam-replacement", action="store_true", help="mtad: draw beams with replacement")
+    p.add_argument("--tau", type=float, default=0.5, help="mtad: acceptance threshold on P/Q, > 0 (default: %(default)s)")
     src = p.add_argument_group("prompts (one of)")
     src.add_argument("--prompt", action="append", default=None, help="a prompt text (repeatable)")
     src.add_argument("--prompts", default=None, metavar="FILE.jsonl", help="JSONL file, one prompt per line")
     src.add_argument("--prompt-field", default="prompt", help="field of --prompts holding the text (default: %(default)s)")
-    src.add_argument("--dataset", default=None, help="gsm8k, spec_bench, mt_bench, vicuna_bench, sharegpt, spider, humaneval, code")
+    src.add_argument("--dataset", default=None, help="gsm8k, spec_bench, mt_bench, vicuna_bench, sharegpt, spider, humaneval, "
+                     "code; several comma-separated (--limit and --offset then apply to each)")
+    src.add_argument("--spread", action="store_true", help="take --limit prompts evenly spaced over the dataset "
+                     "(all categories) instead of the first ones")
     src.add_argument("--split", default=None, help="dataset split where there are several (gsm8k: train|test, default test)")
     src.add_argument("--data-dir", default=None, help="dataset root (default: $CLLM_DATA_DIR or ../shared/data)")
-    src.add_argument("--limit", type=int, default=None, help="number of prompts")
+    src.add_argument("--limit", type=int, default=None, help="number of prompts (per dataset)")
     src.add_argument("--offset", type=int, default=0, help="skip this many prompts first")
     p.add_argument("--block-size", type=int, default=16, help="Jacobi block size n (default: %(default)s)")
     p.add_argument("--max-new-tokens", type=int, default=256, help="new tokens per prompt, at most (default: %(default)s)")
     p.add_argument("--init", default="prompt", choices=("prompt", "repeat", "pad"), help="Jacobi initial guess (default: %(default)s)")
     p.add_argument("--batch-size", type=int, default=1, help="prompts decoded together (default: %(default)s)")
-    p.add_argument("--temperature", type=float, default=0.0, help="AR only: 0 = greedy (default), > 0 samples")
-    p.add_argument("--top-k", type=int, default=None, help="AR sampling: keep the k most likely tokens")
-    p.add_argument("--top-p", type=float, default=None, help="AR sampling: nucleus mass in (0, 1]")
+    p.add_argument("--temperature", type=float, default=0.0, help="ar/sps/mtad: 0 = greedy (default), > 0 samples")
+    p.add_argument("--top-k", type=int, default=None, help="sampling: keep the k most likely tokens")
+    p.add_argument("--top-p", type=float, default=None, help="sampling: nucleus mass in (0, 1]")
     p.add_argument("--seed", type=int, default=0, help="seed for Jacobi initial guesses and sampling")
     p.add_argument("--dtype", default="fp32", choices=("fp32", "bf16", "fp16", "fp64"), help="bf16 for speed, fp32 (or fp64) for exactness checks (default: %(default)s)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available, else cpu)")
@@ -40,6 +51,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--warmup", type=int, default=1, help="untimed warm-up runs per method (default: %(default)s)")
     p.add_argument("--out", default=None, metavar="answers.jsonl", help="answers in Spec-Bench format (--compare method: answers.<method>.jsonl)")
     p.add_argument("--report", default=None, metavar="report.json", help="write the summary report here")
+    p.add_argument("--no-perplexity", action="store_true", help="skip scoring outputs under the target (untimed)")
     p.add_argument("--quiet", action="store_true", help="no per-prompt output")
 
 
@@ -53,15 +65,25 @@ def validate(args) -> None:
     n_sources = sum(x is not None for x in (args.prompt, args.prompts, args.dataset))
     if n_sources != 1:
         raise CllmError("give exactly one of --prompt, --prompts FILE or --dataset NAME")
-    if args.compare == args.method:
-        raise CllmError(f"--compare {args.compare} is the method itself")
+    methods = method_list(args)
+    from cllm.decoding.mtad import check_mtad_args
     from cllm.decoding.sampling import check_sampling_args
+    from cllm.decoding.speculative import check_draft_args
 
     check_sampling_args(args.temperature, args.top_k, args.top_p)
+    uses_draft = [m for m in methods if m in DRAFT_METHODS]
+    if uses_draft:
+        if not args.draft:
+            raise CllmError(f"--method/--compare {uses_draft[0]} needs --draft MODEL")
+        if args.batch_size != 1:
+            raise CllmError(f"{uses_draft[0]} decodes one prompt at a time: use --batch-size 1")
+        check_draft_args(args.gamma)
+    if "mtad" in methods:
+        check_mtad_args(args.tau, args.beam_width, args.temperature)
 
 
 def load_records(args):
-    from cllm.data import PromptRecord, load_dataset_prompts, load_prompt_file
+    from cllm.data import PromptRecord, load_dataset_mix, load_prompt_file
 
     if args.prompt is not None:
         recs = [PromptRecord(id=str(i), prompt=t, dataset="cli") for i, t in enumerate(args.prompt)]
@@ -71,21 +93,43 @@ def load_records(args):
         return recs
     if args.prompts is not None:
         return load_prompt_file(args.prompts, args.prompt_field, args.limit, args.offset)
-    return load_dataset_prompts(args.dataset, args.split, args.data_dir, args.limit, args.offset)
+    return load_dataset_mix(args.dataset, args.split, args.data_dir, args.limit, args.offset, args.spread)
 
 
-def decode_batch(method: str, model, tokenizer, prompt_ids: list[list[int]], args, seeds: list[int]):
-    from cllm.decoding import ar_decode, jacobi_decode
+def method_list(args) -> list[str]:
+    """--method first, then the --compare methods (comma-separated), each once."""
+    compare = [m.strip() for m in args.compare.split(",") if m.strip()] if args.compare else []
+    for m in compare:
+        if m not in METHODS:
+            raise CllmError(f"--compare: unknown method {m!r}; choose from {', '.join(METHODS)}")
+        if m == args.method:
+            raise CllmError(f"--compare {m} is the method itself")
+    if len(set(compare)) != len(compare):
+        raise CllmError(f"--compare lists a method twice: {args.compare}")
+    return [args.method, *compare]
+
+
+def decode_batch(method: str, model, tokenizer, prompt_ids: list[list[int]], args, seeds: list[int], draft=None):
+    from cllm.decoding import ar_decode, jacobi_decode, mtad_decode, speculative_decode
 
     if method == "ar":
         return ar_decode(model, tokenizer, prompt_ids, args.max_new_tokens, args.temperature, args.top_k, args.top_p, seeds)
-    return jacobi_decode(model, tokenizer, prompt_ids, args.block_size, args.max_new_tokens, args.init, seeds)
+    if method == "jacobi":
+        return jacobi_decode(model, tokenizer, prompt_ids, args.block_size, args.max_new_tokens, args.init, seeds)
+    if method == "sps":
+        return [speculative_decode(model, draft, tokenizer, p, args.max_new_tokens, args.gamma, args.adaptive_gamma,
+                                   args.temperature, args.top_k, args.top_p, s) for p, s in zip(prompt_ids, seeds)]
+    return [mtad_decode(model, draft, tokenizer, p, args.max_new_tokens, args.gamma, args.beam_width, args.tau,
+                        args.temperature, args.top_k, args.top_p, s, args.beam_replacement)
+            for p, s in zip(prompt_ids, seeds)]
 
 
 def run(args) -> None:
     from tqdm import tqdm
 
     from cllm import distributed
+    from cllm.energy import EnergyMeter
+    from cllm.metrics import token_logprobs
     from cllm.models import load_model
     from cllm.prompts import format_prompt
     from cllm.report import answer_line, build_report, format_table
@@ -96,7 +140,13 @@ def run(args) -> None:
     try:
         device = args.device or ctx.device()
         model, tokenizer = load_model(args.model, args.dtype, device, args.device_map, adapter=args.adapter)
-        methods = [args.method] + ([args.compare] if args.compare else [])
+        methods = method_list(args)
+        draft = None
+        if any(m in DRAFT_METHODS for m in methods):
+            from cllm.draft import check_draft_compatible
+
+            draft, draft_tokenizer = load_model(args.draft, args.dtype, device, args.device_map)
+            check_draft_compatible(model, tokenizer, draft, draft_tokenizer)
         mine = ctx.shard(list(range(len(records))))
         prompt_ids = {i: format_prompt(tokenizer, records[i].prompt) for i in mine}
 
@@ -104,30 +154,41 @@ def run(args) -> None:
             warm = [prompt_ids[mine[0]]]
             for _ in range(args.warmup):
                 for m in methods:
-                    decode_batch(m, model, tokenizer, warm, _short(args), [args.seed])
+                    decode_batch(m, model, tokenizer, warm, _short(args), [args.seed], draft)
 
         rows: dict[str, list[dict]] = {m: [] for m in methods}
         seconds: dict[str, float] = {m: 0.0 for m in methods}
+        meters = {m: EnergyMeter() for m in methods}
         batches = [mine[i : i + args.batch_size] for i in range(0, len(mine), args.batch_size)]
         bar = tqdm(total=len(mine), desc=f"decode {'+'.join(methods)}", unit="prompt", disable=not ctx.is_main)
         for b_no, idx in enumerate(batches):
-            order = methods if b_no % 2 == 0 else methods[::-1]  # alternate so neither method always goes first
+            k = b_no % len(methods)
+            order = methods[k:] + methods[:k]  # rotate so that no method always goes first
             for m in order:
+                meters[m].start()
                 t0 = time.perf_counter()
-                results = decode_batch(m, model, tokenizer, [prompt_ids[i] for i in idx], args, [args.seed + i for i in idx])
+                results = decode_batch(m, model, tokenizer, [prompt_ids[i] for i in idx], args,
+                                       [args.seed + i for i in idx], draft)
                 seconds[m] += time.perf_counter() - t0
+                meters[m].stop()
                 for i, res in zip(idx, results):
-                    rows[m].append(_row(i, records[i], res))
+                    row = _row(i, records[i], res)
+                    if not args.no_perplexity:  # untimed: the output scored under the unwarped target
+                        row["logprobs"] = token_logprobs(model, prompt_ids[i], res.token_ids)
+                    rows[m].append(row)
                     if m == args.method and args.prompt is not None and not args.quiet:
                         tqdm.write(f"--- prompt {records[i].id} ({m}):\n{res.text}")
             bar.update(len(idx))
         bar.close()
 
-        gathered = distributed.gather_to_main(ctx, {"rows": rows, "seconds": seconds})
+        joules = {m: meters[m].joules for m in methods}
+        gathered = distributed.gather_to_main(ctx, {"rows": rows, "seconds": seconds, "joules": joules})
         if not ctx.is_main:
             return
         all_rows = {m: sorted((r for g in gathered for r in g["rows"][m]), key=lambda r: r["index"]) for m in methods}
         all_seconds = {m: sum(g["seconds"][m] for g in gathered) for m in methods}
+        all_joules = {m: None if any(g["joules"][m] is None for g in gathered) else sum(g["joules"][m] for g in gathered)
+                      for m in methods}
         report = build_report(
             model=args.model,
             dtype=args.dtype,
@@ -141,7 +202,15 @@ def run(args) -> None:
                 "temperature": args.temperature,
                 "world_size": ctx.world_size,
                 "adapter": args.adapter,
+                "top_k": args.top_k,
+                "top_p": args.top_p,
+                "seed": args.seed,
+                **({"draft": args.draft, "gamma": args.gamma, "adaptive_gamma": args.adaptive_gamma}
+                   if draft is not None else {}),
+                **({"beam_width": args.beam_width, "tau": args.tau, "beam_replacement": args.beam_replacement}
+                   if "mtad" in methods else {}),
             },
+            joules=all_joules,
         )
         if args.out:
             for m in methods:
@@ -183,4 +252,5 @@ def _row(index: int, rec, res) -> dict:
         "stationary": res.n_stationary,
         "wall_time": res.wall_time_s,
         "finish_reason": res.finish_reason,
+        **{k: res.extra[k] for k in ("iterations", "drafted", "accepted", "draft_forwards") if k in res.extra},
     }

@@ -153,3 +153,55 @@ class RaggedCache:
         if 0 < n_drop < self.valid.shape[1]:
             self.cache.crop(-n_drop)
             self.valid = self.valid[:, :n_used]
+
+
+class SeqCache:
+    """The KV cache of one model over one sequence (batch 1) that may lag behind the committed tokens.
+
+    `n` is how many tokens of the sequence the cache holds; `forward` appends tokens and returns their logits,
+    `crop` drops entries beyond a length (rejected draft tokens). Draft-then-verify decoders keep one per model.
+    """
+
+    def __init__(self, model):
+        self.model = model
+        self.cache = DynamicCache()
+        self.n = 0
+        self.device = next(model.parameters()).device
+
+    def forward(self, ids: list[int]) -> torch.Tensor:
+        """Run the model on `ids` after the cached tokens; logits (len(ids), V) in float32."""
+        input_ids = torch.tensor([ids], dtype=torch.long, device=self.device)  # (1, W)
+        position_ids = torch.arange(self.n, self.n + len(ids), device=self.device).unsqueeze(0)  # (1, W)
+        out = self.model(input_ids=input_ids, position_ids=position_ids, past_key_values=self.cache, use_cache=True)
+        self.cache = out.past_key_values
+        self.n += len(ids)
+        return out.logits[0].float()
+
+    def crop(self, length: int) -> None:
+        """Keep the first `length` cached tokens."""
+        if length < self.n:
+            self.cache.crop(-(self.n - length))  # transformers 5: a negative count of tokens to remove
+            self.n = length
+
+
+def single_prompt(prompt_ids, method: str) -> tuple[list[int], bool]:
+    """Draft-then-verify decoders take one prompt; a batch of one is accepted, more is a clear error."""
+    batch, single = as_batch(prompt_ids)
+    if len(batch) != 1:
+        raise CllmError(f"{method} decodes one prompt at a time (batch size 1), got a batch of {len(batch)}")
+    return batch[0], single
+
+
+def finish(generated: list[int], new: list[int], stop: set[int], max_new_tokens: int) -> tuple[list[int], str | None]:
+    """Append `new` to `generated`, cut after the first stop id or at `max_new_tokens`; return (taken, reason)."""
+    taken = []
+    for tok in new:
+        taken.append(tok)
+        if tok in stop:
+            generated.extend(taken)
+            return taken, "eos"
+        if len(generated) + len(taken) >= max_new_tokens:
+            generated.extend(taken)
+            return taken, "length"
+    generated.extend(taken)
+    return taken, None

@@ -1,0 +1,166 @@
+"""MTAD, multi-token assisted decoding (Qin et al., ICLR 2025): approximate sampling from the target's JOINT
+distribution over a block of gamma tokens, with a small draft. Lossy by design.
+
+One iteration:
+1. `beam_draft`: beam sampling over the draft's joint distribution. Step 1 draws B tokens from the warped q_1;
+   each later step scores every (beam b, token v) by w_b * q_b(v), draws B pairs in proportion, extends each
+   survivor's running log Q, and renormalises the weights w = s / sum(s) of the drawn scores s (so w is
+   proportional to the beams' joint draft probabilities). The draft cache is expanded to B rows and re-indexed
+   by parent beam at every step, then reduced to the beam of largest weight.
+2. One target forward over the chosen gamma tokens gives p_1..p_{gamma+1} (warped exactly like q).
+3. `mtad_accept`: n = max{i : log P_i - log Q_i > log tau} over the cumulative sums (the longest passing prefix,
+   not the first failure; 0 if none).
+4. Emit x_1..x_n and one token sampled from p_{n+1} (no residual correction); crop both caches.
+tau -> infinity never accepts (plain target sampling); B = 1 is ancestral drafting. Batch size 1.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+
+import torch
+
+from cllm.decoding.common import DecodeResult, SeqCache, check_lengths, eos_ids, finish, single_prompt
+from cllm.decoding.sampling import check_sampling_args, warp_logits
+from cllm.decoding.speculative import check_draft_args
+from cllm.errors import CllmError
+
+
+def mtad_accept(target_logprobs, draft_logprobs, tau: float) -> int:
+    """Accepted prefix length from per-position log-probs of the drafted tokens (g,) under the target (p_j(x_j))
+    and the draft (q_j(x_j)): the largest i with sum_{j<=i} (log p_j - log q_j) > log tau, else 0."""
+    log_p = torch.as_tensor(target_logprobs, dtype=torch.float64)
+    log_q = torch.as_tensor(draft_logprobs, dtype=torch.float64)
+    ratio = log_p.cumsum(0) - log_q.cumsum(0)  # (g,) log P_i - log Q_i; -inf once a token has P = 0
+    passing = (ratio > math.log(tau)).nonzero()
+    return int(passing.max()) + 1 if passing.numel() else 0
+
+
+def check_mtad_args(tau: float, beam_width: int, temperature: float) -> None:
+    if not tau > 0:
+        raise CllmError(f"tau must be > 0, got {tau}")
+    if not isinstance(beam_width, int) or beam_width < 1:
+        raise CllmError(f"beam width must be a positive integer, got {beam_width!r}")
+    if temperature <= 0:
+        raise CllmError("mtad samples from the joint distribution: give a temperature > 0 (e.g. --temperature 1)")
+
+
+@dataclass
+class BeamDraft:
+    tokens: list[int]  # the chosen beam, gamma tokens
+    logq: list[float]  # log q_j(x_j) of each of them under the warped draft
+    weight: float  # the chosen beam's normalised weight
+
+
+def _draw(probs: torch.Tensor, k: int, replacement: bool, gen) -> torch.Tensor:
+    """k indices from a (flat) probability vector; without replacement never more than its support."""
+    if not replacement:
+        k = min(k, int((probs > 0).sum()))
+    return torch.multinomial(probs, k, replacement=replacement, generator=gen)
+
+
+def beam_draft(d_cache: SeqCache, pending: list[int], gamma: int, beam_width: int, warp, gen,
+               replacement: bool = False) -> BeamDraft:
+    """Beam sampling of gamma tokens after `pending` (the sequence tokens the draft cache lacks). On return the
+    cache holds one row: the sequence plus the chosen beam's first gamma - 1 tokens."""
+    logq = warp(d_cache.forward(pending)[-1:]).log_softmax(-1)  # (1, V)
+    tokens = _draw(logq[0].exp(), beam_width, replacement, gen).unsqueeze(1)  # (B, 1)
+    pos_logq = logq[0, tokens[:, 0]].unsqueeze(1)  # (B, 1): log q_1(x_1) per beam
+    log_w = pos_logq[:, 0] - pos_logq[:, 0].logsumexp(0)  # (B,) normalised beam weights, in log
+    cache = d_cache.cache
+    n_beams = tokens.shape[0]
+    if gamma > 1 and n_beams > 1:
+        cache.batch_repeat_interleave(n_beams)  # every beam continues from the same context
+    for _ in range(1, gamma):
+        position_ids = torch.full((n_beams, 1), d_cache.n, dtype=torch.long, device=d_cache.device)
+        out = d_cache.model(input_ids=tokens[:, -1:], position_ids=position_ids, past_key_values=cache, use_cache=True)
+        cache = out.past_key_values
+        d_cache.n += 1
+        logq = warp(out.logits[:, -1].float()).log_softmax(-1)  # (B, V)
+        vocab = logq.shape[-1]
+        log_s = (log_w.unsqueeze(1) + logq).reshape(-1)  # (B * V,): log w_b + log q_b(v)
+        flat = _draw((log_s - log_s.logsumexp(0)).exp(), beam_width, replacement, gen)  # (B',)
+        parent, tok = flat // vocab, flat % vocab
+        if parent.shape[0] != n_beams or not torch.equal(parent, torch.arange(n_beams, device=parent.device)):
+            cache.batch_select_indices(parent)  # each survivor continues its parent's cache
+        n_beams = parent.shape[0]
+        tokens = torch.cat([tokens[parent], tok.unsqueeze(1)], dim=1)  # (B, t)
+        pos_logq = torch.cat([pos_logq[parent], logq[parent, tok].unsqueeze(1)], dim=1)  # (B, t)
+        log_w = log_s[flat] - log_s[flat].logsumexp(0)  # w = s / sum(s) over the drawn pairs
+    best = int(log_w.argmax())
+    if n_beams > 1 and gamma > 1:
+        cache.batch_select_indices(torch.tensor([best], device=tokens.device))
+    d_cache.cache = cache
+    return BeamDraft(tokens[best].tolist(), pos_logq[best].tolist(), float(log_w[best].exp()))
+
+
+@torch.inference_mode()
+def mtad_decode(
+    target,
+    draft,
+    tokenizer,
+    prompt_ids,
+    max_new_tokens: int = 256,
+    gamma: int = 4,
+    beam_width: int = 4,
+    tau: float = 0.5,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    seed: int = 0,
+    replacement: bool = False,
+    eos_token_id: int | list[int] | None = None,
+) -> DecodeResult | list[DecodeResult]:
+    """Decode one prompt with MTAD. Statistics in `extra`: iterations, drafted, accepted, draft_forwards."""
+    prompt, single = single_prompt(prompt_ids, "mtad")
+    check_lengths(max_new_tokens)
+    check_draft_args(gamma)
+    check_mtad_args(tau, beam_width, temperature)
+    check_sampling_args(temperature, top_k, top_p)
+    seed = seed[0] if isinstance(seed, list) else seed
+    device = next(target.parameters()).device
+    gen = torch.Generator(device=device).manual_seed(int(seed))
+    stop = eos_ids(target, tokenizer, eos_token_id)
+
+    def warp(logits):  # both models warped identically
+        return warp_logits(logits, temperature, top_k, top_p)
+
+    t0 = time.perf_counter()
+    t_cache, d_cache = SeqCache(target), SeqCache(draft)
+    seq = list(prompt)
+    generated: list[int] = []
+    accept_lengths: list[int] = []
+    stats = {"iterations": 0, "drafted": 0, "accepted": 0, "draft_forwards": 0}
+    reason = None
+    while reason is None:
+        g = min(gamma, max_new_tokens - len(generated) - 1)  # never draft past the length cap
+        base = len(seq)
+        if g > 0:
+            beam = beam_draft(d_cache, seq[d_cache.n :], g, beam_width, warp, gen, replacement)
+            stats["draft_forwards"] += g
+        else:
+            beam = BeamDraft([], [], 1.0)
+        t_logp = warp(t_cache.forward(seq[t_cache.n :] + beam.tokens)[-(g + 1) :]).log_softmax(-1)  # (g + 1, V)
+        drafted_logp = t_logp[torch.arange(g), torch.tensor(beam.tokens, dtype=torch.long)] if g else t_logp[:0, 0]
+        n = mtad_accept(drafted_logp, beam.logq, tau)
+        nxt = int(torch.multinomial(t_logp[n].exp(), 1, generator=gen))
+        taken, reason = finish(generated, beam.tokens[:n] + [nxt], stop, max_new_tokens)
+        seq += taken
+        t_cache.crop(base + n)
+        d_cache.crop(base + n)
+        accept_lengths.append(len(taken))
+        stats["iterations"] += 1
+        stats["drafted"] += g
+        stats["accepted"] += min(n, len(taken))
+    result = DecodeResult(
+        token_ids=generated,
+        text=tokenizer.decode(generated, skip_special_tokens=True) if tokenizer else "",
+        n_forwards=stats["iterations"],
+        accept_lengths=accept_lengths,
+        finish_reason=reason,
+        wall_time_s=time.perf_counter() - t0,
+        extra=stats,
+    )
+    return result if single else [result]

@@ -1,0 +1,257 @@
+"""SpS and MTAD: exactness in greedy mode, distribution tests in sampling mode, the pure acceptance rules on literal
+tables, and beam-cache re-indexing against recomputation."""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import pytest
+import torch
+
+from cllm.decoding import ar_decode, mtad_decode, speculative_decode
+from cllm.decoding.common import SeqCache
+from cllm.decoding.mtad import beam_draft, mtad_accept
+from cllm.decoding.sampling import warp_logits
+from cllm.decoding.speculative import greedy_verify, next_gamma, sps_verify
+from cllm.errors import CllmError
+from conftest import random_prompt, tiny_model, tiny_tokenizer
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Thousands of tiny forwards: one intra-op thread is several times faster than two fighting over 2 cores."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+# ------------------------------------------------------------------------------------------------ pure rules
+
+
+def test_greedy_verify_literal():
+    assert greedy_verify([5, 6, 7], [5, 6, 7, 8]) == (3, 8)  # all accepted, bonus = argmax after the last
+    assert greedy_verify([5, 9, 7], [5, 6, 7, 8]) == (1, 6)  # stop at the first mismatch, emit the target's token
+    assert greedy_verify([4], [5, 6]) == (0, 5)
+    assert greedy_verify([], [5]) == (0, 5)
+
+
+def test_sps_verify_literal():
+    q = torch.tensor([[0.5, 0.5, 0.0]])
+    p = torch.tensor([[0.25, 0.75, 0.0], [0.1, 0.2, 0.7]])
+    # p/q = 0.5 for token 0: u = 0.4 accepts, u = 0.6 rejects.
+    n, dist = sps_verify([0], q, p, torch.tensor([0.4]))
+    assert n == 1 and torch.equal(dist, p[1])  # bonus token from p_{g+1}
+    n, dist = sps_verify([0], q, p, torch.tensor([0.6]))
+    assert n == 0 and torch.allclose(dist, torch.tensor([0.0, 1.0, 0.0]))  # norm(max(p - q, 0))
+    # p >= q on the drafted token: always accepted, whatever u.
+    n, _ = sps_verify([1], q, p, torch.tensor([0.999]))
+    assert n == 1
+
+
+def test_next_gamma_heuristic():
+    assert next_gamma(4, 4, 4) == 6
+    assert next_gamma(4, 2, 4) == 3
+    assert next_gamma(1, 0, 1) == 1
+
+
+def test_mtad_accept_literal_tables():
+    lp = [-1.0, -1.0, -1.0]
+    assert mtad_accept(lp, lp, 0.5) == 3  # P == Q: ratio 1 > 0.5 at every prefix
+    assert mtad_accept(lp, lp, 1.0) == 0  # strict: ratio 1 is not > 1
+    # Longest passing prefix, not the first failure: log ratios per position -1, +2, -0.5 -> cumulative -1, 1, 0.5.
+    assert mtad_accept([-2.0, -1.0, -1.5], [-1.0, -3.0, -1.0], 1.0) == 3
+    # Cumulative -1, 0.5, -1.5: only the 2-token prefix passes.
+    assert mtad_accept([-2.0, -1.0, -3.0], [-1.0, -2.5, -1.0], 1.0) == 2
+    # A token the target filtered out (log p = -inf) fails its prefix and every longer one.
+    assert mtad_accept([-0.1, float("-inf"), -0.1], [-1.0, -1.0, -1.0], 0.5) == 1
+    assert mtad_accept([-1.0, -1.0], [-2.0, -2.0], float("inf")) == 0  # tau -> infinity accepts nothing
+    assert mtad_accept([-50.0, -50.0], [-0.1, -0.1], 1e-300) == 2  # tiny tau accepts everything finite
+    assert mtad_accept([], [], 0.5) == 0
+    # Threshold edge: log P - log Q = log(0.5) exactly does not pass tau = 0.5.
+    assert mtad_accept([math.log(0.25)], [math.log(0.5)], 0.5) == 0
+    assert mtad_accept([math.log(0.25)], [math.log(0.5)], 0.49) == 1
+
+
+# ------------------------------------------------------------------------------------------------ greedy SpS
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_sps_greedy_equals_target_greedy(seed):
+    target, draft, tok = tiny_model(seed), tiny_model(seed + 100), tiny_tokenizer()
+    gen = torch.Generator().manual_seed(seed)
+    prompt = random_prompt(gen, 3 + seed)
+    expected = ar_decode(target, None, prompt, 37).token_ids
+    for gamma, adaptive in [(1, False), (3, False), (5, False), (2, True)]:
+        res = speculative_decode(target, draft, None, prompt, 37, gamma=gamma, adaptive_gamma=adaptive)
+        assert res.token_ids == expected, (gamma, adaptive)
+        assert sum(res.accept_lengths) == len(expected) and res.n_forwards == len(res.accept_lengths)
+    # A draft equal to the target is always right: every round accepts gamma tokens and adds one.
+    res = speculative_decode(target, target, None, prompt, 37, gamma=4)
+    assert res.token_ids == expected and res.extra["accepted"] == res.extra["drafted"]
+    assert res.accept_lengths[:7] == [5] * 7
+    del tok
+
+
+def test_sps_stops_at_eos():
+    target, draft, tok = tiny_model(3), tiny_model(4), tiny_tokenizer()
+    prompt = [5, 6, 7]
+    ar = ar_decode(target, tok, prompt, 30).token_ids
+    stop = ar[5]  # make the 6th generated token the EOS
+    ar_eos = ar_decode(target, tok, prompt, 30, eos_token_id=stop).token_ids
+    res = speculative_decode(target, draft, tok, prompt, 30, gamma=4, eos_token_id=stop)
+    assert res.token_ids == ar_eos and res.finish_reason == "eos" and res.token_ids[-1] == stop
+
+
+# ------------------------------------------------------------------------------------------ distribution tests
+
+VOCAB_SMALL = 8
+SAMPLING = dict(temperature=1.0, top_k=5, top_p=0.95)
+N_TOKENS = 3
+
+
+def _chi2_pvalue(counts: dict, probs: dict, n: int) -> float:
+    """Pearson chi-square goodness of fit; outcomes expected fewer than 5 times are pooled into one cell."""
+    cells, pooled_obs, pooled_exp = [], 0.0, 0.0
+    for outcome in set(probs) | set(counts):
+        exp, obs = probs.get(outcome, 0.0) * n, counts.get(outcome, 0)
+        if exp < 5:
+            pooled_obs, pooled_exp = pooled_obs + obs, pooled_exp + exp
+        else:
+            cells.append((obs, exp))
+    if pooled_exp > 0 or pooled_obs > 0:
+        cells.append((pooled_obs, max(pooled_exp, 1e-12)))
+    stat = sum((o - e) ** 2 / e for o, e in cells)
+    df = len(cells) - 1
+    return float(torch.special.gammaincc(torch.tensor(df / 2, dtype=torch.float64), torch.tensor(stat / 2, dtype=torch.float64)))
+
+
+@torch.inference_mode()
+def _exact_block_distribution(model, prompt: list[int]) -> dict:
+    """P(x_1..x_N) under warped ancestral sampling of the model, by enumeration."""
+    out = {(): 1.0}
+    for _ in range(N_TOKENS):
+        nxt = {}
+        for prefix, pr in out.items():
+            logits = model(input_ids=torch.tensor([prompt + list(prefix)])).logits[0, -1]
+            probs = warp_logits(logits, **SAMPLING).softmax(-1)
+            for v in probs.nonzero().flatten().tolist():
+                nxt[prefix + (v,)] = pr * float(probs[v])
+        out = nxt
+    return out
+
+
+@pytest.fixture(scope="module")
+def small_pair():
+    target = tiny_model(7, vocab_size=VOCAB_SMALL)
+    draft = tiny_model(8, vocab_size=VOCAB_SMALL)
+    prompt = [3, 5, 2, 6]
+    return target, draft, prompt, _exact_block_distribution(target, prompt), _exact_block_distribution(draft, prompt)
+
+
+def _empirical(decode, n_runs: int) -> dict:
+    counts: dict = {}
+    for s in range(n_runs):
+        key = tuple(decode(s).token_ids)
+        counts[key] = counts.get(key, 0) + 1
+    return counts
+
+
+def test_sps_sampling_preserves_target_distribution(small_pair):
+    target, draft, prompt, p_target, p_draft = small_pair
+    assert _chi2_pvalue({k: round(v * 1000) for k, v in p_draft.items()}, p_target, 1000) < 1e-6  # they differ
+    n = 2500
+    counts = _empirical(lambda s: speculative_decode(target, draft, None, prompt, N_TOKENS, gamma=2, seed=s,
+                                                     **SAMPLING), n)
+    assert _chi2_pvalue(counts, p_target, n) > 1e-3
+    assert _chi2_pvalue(counts, p_draft, n) < 1e-6  # the test has the power to see the draft's distribution
+
+
+def test_mtad_with_huge_tau_is_target_sampling(small_pair):
+    target, draft, prompt, p_target, p_draft = small_pair
+    n = 1500
+    results = []
+
+    def run(s):
+        res = mtad_decode(target, draft, None, prompt, N_TOKENS, gamma=2, beam_width=3, tau=1e30, seed=s, **SAMPLING)
+        results.append(res)
+        return res
+
+    counts = _empirical(run, n)
+    assert all(r.extra["accepted"] == 0 and r.accept_lengths == [1] * N_TOKENS for r in results)
+    assert _chi2_pvalue(counts, p_target, n) > 1e-3
+    assert _chi2_pvalue(counts, p_draft, n) < 1e-6
+
+
+def test_mtad_with_target_as_draft_accepts_every_block():
+    target = tiny_model(2)
+    res = mtad_decode(target, target, None, [4, 5, 6], 21, gamma=4, beam_width=3, tau=0.5, seed=1, temperature=1.0)
+    assert res.extra["accepted"] == res.extra["drafted"]  # P == Q: ratio 1 > 0.5 for every prefix
+    assert res.accept_lengths[:4] == [5] * 4 and len(res.token_ids) == 21
+
+
+# -------------------------------------------------------------------------------------------- beam re-indexing
+
+
+@pytest.mark.parametrize("beam_width,replacement", [(4, False), (3, True), (1, False)])
+@torch.inference_mode()
+def test_beam_draft_cache_equals_recomputation(beam_width, replacement):
+    draft = tiny_model(5)
+    seq = [7, 8, 9, 10, 11]
+
+    def warp(logits):
+        return warp_logits(logits, 1.3, 20, 0.95)
+
+    for seed in range(4):
+        cache = SeqCache(draft)
+        cache.forward(seq[:3])  # part of the sequence cached already, the rest pending
+        gen = torch.Generator().manual_seed(seed)
+        beam = beam_draft(cache, seq[3:], 5, beam_width, warp, gen, replacement)
+        assert len(beam.tokens) == 5 and 0 < beam.weight <= 1
+        # The chosen beam's log q at every position equals a from-scratch forward over seq + its prefix.
+        full = draft(input_ids=torch.tensor([seq + beam.tokens])).logits[0].float()
+        logq = warp(full[len(seq) - 1 : -1]).log_softmax(-1)
+        expect = logq[torch.arange(5), torch.tensor(beam.tokens)]
+        assert torch.allclose(torch.tensor(beam.logq, dtype=torch.float32), expect, atol=1e-5)
+        # The cache holds one row: seq + the first 4 beam tokens, equal to recomputing it.
+        assert cache.n == len(seq) + 4
+        ref = draft(input_ids=torch.tensor([seq + beam.tokens[:4]]), use_cache=True).past_key_values
+        for layer, ref_layer in zip(cache.cache.layers, ref.layers):
+            assert layer.keys.shape == ref_layer.keys.shape
+            assert torch.allclose(layer.keys, ref_layer.keys, atol=1e-9)
+            assert torch.allclose(layer.values, ref_layer.values, atol=1e-9)
+
+
+# ------------------------------------------------------------------------------------------------- bad input
+
+
+def test_bad_arguments_raise_clear_errors():
+    target, draft = tiny_model(0), tiny_model(1)
+    with pytest.raises(CllmError, match="gamma"):
+        speculative_decode(target, draft, None, [3, 4], 5, gamma=0)
+    with pytest.raises(CllmError, match="tau must be > 0"):
+        mtad_decode(target, draft, None, [3, 4], 5, tau=0.0)
+    with pytest.raises(CllmError, match="tau must be > 0"):
+        mtad_decode(target, draft, None, [3, 4], 5, tau=-1.0)
+    with pytest.raises(CllmError, match="temperature > 0"):
+        mtad_decode(target, draft, None, [3, 4], 5, temperature=0.0)
+    with pytest.raises(CllmError, match="top_p"):
+        mtad_decode(target, draft, None, [3, 4], 5, top_p=1.5)
+    with pytest.raises(CllmError, match="batch size 1"):
+        speculative_decode(target, draft, None, [[3, 4], [5, 6]], 5)
+    with pytest.raises(CllmError, match="batch size 1"):
+        mtad_decode(target, draft, None, [[3, 4], [5, 6]], 5)
+
+
+def test_single_prompt_batch_of_one_returns_list():
+    target, draft = tiny_model(0), tiny_model(1)
+    out = speculative_decode(target, draft, None, [[3, 4]], 6)
+    assert isinstance(out, list) and len(out) == 1 and len(out[0].token_ids) == 6
+
+
+def test_all_small_block_outcomes_enumerated(small_pair):
+    """The exact distributions used above are proper: they sum to 1 over all outcomes."""
+    _, _, _, p_target, p_draft = small_pair
+    assert abs(sum(p_target.values()) - 1) < 1e-6 and abs(sum(p_draft.values()) - 1) < 1e-6
+    assert all(len(k) == N_TOKENS for k in itertools.chain(p_target, p_draft))
