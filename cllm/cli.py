@@ -1,4 +1,4 @@
-"""The `cllm` console script: `cllm decode`, `cllm gen`, `cllm train`, `cllm train-draft`."""
+"""The `cllm` console script: `cllm decode`, `cllm eval`, `cllm gen`, `cllm train`, `cllm train-draft`."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from cllm.errors import CllmError
 
 SUBCOMMANDS = {
     "decode": ("cllm.commands.decode", "decode prompts with AR or Jacobi decoding and compare them"),
+    "eval": ("cllm.commands.eval", "evaluate a checkpoint: speed-up vs the base model's AR, quality, plots"),
     "gen": ("cllm.commands.gen", "collect Jacobi trajectories (resumable, sharded, batched)"),
     "train": ("cllm.commands.train", "train a consistency LLM on Jacobi trajectories (CLLM objective)"),
     "train-draft": ("cllm.commands.draft", "cut a small draft out of the target and distil it (for SpS / MTAD)"),

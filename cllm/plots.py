@@ -52,7 +52,8 @@ def plot_training_log(source: str | Path, png: str | Path) -> Path:
     if probe:
         axes[1].plot(*zip(*probe), "o-", label="Jacobi tokens per forward (held-in)")
     axes[1].set_xlabel("step")
-    axes[1].legend()
+    if axes[1].get_legend_handles_labels()[0]:
+        axes[1].legend()
     axes[1].set_title("convergence")
     fig.tight_layout()
     png = Path(png)

@@ -1,4 +1,4 @@
-"""Decode prompts with AR or Jacobi decoding: `python decode/decode.py --model smollm2-135m --prompt "Hi"`.
+"""Decode prompts with AR, Jacobi, SpS or MTAD: `python decode/decode.py --model smollm2-135m --prompt "Hi"`.
 
 Same options as `cllm decode`; also runs under `torchrun --nproc_per_node N` (each rank takes a share).
 """

@@ -30,6 +30,30 @@ def one_thread():
 # ------------------------------------------------------------------------------------------------ pure rules
 
 
+def _reference_warp(logits, temperature, top_k, top_p):
+    """Textbook warping by a full sort of the vocabulary (Hugging Face's order: temperature, top-k, top-p)."""
+    logits = logits.float() / temperature
+    if top_k:
+        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1:
+        s, order = torch.sort(logits, dim=-1, descending=True)
+        p = s.softmax(-1)
+        drop = torch.zeros_like(p, dtype=torch.bool).scatter(-1, order, (p.cumsum(-1) - p) >= top_p)
+        logits = logits.masked_fill(drop, float("-inf"))
+    return logits
+
+
+@pytest.mark.parametrize("top_k,top_p", [(None, 0.9), (10, 0.9), (3, 0.5), (50, 0.99), (10, None), (None, 0.3)])
+def test_warp_matches_full_sort_reference(top_k, top_p):
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(5, 200, generator=gen) * 3
+    logits[1, 50:] = float("-inf")  # rows with different numbers of live tokens
+    got = warp_logits(logits, 0.7, top_k, top_p)
+    assert torch.equal(got.isfinite(), _reference_warp(logits, 0.7, top_k, top_p).isfinite())
+    assert torch.allclose(got.softmax(-1), _reference_warp(logits, 0.7, top_k, top_p).softmax(-1))
+
+
 def test_greedy_verify_literal():
     assert greedy_verify([5, 6, 7], [5, 6, 7, 8]) == (3, 8)  # all accepted, bonus = argmax after the last
     assert greedy_verify([5, 9, 7], [5, 6, 7, 8]) == (1, 6)  # stop at the first mismatch, emit the target's token

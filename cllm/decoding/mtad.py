@@ -56,9 +56,10 @@ class BeamDraft:
 
 def _draw(probs: torch.Tensor, k: int, replacement: bool, gen) -> torch.Tensor:
     """k indices from a (flat) probability vector; without replacement never more than its support."""
+    support = probs.nonzero().flatten()  # after top-k/top-p a few hundred entries at most, not B x V
     if not replacement:
-        k = min(k, int((probs > 0).sum()))
-    return torch.multinomial(probs, k, replacement=replacement, generator=gen)
+        k = min(k, support.numel())
+    return support[torch.multinomial(probs[support], k, replacement=replacement, generator=gen)]
 
 
 def beam_draft(d_cache: SeqCache, pending: list[int], gamma: int, beam_width: int, warp, gen,

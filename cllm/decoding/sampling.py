@@ -27,13 +27,14 @@ def warp_logits(logits: torch.Tensor, temperature: float = 1.0, top_k: int | Non
         kth = torch.topk(logits, k, dim=-1).values[..., -1:]  # (..., 1)
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if top_p is not None and top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        # Only the tokens still in play need sorting: after top-k that is k of them, not the whole vocabulary.
+        n_live = int(torch.isfinite(logits).sum(dim=-1).max())
+        sorted_logits, order = torch.topk(logits, max(n_live, 1), dim=-1)  # descending
         probs = sorted_logits.softmax(dim=-1)
         # Drop a token when the mass strictly before it already reaches top_p (the top token always stays).
         mass_before = probs.cumsum(dim=-1) - probs
-        drop_sorted = mass_before >= top_p
-        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
-        logits = logits.masked_fill(drop, float("-inf"))
+        kept = sorted_logits.masked_fill(mass_before >= top_p, float("-inf"))
+        logits = logits.scatter(-1, order, kept)
     return logits
 
 

@@ -1,0 +1,301 @@
+"""`cllm eval` / `decode/evaluate.py`: how much faster is a checkpoint, did quality drop, where does the speed come from.
+
+Every method runs on the same prompts, interleaved prompt by prompt (rotating order), together with AR greedy of the
+BASE model (`base_ar`, the speed reference) in the same process. Rows are appended per prompt (fsynced), so an
+interrupted eval resumes without redoing finished prompts; under torchrun each rank takes a disjoint share and
+rank 0 writes report.json, summary.md, answers/<method>.jsonl and the plots.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import time
+from pathlib import Path
+
+from cllm.errors import CllmError
+
+SETTINGS_KEYS = ("model", "adapter", "base_model", "methods", "dataset", "prompts", "prompt_field", "split", "limit",
+                 "offset", "spread", "block_size", "max_new_tokens", "init", "dtype", "temperature", "top_k", "top_p",
+                 "seed", "draft", "gamma", "adaptive_gamma", "beam_width", "tau", "beam_replacement")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    from cllm.commands.decode import METHODS
+
+    p.add_argument("--model", default="smollm2-135m", help="checkpoint to evaluate: alias, folder, HF id, .gguf")
+    p.add_argument("--adapter", default=None, help="PEFT adapter folder merged into --model")
+    p.add_argument("--base-model", default=None, help="the speed and quality reference (default: --model without "
+                   "the adapter); AR greedy of it runs as base_ar")
+    p.add_argument("--methods", default="ar,jacobi", help=f"comma-separated, from {', '.join(METHODS)} "
+                   "(default: %(default)s)")
+    src = p.add_argument_group("prompts (one of)")
+    src.add_argument("--dataset", default=None, help="dataset name(s), comma-separated (gsm8k, spider, humaneval, ...)")
+    src.add_argument("--prompts", default=None, metavar="FILE.jsonl", help="JSONL prompts; an `answer` field is scored")
+    src.add_argument("--prompt-field", default="prompt", help="field of --prompts holding the text")
+    src.add_argument("--split", default=None, help="dataset split (gsm8k: test by default)")
+    src.add_argument("--data-dir", default=None, help="dataset root (default: $CLLM_DATA_DIR or ../shared/data)")
+    src.add_argument("--limit", type=int, default=None, help="prompts (per dataset)")
+    src.add_argument("--offset", type=int, default=0, help="skip this many prompts first")
+    src.add_argument("--spread", action="store_true", help="--limit prompts evenly spaced over each dataset")
+    p.add_argument("--block-size", type=int, default=16, help="Jacobi block size n (default: %(default)s)")
+    p.add_argument("--max-new-tokens", type=int, default=256, help="length cap of every method (default: %(default)s)")
+    p.add_argument("--init", default="prompt", choices=("prompt", "repeat", "pad"), help="Jacobi initial guess")
+    p.add_argument("--dtype", default="bf16", choices=("fp32", "bf16", "fp16", "fp64"), help="(default: %(default)s)")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available, else cpu)")
+    p.add_argument("--draft", default=None, help="sps/mtad: draft model")
+    p.add_argument("--gamma", type=int, default=4, help="sps/mtad: draft length (default: %(default)s)")
+    p.add_argument("--adaptive-gamma", action="store_true", help="sps: adaptive draft length")
+    p.add_argument("--beam-width", type=int, default=4, help="mtad: beam width (default: %(default)s)")
+    p.add_argument("--beam-replacement", action="store_true", help="mtad: draw beams with replacement")
+    p.add_argument("--tau", type=float, default=0.5, help="mtad: acceptance threshold (default: %(default)s)")
+    p.add_argument("--temperature", type=float, default=0.0, help="ar/sps/mtad of the checkpoint: 0 = greedy")
+    p.add_argument("--top-k", type=int, default=None, help="sampling: top-k")
+    p.add_argument("--top-p", type=float, default=None, help="sampling: top-p in (0, 1]")
+    p.add_argument("--seed", type=int, default=0, help="seed of initial guesses and sampling")
+    p.add_argument("--warmup", type=int, default=1, help="untimed warm-up runs per method (default: %(default)s)")
+    p.add_argument("--humaneval-timeout", type=float, default=10.0, help="seconds per HumanEval test run")
+    p.add_argument("--out-dir", default=None, help="report.json, summary.md, answers/, plots (required)")
+    p.add_argument("--training-log", default=None, metavar="DIR", help="also plot the loss curves of this training "
+                   "output folder")
+    p.add_argument("--overwrite", action="store_true", help="discard finished rows of a different earlier eval")
+
+
+def _decode_args(args, greedy_ar: bool = False) -> argparse.Namespace:
+    """The attribute set `cllm.commands.decode.decode_batch` reads."""
+    ns = argparse.Namespace(**vars(args))
+    ns.batch_size = 1
+    if greedy_ar:
+        ns.temperature, ns.top_k, ns.top_p = 0.0, None, None
+    return ns
+
+
+def method_names(args) -> list[str]:
+    from cllm.commands.decode import DRAFT_METHODS, METHODS
+
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    if not methods:
+        raise CllmError("--methods is empty")
+    for m in methods:
+        if m not in METHODS:
+            raise CllmError(f"--methods: unknown method {m!r}; choose from {', '.join(METHODS)}")
+    if len(set(methods)) != len(methods):
+        raise CllmError(f"--methods lists a method twice: {args.methods}")
+    if any(m in DRAFT_METHODS for m in methods) and not args.draft:
+        raise CllmError("sps/mtad need --draft MODEL")
+    return methods
+
+
+def validate(args) -> list[str]:
+    from cllm.decoding.mtad import check_mtad_args
+    from cllm.decoding.sampling import check_sampling_args
+    from cllm.decoding.speculative import check_draft_args
+
+    if not args.out_dir:
+        raise CllmError("--out-dir is required")
+    if sum(x is not None for x in (args.dataset, args.prompts)) != 1:
+        raise CllmError("give exactly one of --dataset NAME or --prompts FILE")
+    if args.block_size < 1:
+        raise CllmError(f"--block-size must be >= 1, got {args.block_size}")
+    if args.max_new_tokens < 1:
+        raise CllmError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    methods = method_names(args)
+    check_sampling_args(args.temperature, args.top_k, args.top_p)
+    if args.draft:
+        check_draft_args(args.gamma)
+    if "mtad" in methods:
+        check_mtad_args(args.tau, args.beam_width, args.temperature)
+    if args.training_log and not Path(args.training_log).exists():
+        raise CllmError(f"--training-log: folder not found: {args.training_log}")
+    return methods
+
+
+def settings_of(args, methods: list[str]) -> dict:
+    s = {k: getattr(args, k) for k in SETTINGS_KEYS}
+    s["methods"] = methods
+    s["base_model"] = args.base_model or args.model
+    return s
+
+
+def _check_manifest(out_dir: Path, settings: dict, overwrite: bool) -> None:
+    path = out_dir / "eval_manifest.json"
+    if path.is_file() and not overwrite:
+        old = json.loads(path.read_text())
+        for k in sorted(set(old) | set(settings)):
+            if old.get(k) != settings.get(k):
+                raise CllmError(f"{out_dir} holds an eval with {k}={old.get(k)!r}, this one has {settings.get(k)!r}; "
+                                f"use another --out-dir or --overwrite (finished rows are kept until then)")
+    if overwrite:
+        for f in out_dir.glob("rows-*.jsonl"):
+            f.unlink()
+    path.write_text(json.dumps(settings, indent=2) + "\n")
+
+
+def read_rows(out_dir: Path) -> list[dict]:
+    """Every complete row of every rank's file (a torn last line from a kill is ignored)."""
+    rows = []
+    for f in sorted(out_dir.glob("rows-*.jsonl")):
+        for line in f.read_text(encoding="utf-8").splitlines():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+    return rows
+
+
+def _repair(path: Path) -> None:
+    """Cut a half-written last line (the process was killed mid-write) so appends start on a fresh line."""
+    if not path.is_file():
+        return
+    data = path.read_bytes()
+    if data and not data.endswith(b"\n"):
+        path.write_bytes(data[: data.rfind(b"\n") + 1])
+
+
+def finished_prompts(rows: list[dict], all_methods: list[str]) -> set[int]:
+    by_index: dict[int, set] = {}
+    for r in rows:
+        by_index.setdefault(r["index"], set()).add(r["method"])
+    return {i for i, ms in by_index.items() if set(all_methods) <= ms}
+
+
+def run(args) -> None:
+    from tqdm import tqdm
+
+    from cllm import distributed
+    from cllm.commands.decode import _row, decode_batch, load_records
+    from cllm.evaluate import REFERENCE, is_repetitive, score
+    from cllm.metrics import token_logprobs
+    from cllm.models import load_model
+    from cllm.prompts import format_prompt
+
+    methods = validate(args)
+    args.prompt = None  # load_records reads it
+    records = load_records(args)
+    out_dir = Path(args.out_dir)
+    ctx = distributed.setup()
+    try:
+        settings = settings_of(args, methods)
+        if ctx.is_main:
+            out_dir.mkdir(parents=True, exist_ok=True)
+            _check_manifest(out_dir, settings, args.overwrite)
+        if ctx.world_size > 1:
+            import torch.distributed as dist
+
+            dist.barrier()
+        all_methods = [REFERENCE, *methods]
+        done = finished_prompts(read_rows(out_dir), all_methods)
+        todo = [i for i in ctx.shard(list(range(len(records)))) if i not in done]
+
+        device = args.device or ctx.device()
+        model, tok = load_model(args.model, args.dtype, device, adapter=args.adapter)
+        base_spec = args.base_model or args.model
+        if base_spec == args.model and not args.adapter:
+            base = model  # the checkpoint is its own base
+        else:
+            base, _ = load_model(base_spec, args.dtype, device)
+        draft = None
+        if args.draft:
+            from cllm.draft import check_draft_compatible
+
+            draft, draft_tok = load_model(args.draft, args.dtype, device)
+            check_draft_compatible(model, tok, draft, draft_tok)
+        spider_tables = _spider_tables(args, records)
+
+        def run_method(m: str, ids: list[int], seed: int):
+            if m == REFERENCE:
+                return decode_batch("ar", base, tok, [ids], _decode_args(args, greedy_ar=True), [seed])[0]
+            return decode_batch(m, model, tok, [ids], _decode_args(args), [seed], draft)[0]
+
+        if todo and args.warmup:  # untimed
+            warm = format_prompt(tok, records[todo[0]].prompt)
+            short = _decode_args(args)
+            short.max_new_tokens = min(args.max_new_tokens, 2 * args.block_size)
+            for m in all_methods:
+                if m == REFERENCE:
+                    decode_batch("ar", base, tok, [warm], _decode_args(short, greedy_ar=True), [args.seed])
+                else:
+                    decode_batch(m, model, tok, [warm], short, [args.seed], draft)
+
+        rows_path = out_dir / f"rows-rank{ctx.rank}.jsonl"
+        _repair(rows_path)
+        bar = tqdm(total=len(todo), desc=f"eval {'+'.join(all_methods)}", unit="prompt", disable=not ctx.is_main)
+        with open(rows_path, "a", encoding="utf-8") as f:
+            for n_done, i in enumerate(todo):
+                rec = records[i]
+                ids = format_prompt(tok, rec.prompt)
+                k = n_done % len(all_methods)
+                prompt_rows = []
+                for m in all_methods[k:] + all_methods[:k]:  # rotate: no method always runs first
+                    t0, c0 = time.perf_counter(), time.process_time()
+                    res = run_method(m, ids, args.seed + i)
+                    seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
+                    row = _row(i, rec, res)
+                    row.update(method=m, seconds=seconds, cpu_seconds=cpu)
+                    prompt_rows.append(row)
+                for row in prompt_rows:  # untimed quality checks
+                    lp = token_logprobs(base, ids, row["token_ids"])
+                    row["base_logprob_mean"] = sum(lp) / len(lp) if lp else None
+                    row["correct"] = score(rec, row["text"], spider_tables, args.humaneval_timeout)
+                    row["degenerate"] = is_repetitive(row["token_ids"])
+                    f.write(json.dumps(row) + "\n")
+                f.flush()
+                os.fsync(f.fileno())
+                bar.update(1)
+        bar.close()
+        if ctx.world_size > 1:
+            import torch.distributed as dist
+
+            dist.barrier()
+        if ctx.is_main:
+            report = finish(out_dir, settings, all_methods, len(records), args.training_log)
+            from cllm.evaluate import summary_markdown
+
+            print(summary_markdown(report))
+    finally:
+        distributed.teardown(ctx)
+
+
+def _spider_tables(args, records) -> dict:
+    if not any(r.dataset == "spider" for r in records):
+        return {}
+    from cllm.data import default_data_dir
+
+    root = Path(args.data_dir) if args.data_dir else default_data_dir()
+    return {t["db_id"]: t for t in json.loads((root / "spider" / "tables.json").read_text())}
+
+
+def finish(out_dir: Path, settings: dict, all_methods: list[str], n_prompts: int, training_log: str | None) -> dict:
+    """Merge every rank's rows into report.json, summary.md, answers/<method>.jsonl and the plots."""
+    from cllm.evaluate import build_eval_report, summary_markdown, write_plots
+    from cllm.report import answer_line
+
+    rows: dict[str, dict[int, dict]] = {m: {} for m in all_methods}
+    for r in read_rows(out_dir):
+        if r["method"] in rows:
+            rows[r["method"]][r["index"]] = r  # a prompt redone after a kill: the last complete row counts
+    complete = set.intersection(*(set(v) for v in rows.values())) if rows else set()
+    if len(complete) < n_prompts:
+        raise CllmError(f"{out_dir}: only {len(complete)} of {n_prompts} prompts are finished; run the same command "
+                        "again to finish them")
+    by_method = {m: [rows[m][i] for i in sorted(complete)] for m in all_methods}
+    report = build_eval_report(by_method, settings)
+    report["fingerprint"] = hashlib.sha1(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
+    (out_dir / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    (out_dir / "summary.md").write_text(summary_markdown(report))
+    answers = out_dir / "answers"
+    answers.mkdir(exist_ok=True)
+    model_id = Path(str(settings["model"])).name
+    for m, mrows in by_method.items():
+        with open(answers / f"{m}.jsonl", "w", encoding="utf-8") as f:
+            for r in mrows:
+                line = answer_line({**r, "wall_time": r["seconds"]}, f"{model_id}-{m}")
+                f.write(json.dumps(line) + "\n")
+    write_plots(report, out_dir)
+    if training_log:
+        from cllm.plots import plot_training_log
+
+        plot_training_log(training_log, out_dir / "training_loss.png")
+    return report

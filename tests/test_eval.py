@@ -1,0 +1,164 @@
+"""`cllm eval` on tiny saved models: report consistency, quality scoring, plots, resume, torchrun, bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from cllm.cli import main
+from cllm.evaluate import REFERENCE
+from conftest import tiny_model, tiny_tokenizer
+from test_cli import REPO
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def write_scored_prompts(path, n=4):
+    lines = [json.dumps({"prompt": " ".join(f"w{3 + (i * 5 + j) % 60}" for j in range(3 + i)), "id": f"q{i}",
+                         "answer": "#### 17"}) for i in range(n)]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def other_model_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny-base")
+    model = tiny_model(seed=21, dtype=torch.float32, eos_token_id=1)
+    model.generation_config.eos_token_id = 1
+    model.save_pretrained(path)
+    tiny_tokenizer().save_pretrained(path)
+    return path
+
+
+def _eval(model_dir, prompts, out, *extra):
+    return main(["eval", "--model", str(model_dir), "--prompts", str(prompts), "--methods", "ar,jacobi",
+                 "--block-size", "4", "--max-new-tokens", "12", "--dtype", "fp64", "--out-dir", str(out), *extra])
+
+
+def test_eval_report_fields_plots_and_consistency(tiny_model_dir, tmp_path):
+    prompts = write_scored_prompts(tmp_path / "p.jsonl")
+    out = tmp_path / "eval"
+    assert _eval(tiny_model_dir, prompts, out) == 0
+    report = json.loads((out / "report.json").read_text())
+    methods = report["methods"]
+    assert set(methods) == {REFERENCE, "ar", "jacobi"}
+    for name, m in methods.items():
+        assert m["n_prompts"] == 4
+        # the speed-up is the ratio of the two recorded rates, and each rate is tokens / seconds
+        assert m["tokens_per_second"] == pytest.approx(m["new_tokens"] / m["wall_time_s"], rel=1e-3)
+        assert m["speedup_vs_base_ar"] == pytest.approx(m["tokens_per_second"] / methods[REFERENCE]["tokens_per_second"])
+        assert m["accuracy"] == 0.0 and m["n_scored"] == 4  # random words never end in 17
+        assert 0.0 <= m["repeat_rate"] <= 1.0 and m["perplexity_base"] > 1.0
+        assert m["cpu_s_per_token"] > 0 and m["energy_j_per_token"] is None
+        assert sum(int(k) * v for k, v in m["accept_length_hist"].items()) == m["new_tokens"]
+    # lossless: the checkpoint is its own base here, so AR and Jacobi reproduce base AR exactly (fp64)
+    assert methods["jacobi"]["exact_match_base_ar"] == 1.0 and methods["ar"]["exact_match_base_ar"] == 1.0
+    assert methods["jacobi"]["speedup_vs_own_ar"] == pytest.approx(
+        methods["jacobi"]["tokens_per_second"] / methods["ar"]["tokens_per_second"])
+    assert len(report["per_dataset"]) == 1 and len(report["per_category"]) == 1
+    for png in ("accept_lengths.png", "per_dataset.png"):
+        assert (out / png).read_bytes()[:8] == PNG_MAGIC
+    summary = (out / "summary.md").read_text()
+    assert "| jacobi |" in summary and "speed-up" in summary
+    answers = [json.loads(x) for x in (out / "answers" / "jacobi.jsonl").read_text().splitlines()]
+    assert [a["question_id"] for a in answers] == ["q0", "q1", "q2", "q3"]
+
+
+def test_eval_scores_correct_answers(tiny_model_dir, tmp_path):
+    """The reference answer is set to what the model actually says, so every answer scores as right."""
+    probe = tmp_path / "probe"
+    prompts = write_scored_prompts(tmp_path / "p.jsonl", 2)
+    assert _eval(tiny_model_dir, prompts, probe) == 0
+    texts = [json.loads(x)["choices"][0]["turns"][0] for x in (probe / "answers" / "ar.jsonl").read_text().splitlines()]
+    lines = [json.loads(x) for x in prompts.read_text().splitlines()]
+    for line, text in zip(lines, texts):
+        line["answer"] = text
+    prompts.write_text("\n".join(json.dumps(x) for x in lines) + "\n")
+    assert _eval(tiny_model_dir, prompts, tmp_path / "again") == 0
+    report = json.loads((tmp_path / "again" / "report.json").read_text())
+    assert report["methods"]["ar"]["accuracy"] == 1.0 and report["methods"]["jacobi"]["accuracy"] == 1.0
+
+
+def test_eval_resume_skips_finished_prompts(tiny_model_dir, tmp_path):
+    prompts = write_scored_prompts(tmp_path / "p.jsonl", 3)
+    out = tmp_path / "eval"
+    assert _eval(tiny_model_dir, prompts, out) == 0
+    rows_path = out / "rows-rank0.jsonl"
+    rows = [json.loads(x) for x in rows_path.read_text().splitlines()]
+    assert len(rows) == 9
+    # Simulate a kill during prompt 2: its rows are gone and a half-written line is left.
+    kept = [r for r in rows if r["index"] != 2]
+    rows_path.write_text("".join(json.dumps(r) + "\n" for r in kept) + '{"index": 2, "meth')
+    assert _eval(tiny_model_dir, prompts, out) == 0
+    after = [json.loads(x) for x in rows_path.read_text().splitlines()]
+    assert after[: len(kept)] == kept  # finished prompts untouched (their timings included)
+    assert sorted(r["index"] for r in after[len(kept):]) == [2, 2, 2]
+    # A finished eval run again decodes nothing.
+    assert _eval(tiny_model_dir, prompts, out) == 0
+    assert len(rows_path.read_text().splitlines()) == 9
+
+
+def test_eval_against_another_base_model(tiny_model_dir, other_model_dir, tmp_path):
+    prompts = write_scored_prompts(tmp_path / "p.jsonl", 3)
+    out = tmp_path / "eval"
+    assert _eval(tiny_model_dir, prompts, out, "--base-model", str(other_model_dir)) == 0
+    report = json.loads((out / "report.json").read_text())
+    m = report["methods"]
+    assert report["settings"]["base_model"] == str(other_model_dir)
+    assert m["ar"]["exact_match_base_ar"] < 1.0  # another model answers differently
+    assert m["jacobi"]["tokens_per_second"] / m[REFERENCE]["tokens_per_second"] == pytest.approx(
+        m["jacobi"]["speedup_vs_base_ar"])
+
+
+def test_eval_bad_input(tiny_model_dir, tmp_path, capsys):
+    prompts = write_scored_prompts(tmp_path / "p.jsonl", 2)
+    out = tmp_path / "eval"
+    assert _eval(tiny_model_dir, prompts, out) == 0
+    capsys.readouterr()
+    # Another setting into the same folder: refused, rows kept.
+    assert _eval(tiny_model_dir, prompts, out, "--block-size", "8") == 2
+    assert "block_size" in capsys.readouterr().err and (out / "rows-rank0.jsonl").is_file()
+    assert main(["eval", "--model", str(tiny_model_dir), "--prompts", str(prompts), "--methods", "ar,beam",
+                 "--out-dir", str(tmp_path / "x")]) == 2
+    assert "unknown method 'beam'" in capsys.readouterr().err
+    assert main(["eval", "--model", str(tiny_model_dir), "--prompts", str(prompts), "--methods", "sps",
+                 "--out-dir", str(tmp_path / "x")]) == 2
+    assert "--draft" in capsys.readouterr().err
+
+
+def test_eval_training_log_plot(tiny_model_dir, tmp_path):
+    log_dir = tmp_path / "train"
+    log_dir.mkdir()
+    (log_dir / "log_history.json").write_text(json.dumps(
+        [{"step": s, "loss": 5.0 / s, "loss/ar": 0.3 / s, "loss/consistency": 2.0 / s} for s in range(1, 6)]))
+    prompts = write_scored_prompts(tmp_path / "p.jsonl", 1)
+    assert _eval(tiny_model_dir, prompts, tmp_path / "eval", "--training-log", str(log_dir)) == 0
+    assert (tmp_path / "eval" / "training_loss.png").read_bytes()[:8] == PNG_MAGIC
+
+
+def test_eval_torchrun_two_ranks_equal_one_process(tiny_model_dir, tmp_path):
+    prompts = write_scored_prompts(tmp_path / "p.jsonl", 4)
+    assert _eval(tiny_model_dir, prompts, tmp_path / "one", "--warmup", "0") == 0
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29523",
+         str(REPO / "decode" / "evaluate.py"), "--model", str(tiny_model_dir), "--prompts", str(prompts),
+         "--methods", "ar,jacobi", "--block-size", "4", "--max-new-tokens", "12", "--dtype", "fp64",
+         "--warmup", "0", "--out-dir", str(tmp_path / "two")],
+        capture_output=True, text=True, env=env, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    ranks = {f.name: {json.loads(x)["index"] for x in f.read_text().splitlines()}
+             for f in (tmp_path / "two").glob("rows-rank*.jsonl")}
+    assert set(ranks) == {"rows-rank0.jsonl", "rows-rank1.jsonl"}
+    assert ranks["rows-rank0.jsonl"].isdisjoint(ranks["rows-rank1.jsonl"])
+    assert ranks["rows-rank0.jsonl"] | ranks["rows-rank1.jsonl"] == {0, 1, 2, 3}
+    for m in ("ar", "jacobi"):
+        one = (tmp_path / "one" / "answers" / f"{m}.jsonl").read_text().splitlines()
+        two = (tmp_path / "two" / "answers" / f"{m}.jsonl").read_text().splitlines()
+        assert [json.loads(x)["choices"][0]["turns"] for x in one] == [json.loads(x)["choices"][0]["turns"] for x in two]
