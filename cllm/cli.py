@@ -12,6 +12,7 @@ SUBCOMMANDS = {
     "decode": ("cllm.commands.decode", "decode prompts with AR or Jacobi decoding and compare them"),
     "eval": ("cllm.commands.eval", "evaluate a checkpoint: speed-up vs the base model's AR, quality, plots"),
     "gen": ("cllm.commands.gen", "collect Jacobi trajectories (resumable, sharded, batched)"),
+    "pipeline": ("cllm.commands.pipeline", "trajectories -> training -> base-vs-trained evaluation, one config"),
     "train": ("cllm.commands.train", "train a consistency LLM on Jacobi trajectories (CLLM objective)"),
     "train-draft": ("cllm.commands.draft", "cut a small draft out of the target and distil it (for SpS / MTAD)"),
 }

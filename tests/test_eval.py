@@ -115,6 +115,16 @@ def test_eval_against_another_base_model(tiny_model_dir, other_model_dir, tmp_pa
         m["jacobi"]["speedup_vs_base_ar"])
 
 
+def test_eval_base_methods_give_base_vs_trained_rows(tiny_model_dir, other_model_dir, tmp_path):
+    prompts = write_scored_prompts(tmp_path / "p.jsonl", 2)
+    out = tmp_path / "eval"
+    assert _eval(tiny_model_dir, prompts, out, "--base-model", str(other_model_dir), "--base-methods", "jacobi") == 0
+    m = json.loads((out / "report.json").read_text())["methods"]
+    assert list(m) == [REFERENCE, "base_jacobi", "ar", "jacobi"]
+    assert m["base_jacobi"]["exact_match_base_ar"] == 1.0  # Jacobi on the base reproduces the base's AR (fp64)
+    assert m["jacobi"]["exact_match_base_ar"] < 1.0
+
+
 def test_eval_bad_input(tiny_model_dir, tmp_path, capsys):
     prompts = write_scored_prompts(tmp_path / "p.jsonl", 2)
     out = tmp_path / "eval"

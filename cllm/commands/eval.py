@@ -16,8 +16,9 @@ import time
 from pathlib import Path
 
 from cllm.errors import CllmError
+from cllm.evaluate import REFERENCE
 
-SETTINGS_KEYS = ("model", "adapter", "base_model", "methods", "dataset", "prompts", "prompt_field", "split", "limit",
+SETTINGS_KEYS = ("model", "adapter", "base_model", "methods", "base_methods", "dataset", "prompts", "prompt_field", "split", "limit",
                  "offset", "spread", "block_size", "max_new_tokens", "init", "dtype", "temperature", "top_k", "top_p",
                  "seed", "draft", "gamma", "adaptive_gamma", "beam_width", "tau", "beam_replacement")
 
@@ -31,6 +32,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "the adapter); AR greedy of it runs as base_ar")
     p.add_argument("--methods", default="ar,jacobi", help=f"comma-separated, from {', '.join(METHODS)} "
                    "(default: %(default)s)")
+    p.add_argument("--base-methods", default="", help="also run these methods on the base model (as base_<method>), "
+                   "e.g. jacobi for a base-vs-trained table in one run")
     src = p.add_argument_group("prompts (one of)")
     src.add_argument("--dataset", default=None, help="dataset name(s), comma-separated (gsm8k, spider, humaneval, ...)")
     src.add_argument("--prompts", default=None, metavar="FILE.jsonl", help="JSONL prompts; an `answer` field is scored")
@@ -72,20 +75,29 @@ def _decode_args(args, greedy_ar: bool = False) -> argparse.Namespace:
     return ns
 
 
-def method_names(args) -> list[str]:
-    from cllm.commands.decode import DRAFT_METHODS, METHODS
+def _parse_methods(flag: str, value: str) -> list[str]:
+    from cllm.commands.decode import METHODS
 
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    if not methods:
-        raise CllmError("--methods is empty")
+    methods = [m.strip() for m in value.split(",") if m.strip()]
     for m in methods:
         if m not in METHODS:
-            raise CllmError(f"--methods: unknown method {m!r}; choose from {', '.join(METHODS)}")
+            raise CllmError(f"{flag}: unknown method {m!r}; choose from {', '.join(METHODS)}")
     if len(set(methods)) != len(methods):
-        raise CllmError(f"--methods lists a method twice: {args.methods}")
-    if any(m in DRAFT_METHODS for m in methods) and not args.draft:
-        raise CllmError("sps/mtad need --draft MODEL")
+        raise CllmError(f"{flag} lists a method twice: {value}")
     return methods
+
+
+def method_names(args) -> list[str]:
+    """Every method of the run: base_ar (the reference), base_<m> for --base-methods, then --methods."""
+    from cllm.commands.decode import DRAFT_METHODS
+
+    methods = _parse_methods("--methods", args.methods)
+    if not methods:
+        raise CllmError("--methods is empty")
+    base_methods = [m for m in _parse_methods("--base-methods", args.base_methods or "") if m != "ar"]
+    if any(m in DRAFT_METHODS for m in methods + base_methods) and not args.draft:
+        raise CllmError("sps/mtad need --draft MODEL")
+    return [REFERENCE, *[f"base_{m}" for m in base_methods], *methods]
 
 
 def validate(args) -> list[str]:
@@ -114,7 +126,7 @@ def validate(args) -> list[str]:
 
 def settings_of(args, methods: list[str]) -> dict:
     s = {k: getattr(args, k) for k in SETTINGS_KEYS}
-    s["methods"] = methods
+    s["methods"] = methods  # the resolved list, base_ar and base_<m> included
     s["base_model"] = args.base_model or args.model
     return s
 
@@ -166,7 +178,7 @@ def run(args) -> None:
 
     from cllm import distributed
     from cllm.commands.decode import _row, decode_batch, load_records
-    from cllm.evaluate import REFERENCE, is_repetitive, score
+    from cllm.evaluate import is_repetitive, score
     from cllm.metrics import token_logprobs
     from cllm.models import load_model
     from cllm.prompts import format_prompt
@@ -185,7 +197,7 @@ def run(args) -> None:
             import torch.distributed as dist
 
             dist.barrier()
-        all_methods = [REFERENCE, *methods]
+        all_methods = methods
         done = finished_prompts(read_rows(out_dir), all_methods)
         todo = [i for i in ctx.shard(list(range(len(records)))) if i not in done]
 
@@ -204,20 +216,20 @@ def run(args) -> None:
             check_draft_compatible(model, tok, draft, draft_tok)
         spider_tables = _spider_tables(args, records)
 
-        def run_method(m: str, ids: list[int], seed: int):
-            if m == REFERENCE:
-                return decode_batch("ar", base, tok, [ids], _decode_args(args, greedy_ar=True), [seed])[0]
-            return decode_batch(m, model, tok, [ids], _decode_args(args), [seed], draft)[0]
+        def run_method(m: str, ids: list[int], seed: int, opts=args):
+            if m.startswith("base_"):  # the base model; its AR is greedy (the reference)
+                inner = m[len("base_"):]
+                return decode_batch(inner, base, tok, [ids], _decode_args(opts, greedy_ar=inner == "ar"), [seed],
+                                    draft)[0]
+            return decode_batch(m, model, tok, [ids], _decode_args(opts), [seed], draft)[0]
 
         if todo and args.warmup:  # untimed
             warm = format_prompt(tok, records[todo[0]].prompt)
-            short = _decode_args(args)
+            short = argparse.Namespace(**vars(args))
             short.max_new_tokens = min(args.max_new_tokens, 2 * args.block_size)
-            for m in all_methods:
-                if m == REFERENCE:
-                    decode_batch("ar", base, tok, [warm], _decode_args(short, greedy_ar=True), [args.seed])
-                else:
-                    decode_batch(m, model, tok, [warm], short, [args.seed], draft)
+            for _ in range(args.warmup):
+                for m in all_methods:
+                    run_method(m, warm, args.seed, short)
 
         rows_path = out_dir / f"rows-rank{ctx.rank}.jsonl"
         _repair(rows_path)

@@ -1,0 +1,91 @@
+"""`cllm pipeline`: trajectories -> CLLM training -> evaluation of base vs trained, driven by one YAML, resumable.
+
+Each stage resumes on its own: `cllm gen` from its commit log, training from its last checkpoint (and is skipped
+once the final model is saved), `cllm eval` from its per-prompt rows. Run the same command again after a kill.
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+from pathlib import Path
+
+from cllm import config
+from cllm.config import opt
+from cllm.errors import CllmError
+
+
+@dataclass
+class PipelineConfig:
+    model: str = opt("smollm2-135m", "base model of every stage")
+    out_dir: str | None = opt(None, "folder of the stages: trajectories/, train/, eval/")
+    gen: dict = opt({}, "`cllm gen` options (GenConfig keys; model and out are set here)")
+    train: dict = opt({}, "`cllm train` options (TrainConfig keys; model, data, output_dir and resume are set here)")
+    eval: dict = opt({}, "`cllm eval` options (flag names with _; model, base_model, out_dir, training_log set here)")
+
+    def validate(self) -> None:
+        if not self.out_dir:
+            raise CllmError("--out-dir is required")
+        for section, owned in (("gen", ("model", "out")), ("train", ("model", "data", "output_dir", "resume")),
+                               ("eval", ("model", "base_model", "out_dir", "training_log"))):
+            for key in getattr(self, section):
+                if key in owned:
+                    raise CllmError(f"pipeline {section}.{key} is set by the pipeline itself; remove it")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    config.add_arguments(p, PipelineConfig)
+
+
+def run(args) -> None:
+    cfg = config.resolve(PipelineConfig, {k: v for k, v in vars(args).items() if k != "command"})
+    print(run_pipeline(cfg))
+
+
+def _eval_argv(options: dict) -> list[str]:
+    """`cllm eval` flags from a mapping (true booleans become bare flags); unknown keys are errors naming the key."""
+    from cllm.commands import eval as eval_cmd
+
+    argv = []
+    for key, value in options.items():
+        flag = "--" + key.replace("_", "-")
+        if value is True:
+            argv.append(flag)
+        elif value is not None and value is not False:
+            argv += [flag, str(value)]
+    parser = argparse.ArgumentParser(prog="cllm pipeline eval", add_help=False)
+    eval_cmd.add_arguments(parser)
+    _, unknown = parser.parse_known_args(argv)
+    if unknown:
+        raise CllmError(f"pipeline eval: unknown option(s) {' '.join(u for u in unknown if u.startswith('--'))}")
+    return argv
+
+
+def run_pipeline(cfg: PipelineConfig) -> str:
+    from cllm.cli import main as cli_main
+    from cllm.commands.gen import generate
+    from cllm.commands.train import TrainConfig, train
+    from cllm.trajectories import GenConfig
+
+    out = Path(cfg.out_dir)
+    gen_dir, train_dir, eval_dir = out / "trajectories", out / "train", out / "eval"
+    eval_argv = _eval_argv(cfg.eval)  # checked before hours of work, not after
+
+    print(f"[cllm pipeline] 1/3 trajectories -> {gen_dir}", flush=True)
+    generate(config.resolve(GenConfig, {**cfg.gen, "model": cfg.model, "out": str(gen_dir)}))
+
+    print(f"[cllm pipeline] 2/3 training -> {train_dir}", flush=True)
+    if (train_dir / "cllm_train.json").is_file():
+        print("[cllm pipeline] training already finished, skipped", flush=True)
+    else:
+        train(config.resolve(TrainConfig, {**cfg.train, "model": cfg.model, "data": [str(gen_dir)],
+                                           "output_dir": str(train_dir), "resume": True}))
+
+    print(f"[cllm pipeline] 3/3 evaluation -> {eval_dir}", flush=True)
+    code = cli_main(["eval", "--model", str(train_dir), "--base-model", cfg.model, "--out-dir", str(eval_dir),
+                     "--training-log", str(train_dir), *eval_argv])
+    if code != 0:
+        raise CllmError(f"the evaluation stage failed (exit {code}); fix the cause and run the same command again")
+    summary = (eval_dir / "summary.md").read_text()
+    (out / "summary.md").write_text(summary)
+    return summary

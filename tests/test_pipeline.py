@@ -1,0 +1,48 @@
+"""`cllm pipeline` end to end on a tiny model: gen -> train -> eval, then a rerun that only resumes."""
+
+from __future__ import annotations
+
+import json
+
+import yaml
+
+from cllm.cli import main
+from test_eval import write_scored_prompts
+
+
+def test_pipeline_runs_end_to_end_and_resumes(tiny_model_dir, tmp_path, capsys):
+    prompts = write_scored_prompts(tmp_path / "p.jsonl", 4)
+    cfg = {
+        "model": str(tiny_model_dir),
+        "out_dir": str(tmp_path / "run"),
+        "gen": {"prompts": str(prompts), "limit": 4, "block_size": 4, "max_new_tokens": 16, "batch_size": 2},
+        "train": {"block_size": 4, "max_steps": 3, "logging_steps": 1, "save_steps": 2, "learning_rate": 1e-3},
+        "eval": {"prompts": str(prompts), "limit": 2, "methods": "ar,jacobi", "base_methods": "jacobi",
+                 "block_size": 4, "max_new_tokens": 12, "dtype": "fp32", "warmup": 0},
+    }
+    path = tmp_path / "pipe.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    assert main(["pipeline", "--config", str(path)]) == 0
+    run = tmp_path / "run"
+    report = json.loads((run / "eval" / "report.json").read_text())
+    assert list(report["methods"]) == ["base_ar", "base_jacobi", "ar", "jacobi"]
+    assert report["settings"]["base_model"] == str(tiny_model_dir)
+    assert (run / "train" / "cllm_train.json").is_file() and (run / "eval" / "training_loss.png").is_file()
+    assert "| base_jacobi |" in (run / "summary.md").read_text()
+    rows_before = (run / "eval" / "rows-rank0.jsonl").read_text()
+    capsys.readouterr()
+    # A rerun resumes every stage: nothing is trained or decoded again.
+    assert main(["pipeline", "--config", str(path)]) == 0
+    assert "training already finished, skipped" in capsys.readouterr().out
+    assert (run / "eval" / "rows-rank0.jsonl").read_text() == rows_before
+
+
+def test_pipeline_rejects_unknown_and_owned_keys(tiny_model_dir, tmp_path, capsys):
+    base = {"model": str(tiny_model_dir), "out_dir": str(tmp_path / "run")}
+    for extra, message in [({"eval": {"metods": "ar"}}, "unknown option(s) --metods"),
+                           ({"train": {"output_dir": "x"}}, "train.output_dir is set by the pipeline"),
+                           ({"evaluation": {}}, "unknown key 'evaluation'")]:
+        path = tmp_path / "bad.yaml"
+        path.write_text(yaml.safe_dump({**base, **extra}))
+        assert main(["pipeline", "--config", str(path)]) == 2
+        assert message in capsys.readouterr().err
