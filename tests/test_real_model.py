@@ -47,3 +47,20 @@ def test_jacobi_equals_ar_equals_generate_on_gsm8k(smollm):
         assert ar.token_ids == gen
         assert jac.token_ids == gen
         assert jac.n_forwards <= ar.n_forwards
+
+
+def test_sps_and_mtad_with_a_cut_draft_of_smollm(smollm):
+    """A 3-layer draft cut out of SmolLM2 (untrained): greedy SpS reproduces AR exactly in fp32, and MTAD with the
+    target as its own draft accepts every drafted token (cache handling on a real tied-embedding model)."""
+    from cllm.decoding import mtad_decode, speculative_decode
+    from cllm.draft import build_draft, check_draft_compatible, spread_layers
+
+    model, tok, _ = smollm
+    draft = build_draft(model, spread_layers(model.config.num_hidden_layers, 3))
+    check_draft_compatible(model, tok, draft, tok)
+    ids = format_prompt(tok, load_dataset_prompts("gsm8k", "test", limit=1)[0].prompt)
+    ar = ar_decode(model, tok, ids, 24)
+    sps = speculative_decode(model, draft, tok, ids, 24, gamma=3)
+    assert sps.token_ids == ar.token_ids
+    mt = mtad_decode(model, model, tok, ids, 20, gamma=4, beam_width=2, tau=0.5, temperature=1.0, top_k=10, seed=0)
+    assert mt.extra["accepted"] == mt.extra["drafted"] and len(mt.token_ids) == 20
