@@ -18,6 +18,7 @@ from transformers import Trainer
 
 from cllm.errors import CllmError
 from cllm.losses import consistency_loss
+from cllm.trainer import flush_metrics
 
 
 def check_draft_compatible(target, target_tokenizer, draft, draft_tokenizer) -> None:
@@ -179,8 +180,5 @@ class DistillTrainer(Trainer):
         return (loss, out) if return_outputs else loss
 
     def log(self, logs: dict, start_time: float | None = None) -> None:
-        if self._metrics and "loss" in logs:
-            for k, v in self._metrics.items():
-                logs[k] = round(sum(v) / len(v), 5)
-            self._metrics.clear()
+        flush_metrics(self._metrics, logs)
         super().log(logs, start_time)

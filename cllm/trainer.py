@@ -27,6 +27,14 @@ class LossSettings:
     label_smoothing: float = 0.0
 
 
+def flush_metrics(metrics: dict[str, list[float]], logs: dict) -> None:
+    """At a logging step (the one carrying `loss`), add the mean of each metric gathered since the last one."""
+    if metrics and "loss" in logs:
+        for k, v in metrics.items():
+            logs[k] = round(sum(v) / len(v), 5)
+        metrics.clear()
+
+
 class CllmTrainer(Trainer):
     def __init__(self, *args, loss_settings: LossSettings | None = None, jacobi_probe=None, **kwargs):
         super().__init__(*args, **kwargs)
@@ -81,10 +89,7 @@ class CllmTrainer(Trainer):
         return (loss, out) if return_outputs else loss
 
     def log(self, logs: dict, start_time: float | None = None) -> None:
-        if self._metrics and "loss" in logs:
-            for k, v in self._metrics.items():
-                logs[k] = round(sum(v) / len(v), 5)
-            self._metrics.clear()
+        flush_metrics(self._metrics, logs)
         if self.jacobi_probe is not None and "loss" in logs:
             logs.update(self.jacobi_probe(self.model, self.state.global_step))
         super().log(logs, start_time)

@@ -205,3 +205,55 @@ def finish(generated: list[int], new: list[int], stop: set[int], max_new_tokens:
             return taken, "length"
     generated.extend(taken)
     return taken, None
+
+
+class DraftVerifyRun:
+    """The state of one prompt under a draft-then-verify decoder (SpS, MTAD): both KV caches, the committed
+    sequence, the random generator, and the statistics; `commit` applies one verified round."""
+
+    def __init__(self, target, draft, tokenizer, prompt: list[int], max_new_tokens: int, seed, eos_token_id=None):
+        import time
+
+        self.t_cache, self.d_cache = SeqCache(target), SeqCache(draft)
+        self.tokenizer = tokenizer
+        self.seq = list(prompt)
+        self.generated: list[int] = []
+        self.accept_lengths: list[int] = []
+        self.stats = {"iterations": 0, "drafted": 0, "accepted": 0, "draft_forwards": 0}
+        self.reason: str | None = None
+        self.max_new_tokens = max_new_tokens
+        seed = seed[0] if isinstance(seed, list) else seed
+        self.gen = torch.Generator(device=self.t_cache.device).manual_seed(int(seed))
+        self.stop = eos_ids(target, tokenizer, eos_token_id)
+        self.t0 = time.perf_counter()
+
+    def draft_length(self, gamma: int) -> int:
+        """Never draft past the length cap (0 when only one token is left: a plain target step)."""
+        return min(gamma, self.max_new_tokens - len(self.generated) - 1)
+
+    def commit(self, draft_ids: list[int], n_accepted: int, next_id: int) -> None:
+        """Keep the first n_accepted drafts and the target's token; crop both caches to the accepted prefix."""
+        base = len(self.seq)
+        taken, self.reason = finish(self.generated, draft_ids[:n_accepted] + [next_id], self.stop,
+                                    self.max_new_tokens)
+        self.seq += taken
+        self.t_cache.crop(base + n_accepted)  # the target holds seq + all drafts; the draft seq + all but the last
+        self.d_cache.crop(base + n_accepted)
+        self.accept_lengths.append(len(taken))
+        self.stats["iterations"] += 1
+        self.stats["drafted"] += len(draft_ids)
+        self.stats["draft_forwards"] += len(draft_ids)
+        self.stats["accepted"] += min(n_accepted, len(taken))
+
+    def result(self) -> DecodeResult:
+        import time
+
+        return DecodeResult(
+            token_ids=self.generated,
+            text=self.tokenizer.decode(self.generated, skip_special_tokens=True) if self.tokenizer else "",
+            n_forwards=self.stats["iterations"],
+            accept_lengths=self.accept_lengths,
+            finish_reason=self.reason,
+            wall_time_s=time.perf_counter() - self.t0,
+            extra=self.stats,
+        )

@@ -17,12 +17,11 @@ tau -> infinity never accepts (plain target sampling); B = 1 is ancestral drafti
 from __future__ import annotations
 
 import math
-import time
 from dataclasses import dataclass
 
 import torch
 
-from cllm.decoding.common import DecodeResult, SeqCache, check_lengths, eos_ids, finish, single_prompt
+from cllm.decoding.common import DecodeResult, DraftVerifyRun, SeqCache, check_lengths, single_prompt
 from cllm.decoding.sampling import check_sampling_args, warp_logits
 from cllm.decoding.speculative import check_draft_args
 from cllm.errors import CllmError
@@ -120,48 +119,20 @@ def mtad_decode(
     check_draft_args(gamma)
     check_mtad_args(tau, beam_width, temperature)
     check_sampling_args(temperature, top_k, top_p)
-    seed = seed[0] if isinstance(seed, list) else seed
-    device = next(target.parameters()).device
-    gen = torch.Generator(device=device).manual_seed(int(seed))
-    stop = eos_ids(target, tokenizer, eos_token_id)
 
     def warp(logits):  # both models warped identically
         return warp_logits(logits, temperature, top_k, top_p)
 
-    t0 = time.perf_counter()
-    t_cache, d_cache = SeqCache(target), SeqCache(draft)
-    seq = list(prompt)
-    generated: list[int] = []
-    accept_lengths: list[int] = []
-    stats = {"iterations": 0, "drafted": 0, "accepted": 0, "draft_forwards": 0}
-    reason = None
-    while reason is None:
-        g = min(gamma, max_new_tokens - len(generated) - 1)  # never draft past the length cap
-        base = len(seq)
+    run = DraftVerifyRun(target, draft, tokenizer, prompt, max_new_tokens, seed, eos_token_id)
+    while run.reason is None:
+        g = run.draft_length(gamma)
         if g > 0:
-            beam = beam_draft(d_cache, seq[d_cache.n :], g, beam_width, warp, gen, replacement)
-            stats["draft_forwards"] += g
+            beam = beam_draft(run.d_cache, run.seq[run.d_cache.n :], g, beam_width, warp, run.gen, replacement)
         else:
             beam = BeamDraft([], [], 1.0)
-        t_logp = warp(t_cache.forward(seq[t_cache.n :] + beam.tokens)[-(g + 1) :]).log_softmax(-1)  # (g + 1, V)
+        t_logp = warp(run.t_cache.forward(run.seq[run.t_cache.n :] + beam.tokens)[-(g + 1) :]).log_softmax(-1)
         drafted_logp = t_logp[torch.arange(g), torch.tensor(beam.tokens, dtype=torch.long)] if g else t_logp[:0, 0]
-        n = mtad_accept(drafted_logp, beam.logq, tau)
-        nxt = int(torch.multinomial(t_logp[n].exp(), 1, generator=gen))
-        taken, reason = finish(generated, beam.tokens[:n] + [nxt], stop, max_new_tokens)
-        seq += taken
-        t_cache.crop(base + n)
-        d_cache.crop(base + n)
-        accept_lengths.append(len(taken))
-        stats["iterations"] += 1
-        stats["drafted"] += g
-        stats["accepted"] += min(n, len(taken))
-    result = DecodeResult(
-        token_ids=generated,
-        text=tokenizer.decode(generated, skip_special_tokens=True) if tokenizer else "",
-        n_forwards=stats["iterations"],
-        accept_lengths=accept_lengths,
-        finish_reason=reason,
-        wall_time_s=time.perf_counter() - t0,
-        extra=stats,
-    )
+        n = mtad_accept(drafted_logp, beam.logq, tau)  # (g + 1, V) above; n in 0..g
+        run.commit(beam.tokens, n, int(torch.multinomial(t_logp[n].exp(), 1, generator=run.gen)))
+    result = run.result()
     return result if single else [result]

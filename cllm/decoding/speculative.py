@@ -12,11 +12,9 @@ Both KV caches are cropped to the accepted prefix. Batch size 1.
 
 from __future__ import annotations
 
-import time
-
 import torch
 
-from cllm.decoding.common import DecodeResult, SeqCache, check_lengths, eos_ids, finish, single_prompt
+from cllm.decoding.common import DecodeResult, DraftVerifyRun, SeqCache, check_lengths, single_prompt
 from cllm.decoding.sampling import check_sampling_args, warp_logits
 from cllm.errors import CllmError
 
@@ -78,56 +76,29 @@ def speculative_decode(
     check_lengths(max_new_tokens)
     check_draft_args(gamma)
     check_sampling_args(temperature, top_k, top_p)
-    seed = seed[0] if isinstance(seed, list) else seed
     greedy = temperature == 0
-    device = next(target.parameters()).device
-    gen = torch.Generator(device=device).manual_seed(int(seed))
-    stop = eos_ids(target, tokenizer, eos_token_id)
 
     def warp(logits):  # both models warped identically
         return warp_logits(logits, temperature, top_k, top_p)
 
-    t0 = time.perf_counter()
-    t_cache, d_cache = SeqCache(target), SeqCache(draft)
-    seq = list(prompt)
-    generated: list[int] = []
-    accept_lengths: list[int] = []
-    stats = {"iterations": 0, "drafted": 0, "accepted": 0, "draft_forwards": 0}
-    reason = None
+    run = DraftVerifyRun(target, draft, tokenizer, prompt, max_new_tokens, seed, eos_token_id)
     g_cur = gamma
-    while reason is None:
-        g = min(g_cur, max_new_tokens - len(generated) - 1)  # never draft past the length cap
-        draft_ids, q_rows = propose(d_cache, seq, g, warp, greedy, gen)
-        stats["draft_forwards"] += g
-        base = len(seq)
-        t_logits = t_cache.forward(seq[t_cache.n :] + draft_ids)[-(g + 1) :]  # (g + 1, V)
+    while run.reason is None:
+        g = run.draft_length(g_cur)
+        draft_ids, q_rows = propose(run.d_cache, run.seq, g, warp, greedy, run.gen)
+        t_logits = run.t_cache.forward(run.seq[run.t_cache.n :] + draft_ids)[-(g + 1) :]  # (g + 1, V)
         if greedy:
             n, nxt = greedy_verify(draft_ids, t_logits.argmax(-1).tolist())
         else:
             p_probs = warp(t_logits).softmax(-1)  # (g + 1, V)
             q_probs = torch.stack(q_rows) if q_rows else p_probs[:0]  # (g, V)
-            uniforms = torch.rand(g, generator=gen, device=device)
+            uniforms = torch.rand(g, generator=run.gen, device=p_probs.device)
             n, dist = sps_verify(draft_ids, q_probs, p_probs, uniforms)
-            nxt = int(torch.multinomial(dist, 1, generator=gen))
-        taken, reason = finish(generated, draft_ids[:n] + [nxt], stop, max_new_tokens)
-        seq += taken
-        t_cache.crop(base + n)  # the target holds seq + all g drafts; keep the accepted ones
-        d_cache.crop(base + n)
-        accept_lengths.append(len(taken))
-        stats["iterations"] += 1
-        stats["drafted"] += g
-        stats["accepted"] += min(n, len(taken))
+            nxt = int(torch.multinomial(dist, 1, generator=run.gen))
+        run.commit(draft_ids, n, nxt)
         if adaptive_gamma and g > 0:
             g_cur = next_gamma(g_cur, n, g)
-    result = DecodeResult(
-        token_ids=generated,
-        text=tokenizer.decode(generated, skip_special_tokens=True) if tokenizer else "",
-        n_forwards=stats["iterations"],
-        accept_lengths=accept_lengths,
-        finish_reason=reason,
-        wall_time_s=time.perf_counter() - t0,
-        extra=stats,
-    )
+    result = run.result()
     return result if single else [result]
 
 
