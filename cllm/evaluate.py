@@ -11,7 +11,7 @@ import math
 from collections import Counter
 from pathlib import Path
 
-from cllm.quality import (extract_number, gsm8k_correct, humaneval_program, is_degenerate, run_python,
+from cllm.quality import (extract_number, gsm8k_correct, humaneval_program, run_python,
                           spider_exact_match)
 
 REFERENCE = "base_ar"
@@ -37,10 +37,6 @@ def score(rec, text: str, spider_tables: dict | None = None, timeout: float = 10
     if extract_number(rec.answer) is not None:
         return extract_number(text) == extract_number(rec.answer)
     return " ".join(text.split()).lower() == " ".join(rec.answer.split()).lower()
-
-
-def is_repetitive(token_ids: list[int]) -> bool:
-    return is_degenerate(token_ids)
 
 
 def _mean(xs):

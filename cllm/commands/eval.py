@@ -178,7 +178,8 @@ def run(args) -> None:
 
     from cllm import distributed
     from cllm.commands.decode import _row, decode_batch, load_records
-    from cllm.evaluate import is_repetitive, score
+    from cllm.evaluate import score
+    from cllm.quality import is_degenerate
     from cllm.metrics import token_logprobs
     from cllm.models import load_model
     from cllm.prompts import format_prompt
@@ -251,7 +252,7 @@ def run(args) -> None:
                     lp = token_logprobs(base, ids, row["token_ids"])
                     row["base_logprob_mean"] = sum(lp) / len(lp) if lp else None
                     row["correct"] = score(rec, row["text"], spider_tables, args.humaneval_timeout)
-                    row["degenerate"] = is_repetitive(row["token_ids"])
+                    row["degenerate"] = is_degenerate(row["token_ids"])
                     f.write(json.dumps(row) + "\n")
                 f.flush()
                 os.fsync(f.fileno())
