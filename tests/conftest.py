@@ -52,12 +52,16 @@ def random_prompt(gen: torch.Generator, length: int) -> list[int]:
     return torch.randint(3, VOCAB, (length,), generator=gen).tolist()
 
 
+def save_tiny_model(path, seed: int, tokenizer=None, **overrides):
+    """Save a tiny fp32 model (eos = 1) with a tokenizer into `path`, loadable by `--model DIR`; returns path."""
+    model = tiny_model(seed=seed, dtype=torch.float32, eos_token_id=1, **overrides)
+    model.generation_config.eos_token_id = 1
+    model.save_pretrained(path)
+    (tokenizer or tiny_tokenizer()).save_pretrained(path)
+    return path
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):
     """A saved tiny model folder with tokenizer (fp32), loadable by `cllm decode --model DIR`; eos = 1."""
-    path = tmp_path_factory.mktemp("tiny-llama")
-    model = tiny_model(seed=1, dtype=torch.float32, eos_token_id=1)
-    model.generation_config.eos_token_id = 1
-    model.save_pretrained(path)
-    tiny_tokenizer().save_pretrained(path)
-    return path
+    return save_tiny_model(tmp_path_factory.mktemp("tiny-llama"), seed=1)

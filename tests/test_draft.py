@@ -16,7 +16,7 @@ from cllm.draft import build_draft, check_draft_compatible, spread_layers
 from cllm.energy import EnergyMeter
 from cllm.errors import CllmError
 from cllm.metrics import perplexity, token_logprobs
-from conftest import VOCAB, tiny_model, tiny_tokenizer
+from conftest import VOCAB, save_tiny_model, tiny_model, tiny_tokenizer
 from test_cli import write_prompts
 
 
@@ -32,11 +32,8 @@ def other_tokenizer() -> PreTrainedTokenizerFast:
 def draft_dirs(tmp_path_factory):
     """A compatible tiny draft (other weights, same tokenizer) and one with another vocabulary."""
     good, bad = tmp_path_factory.mktemp("draft-good"), tmp_path_factory.mktemp("draft-bad")
-    for path, tok in ((good, tiny_tokenizer()), (bad, other_tokenizer())):
-        model = tiny_model(seed=11, dtype=torch.float32, eos_token_id=1, num_hidden_layers=1)
-        model.generation_config.eos_token_id = 1
-        model.save_pretrained(path)
-        tok.save_pretrained(path)
+    save_tiny_model(good, seed=11, num_hidden_layers=1)
+    save_tiny_model(bad, seed=11, tokenizer=other_tokenizer(), num_hidden_layers=1)
     return good, bad
 
 

@@ -8,11 +8,10 @@ import subprocess
 import sys
 
 import pytest
-import torch
 
 from cllm.cli import main
 from cllm.evaluate import REFERENCE
-from conftest import tiny_model, tiny_tokenizer
+from conftest import save_tiny_model
 from test_cli import REPO
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -27,12 +26,7 @@ def write_scored_prompts(path, n=4):
 
 @pytest.fixture(scope="module")
 def other_model_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny-base")
-    model = tiny_model(seed=21, dtype=torch.float32, eos_token_id=1)
-    model.generation_config.eos_token_id = 1
-    model.save_pretrained(path)
-    tiny_tokenizer().save_pretrained(path)
-    return path
+    return save_tiny_model(tmp_path_factory.mktemp("tiny-base"), seed=21)
 
 
 def _eval(model_dir, prompts, out, *extra):
