@@ -3,6 +3,8 @@
 Only public hooks are overridden: `compute_loss` (the objective), `log` (per-term metrics and the optional Jacobi
 tokens-per-forward probe) and `get_batch_samples` (token counts of the whole gradient-accumulation window, so
 that each loss is a sum over the window's tokens divided by their number, whatever the micro-batch split).
+The objective itself (CLLM or Jacobi Forcing) lives in the collator: both pack an example so that one forward
+gives the student, teacher and AR logits, and name their positions with the same index tensors.
 """
 
 from __future__ import annotations
@@ -35,6 +37,21 @@ def flush_metrics(metrics: dict[str, list[float]], logs: dict) -> None:
         metrics.clear()
 
 
+def packed_losses(logits: torch.Tensor, inputs: dict, s: LossSettings, block_norm=None, ar_norm=None):
+    """(AR loss, consistency loss, student logits) from the logits (B, T, V) of one packed forward and the
+    collator's index tensors (`student_idx`/`teacher_idx` (B, M), `ar_idx` (B, A) and their masks)."""
+    vocab = logits.shape[-1]
+
+    def pick(idx):  # (B, k) positions -> (B, k, V) logits
+        return logits.gather(1, idx.unsqueeze(-1).expand(-1, -1, vocab))
+
+    student, teacher, ar_logits = pick(inputs["student_idx"]), pick(inputs["teacher_idx"]), pick(inputs["ar_idx"])
+    cons = consistency_loss(student, teacher, inputs["block_mask"], s.divergence, s.jsd_beta, s.temperature,
+                            block_norm)
+    ar = ar_loss(ar_logits, inputs["ar_target"], inputs["ar_mask"], s.label_smoothing, ar_norm)
+    return ar, cons, student
+
+
 class CllmTrainer(Trainer):
     def __init__(self, *args, loss_settings: LossSettings | None = None, jacobi_probe=None, **kwargs):
         super().__init__(*args, **kwargs)
@@ -59,20 +76,13 @@ class CllmTrainer(Trainer):
                     position_ids=inputs["position_ids"], use_cache=False)
         logits = out.logits  # (B, T, V)
         vocab = logits.shape[-1]
-
-        def pick(idx):  # (B, k) positions -> (B, k, V) logits
-            return logits.gather(1, idx.unsqueeze(-1).expand(-1, -1, vocab))
-
-        student, teacher, ar_logits = pick(inputs["student_idx"]), pick(inputs["teacher_idx"]), pick(inputs["ar_idx"])
         block_norm = ar_norm = None
         if model.training and self._window:
             # Trainer divides the returned loss by the number of micro-batches; these normalizers undo that so the
             # window's loss is sum(tokens) / count(tokens).
             block_norm = self._window["block"] / self._window["steps"]
             ar_norm = self._window["ar"] / self._window["steps"]
-        cons = consistency_loss(student, teacher, inputs["block_mask"], s.divergence, s.jsd_beta, s.temperature,
-                                block_norm)
-        ar = ar_loss(ar_logits, inputs["ar_target"], inputs["ar_mask"], s.label_smoothing, ar_norm)
+        ar, cons, student = packed_losses(logits, inputs, s, block_norm, ar_norm)
         loss = s.ar_weight * ar + s.consistency_weight * cons
         if not torch.isfinite(loss):
             raise CllmError(f"non-finite loss at step {self.state.global_step + 1}: ar={ar.item()}, "
@@ -81,11 +91,16 @@ class CllmTrainer(Trainer):
             with torch.no_grad():
                 self._metrics["loss/ar"].append(ar.item())
                 self._metrics["loss/consistency"].append(cons.item())
-                conv = converged_prefix(student, inputs["fixed_point"], inputs["block_mask"]).float()
+                # Per block: (B, n) for the CLLM packing, (B, J, n) for Jacobi Forcing (`real_mask` marks the
+                # real slots there; `block_mask` is its consistency mask).
+                fixed = inputs["fixed_point"]
+                real = inputs.get("real_mask", inputs["block_mask"]).view(fixed.shape)
+                conv = converged_prefix(student.view(*fixed.shape, vocab), fixed, real).float()
                 # What the state already had right at its start (a committed prefix is not progress).
-                had = ((inputs["state"] == inputs["fixed_point"]) & inputs["block_mask"]).long().cumprod(-1).sum(-1)
-                self._metrics["tokens_converged"].append(conv.mean().item())
-                self._metrics["tokens_gained"].append((conv - had.float()).mean().item())
+                had = ((inputs["state"] == fixed) & real).long().cumprod(-1).sum(-1)
+                blocks = real.any(-1)
+                self._metrics["tokens_converged"].append(conv[blocks].mean().item())
+                self._metrics["tokens_gained"].append((conv - had.float())[blocks].mean().item())
         return (loss, out) if return_outputs else loss
 
     def log(self, logs: dict, start_time: float | None = None) -> None:

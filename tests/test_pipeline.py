@@ -46,3 +46,42 @@ def test_pipeline_rejects_unknown_and_owned_keys(tiny_model_dir, tmp_path, capsy
         path.write_text(yaml.safe_dump({**base, **extra}))
         assert main(["pipeline", "--config", str(path)]) == 2
         assert message in capsys.readouterr().err
+
+
+def test_two_round_jacobi_forcing_pipeline_keeps_one_adapter(tiny_model_dir, tmp_path):
+    prompts = write_scored_prompts(tmp_path / "p.jsonl", 4)
+    cfg = {
+        "model": str(tiny_model_dir),
+        "out_dir": str(tmp_path / "run"),
+        "gen": {"prompts": str(prompts), "limit": 4, "block_size": 4, "max_new_tokens": 16, "batch_size": 2},
+        "train": {"block_size": 4, "max_steps": 2, "logging_steps": 1, "save_steps": 2, "learning_rate": 1e-3,
+                  "objective": "jacobi_forcing", "noise_window": 4, "use_peft": True, "lora_r": 2, "lora_alpha": 4},
+        "rounds": [{"gen": {"block_size": 8, "limit": 3}, "train": {"block_size": 8, "max_steps": 3}}],
+        "eval": {"prompts": str(prompts), "limit": 1, "methods": "jacobi", "block_size": 8, "max_new_tokens": 8,
+                 "dtype": "fp32", "warmup": 0},
+    }
+    path = tmp_path / "pipe.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    assert main(["pipeline", "--config", str(path)]) == 0
+    run = tmp_path / "run"
+    r2 = json.loads((run / "round2" / "train" / "cllm_train.json").read_text())
+    assert r2["init_adapter"] == str(run / "train" / "adapter") and r2["model"] == str(tiny_model_dir)
+    assert r2["block_size"] == 8 and r2["objective"] == "jacobi_forcing"
+    gen2 = json.loads((run / "round2" / "trajectories" / "manifest.json").read_text())
+    assert str(run / "train") in json.dumps(gen2)  # round 2 collected with round 1's model
+    history = json.loads((run / "round2" / "train" / "log_history.json").read_text())
+    assert [h["step"] for h in history if "loss" in h] == [1, 2, 3]
+    assert all("tokens_converged" in h for h in history if "loss" in h)
+    report = json.loads((run / "eval" / "report.json").read_text())
+    assert report["settings"]["model"] == str(run / "round2" / "train")
+
+
+def test_pipeline_rejects_bad_rounds(tiny_model_dir, tmp_path, capsys):
+    base = {"model": str(tiny_model_dir), "out_dir": str(tmp_path / "run")}
+    for rounds, message in [([{"gen": {"out": "x"}}], "round 2 gen.out is set by the pipeline"),
+                            ([{"train": {"init_adapter": "a"}}], "round 2 train.init_adapter"),
+                            ([{"eval": {}}], "round 2 must be a mapping with only gen and train")]:
+        path = tmp_path / "bad.yaml"
+        path.write_text(yaml.safe_dump({**base, "rounds": rounds}))
+        assert main(["pipeline", "--config", str(path)]) == 2
+        assert message in capsys.readouterr().err

@@ -162,8 +162,8 @@ def test_bad_data_and_config_are_refused(tiny_model_dir, traj_dir, tmp_path, cap
         assert code == 2 and len(errors) == 1 and message in errors[0], (args, errors)
 
 
-@pytest.mark.parametrize("zero", ["zero2", "zero3"])
-def test_deepspeed_two_processes(zero, tiny_model_dir, traj_dir, tmp_path):
+@pytest.mark.parametrize("zero,objective", [("zero2", "cllm"), ("zero3", "jacobi_forcing")])
+def test_deepspeed_two_processes(zero, objective, tiny_model_dir, traj_dir, tmp_path):
     out = tmp_path / zero
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1",
            "TORCH_EXTENSIONS_DIR": str(Path.home() / ".cache" / "cllm" / "torch_extensions")}
@@ -172,7 +172,7 @@ def test_deepspeed_two_processes(zero, tiny_model_dir, traj_dir, tmp_path):
         [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", port,
          str(REPO / "train" / "train_cllm.py"), "--model", str(tiny_model_dir), "--data", str(traj_dir),
          "--output-dir", str(out), "--block-size", "4", "--max-steps", "3", "--save-steps", "3", "--learning-rate", "1e-3",
-         "--deepspeed", str(REPO / "configs" / "deepspeed" / f"{zero}.json")],
+         "--objective", objective, "--deepspeed", str(REPO / "configs" / "deepspeed" / f"{zero}.json")],
         capture_output=True, text=True, env=env, timeout=900,
     )
     assert proc.returncode == 0, (proc.stdout[-3000:], proc.stderr[-3000:])

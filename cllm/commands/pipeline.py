@@ -1,4 +1,5 @@
-"""`cllm pipeline`: trajectories -> CLLM training -> evaluation of base vs trained, driven by one YAML, resumable.
+"""`cllm pipeline`: trajectories -> CLLM training (-> more rounds) -> evaluation of base vs trained, one YAML,
+resumable.
 
 Each stage resumes on its own: `cllm gen` from its commit log, training from its last checkpoint (and is skipped
 once the final model is saved), `cllm eval` from its per-prompt rows. Run the same command again after a kill.
@@ -22,6 +23,9 @@ class PipelineConfig:
     gen: dict = opt({}, "`cllm gen` options (GenConfig keys; model and out are set here)")
     train: dict = opt({}, "`cllm train` options (TrainConfig keys; model, data, output_dir and resume are set here)")
     eval: dict = opt({}, "`cllm eval` options (flag names with _; model, base_model, out_dir, training_log set here)")
+    rounds: list = opt([], "further training rounds, each {gen: {...}, train: {...}} overriding the first round's "
+                           "options: trajectories are re-collected with the previous round's model and training "
+                           "continues from it (the same LoRA adapter with use_peft)")
 
     def validate(self) -> None:
         if not self.out_dir:
@@ -31,6 +35,14 @@ class PipelineConfig:
             for key in getattr(self, section):
                 if key in owned:
                     raise CllmError(f"pipeline {section}.{key} is set by the pipeline itself; remove it")
+        for i, extra in enumerate(self.rounds, 2):
+            if not isinstance(extra, dict) or set(extra) - {"gen", "train"}:
+                raise CllmError(f"pipeline rounds: round {i} must be a mapping with only gen and train keys")
+            for section, owned in (("gen", ("model", "out")),
+                                   ("train", ("model", "data", "output_dir", "resume", "init_adapter"))):
+                for key in extra.get(section) or {}:
+                    if key in owned:
+                        raise CllmError(f"pipeline rounds: round {i} {section}.{key} is set by the pipeline itself")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -68,20 +80,39 @@ def run_pipeline(cfg: PipelineConfig) -> str:
     from cllm.trajectories import GenConfig
 
     out = Path(cfg.out_dir)
-    gen_dir, train_dir, eval_dir = out / "trajectories", out / "train", out / "eval"
+    eval_dir = out / "eval"
     eval_argv = _eval_argv(cfg.eval)  # checked before hours of work, not after
+    # Every round's configs are resolved (and so checked) before any work starts.
+    rounds = [(cfg.gen, cfg.train)] + [({**cfg.gen, **(r.get("gen") or {})}, {**cfg.train, **(r.get("train") or {})})
+                                       for r in cfg.rounds]
+    n_rounds, model, prev_train, stages = len(rounds), cfg.model, None, []
+    for i, (gen_opts, train_opts) in enumerate(rounds, 1):
+        # Round 1 keeps the flat layout (out/trajectories, out/train); later rounds go to out/round<i>/.
+        base = out if i == 1 else out / f"round{i}"
+        gen_dir, train_dir = base / "trajectories", base / "train"
+        train_extra = {"model": model}
+        if prev_train is not None and train_opts.get("use_peft"):
+            # Keep one adapter on the base model: continue the previous round's adapter.
+            train_extra = {"model": cfg.model, "init_adapter": str(prev_train / "adapter")}
+        gen_cfg = config.resolve(GenConfig, {**gen_opts, "model": model, "out": str(gen_dir)})
+        train_cfg = TrainConfig(**{**config.to_dict(config.resolve(TrainConfig, {**train_opts, "model": cfg.model,
+                                   "data": [str(gen_dir)], "output_dir": str(train_dir), "resume": True})),
+                                   **train_extra})
+        stages.append((gen_cfg, train_cfg, train_dir))
+        model, prev_train = str(train_dir), train_dir  # the next round collects with the model trained here
 
-    print(f"[cllm pipeline] 1/3 trajectories -> {gen_dir}", flush=True)
-    generate(config.resolve(GenConfig, {**cfg.gen, "model": cfg.model, "out": str(gen_dir)}))
+    for i, (gen_cfg, train_cfg, train_dir) in enumerate(stages, 1):
+        tag = f"round {i}/{n_rounds}: " if n_rounds > 1 else ""
+        print(f"[cllm pipeline] {tag}trajectories -> {gen_cfg.out}", flush=True)
+        generate(gen_cfg)
+        print(f"[cllm pipeline] {tag}training -> {train_dir}", flush=True)
+        if (train_dir / "cllm_train.json").is_file():
+            print("[cllm pipeline] training already finished, skipped", flush=True)
+        else:
+            train_cfg.validate()  # the previous round's adapter exists only now
+            train(train_cfg)
 
-    print(f"[cllm pipeline] 2/3 training -> {train_dir}", flush=True)
-    if (train_dir / "cllm_train.json").is_file():
-        print("[cllm pipeline] training already finished, skipped", flush=True)
-    else:
-        train(config.resolve(TrainConfig, {**cfg.train, "model": cfg.model, "data": [str(gen_dir)],
-                                           "output_dir": str(train_dir), "resume": True}))
-
-    print(f"[cllm pipeline] 3/3 evaluation -> {eval_dir}", flush=True)
+    print(f"[cllm pipeline] evaluation -> {eval_dir}", flush=True)
     code = cli_main(["eval", "--model", str(train_dir), "--base-model", cfg.model, "--out-dir", str(eval_dir),
                      "--training-log", str(train_dir), *eval_argv])
     if code != 0:

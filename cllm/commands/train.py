@@ -1,4 +1,4 @@
-"""`cllm train` / `train/train_cllm.py`: fine-tune a model on its Jacobi trajectories (CLLM objective).
+"""`cllm train` / `train/train_cllm.py`: fine-tune a model on its Jacobi trajectories (CLLM or Jacobi Forcing).
 
 Runs under plain python, `torchrun`, `accelerate launch` and `deepspeed` (pass `--deepspeed configs/deepspeed/*.json`).
 """
@@ -23,6 +23,12 @@ class TrainConfig:
     data: list = opt([], "`cllm gen` output folders or .jsonl record files")
     output_dir: str | None = opt(None, "checkpoints and the final (merged) model")
     block_size: int = opt(16, "Jacobi block size n; must match the data")
+    objective: str = opt("cllm", "cllm: one trajectory state per example (CLLM paper); jacobi_forcing: whole "
+                                 "responses packed as noisy/clean block pairs (Jacobi Forcing)",
+                         ("cllm", "jacobi_forcing"))
+    noise_window: int = opt(16, "jacobi_forcing: window w of the progressive noise schedule "
+                                "t_j = linspace(0, 1, w)[j mod w]")
+    max_blocks: int = opt(0, "jacobi_forcing: pack at most this many blocks of a response (0 = all)")
     consistency: str = opt("global", "teacher state: global (fixed point y*) or local (successor y(j+1))",
                            ("global", "local"))
     divergence: str = opt("forward_kl", "forward_kl (paper), reverse_kl or jsd", ("forward_kl", "reverse_kl", "jsd"))
@@ -38,6 +44,8 @@ class TrainConfig:
     use_aug: bool = opt(False, "also train on the records' aug_states")
     max_context_tokens: int = opt(1024, "keep only the last this many context tokens of a record")
     use_peft: bool = opt(False, "train a LoRA adapter (merged into the saved model at the end)")
+    init_adapter: str | None = opt(None, "with use_peft: continue training this LoRA adapter folder (a later "
+                                         "round), so the result stays one adapter on the base model")
     lora_r: int = opt(16, "LoRA rank")
     lora_alpha: int = opt(32, "LoRA alpha")
     lora_dropout: float = opt(0.05, "LoRA dropout")
@@ -80,6 +88,14 @@ class TrainConfig:
             raise CllmError(f"--jsd-beta must be in (0, 1), got {self.jsd_beta}")
         if self.temperature <= 0:
             raise CllmError(f"--temperature must be > 0, got {self.temperature}")
+        if self.objective == "jacobi_forcing":
+            if self.ar_target != "fixed_point" or self.consistency != "global" or self.use_aug:
+                raise CllmError("--objective jacobi_forcing trains AR on the clean stream against the fixed points: "
+                                "it takes neither --ar-target labels, --consistency local nor --use-aug")
+            if self.noise_window < 1 or self.max_blocks < 0:
+                raise CllmError("--noise-window must be >= 1 and --max-blocks >= 0")
+        if self.init_adapter and not (self.use_peft and Path(self.init_adapter, "adapter_config.json").is_file()):
+            raise CllmError(f"--init-adapter needs --use-peft and an adapter folder: {self.init_adapter}")
         if self.deepspeed and not Path(self.deepspeed).is_file():
             raise CllmError(f"DeepSpeed config not found: {self.deepspeed}")
 
@@ -122,6 +138,7 @@ def train(cfg: TrainConfig) -> dict:
     import torch.distributed as dist
     from transformers import TrainingArguments
 
+    from cllm.jacobi_forcing import JacobiForcingCollator, JacobiForcingDataset
     from cllm.models import load_model
     from cllm.train_data import PackedCollator, TrajectoryDataset, check_records, read_records
     from cllm.trainer import CllmTrainer, LossSettings
@@ -129,15 +146,23 @@ def train(cfg: TrainConfig) -> dict:
     records = read_records(cfg.data)
     model, tok = load_model(cfg.model, dtype="fp32", device=None)
     check_records(records, cfg.block_size, model.config.vocab_size, where=", ".join(map(str, cfg.data)))
-    for r in records:  # bound the memory of long contexts: keep the context's end
-        if len(r["prompt_ids"]) > cfg.max_context_tokens:
-            cut = len(r["prompt_ids"]) - cfg.max_context_tokens
-            r["prompt_ids"] = r["prompt_ids"][cut:]
-            r["prompt_len"] = max(1, r["prompt_len"] - cut)
-    dataset = TrajectoryDataset(records, cfg.state_sampling, cfg.consistency, cfg.use_aug)
-    collator = PackedCollator(tok.pad_token_id, cfg.block_size, cfg.ar_target)
+    if cfg.objective == "jacobi_forcing":
+        dataset = JacobiForcingDataset(records, cfg.noise_window, cfg.max_blocks or None, cfg.max_context_tokens)
+        collator = JacobiForcingCollator(tok.pad_token_id, cfg.block_size)
+    else:
+        for r in records:  # bound the memory of long contexts: keep the context's end
+            if len(r["prompt_ids"]) > cfg.max_context_tokens:
+                cut = len(r["prompt_ids"]) - cfg.max_context_tokens
+                r["prompt_ids"] = r["prompt_ids"][cut:]
+                r["prompt_len"] = max(1, r["prompt_len"] - cut)
+        dataset = TrajectoryDataset(records, cfg.state_sampling, cfg.consistency, cfg.use_aug)
+        collator = PackedCollator(tok.pad_token_id, cfg.block_size, cfg.ar_target)
 
-    if cfg.use_peft:
+    if cfg.use_peft and cfg.init_adapter:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, cfg.init_adapter, is_trainable=True)
+    elif cfg.use_peft:
         from peft import LoraConfig, get_peft_model
 
         targets = "all-linear" if cfg.lora_target_modules == "all-linear" else cfg.lora_target_modules.split(",")

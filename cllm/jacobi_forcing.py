@@ -1,0 +1,204 @@
+"""Jacobi Forcing training data: whole responses packed as noisy/clean block pairs, one forward per example.
+
+One example is one response of `cllm gen` output (all its blocks, in order). Block j has its fixed point c_j
+and one noisy state k_j chosen by the progressive noise schedule. They are packed as
+
+    [prompt][k_0][c_0][k_1][c_1] ...
+
+k_j and c_j share position ids (both stand for the same text positions), and the noise-aware mask lets
+- a prompt token see the prompt (causal);
+- a noisy token of block j see the prompt, the noisy blocks k_<j and its own block causally;
+- a clean token of block j see the prompt, the clean blocks c_<j and its own block causally.
+Every visible key comes earlier in the packed order, so the mask is the packed causal mask restricted by stream.
+
+Logits: the clean stream is a plain causal pass over prompt + c_0 + c_1 ..., so the logits that predict c_j
+(the last token before c_j, then c_j[0 .. m-2]) give the AR loss and, detached, the consistency teacher. The
+noisy stream is a causal pass over prompt + k_0 + k_1 ...; its logits at the matching places (the last token
+before k_j, then k_j[0 .. m-2]) are the student. Consistency counts the positions from the first mismatch of
+k_j with c_j to the end of the block (earlier positions are already right).
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import torch
+
+from cllm.errors import CllmError
+
+# Stream ids of the packed sequence.
+PROMPT, NOISY, CLEAN, PAD = 0, 1, 2, -1
+
+
+def noise_ratio(state: list[int], fixed_point: list[int]) -> float:
+    """(m - index of the first mismatch with the fixed point) / m: 0 for the fixed point, 1 if token 0 is wrong."""
+    m = len(fixed_point)
+    first = next((i for i, (a, b) in enumerate(zip(state, fixed_point)) if a != b), m)
+    return (m - first) / m
+
+
+def noise_targets(n_blocks: int, window: int) -> list[float]:
+    """t_j = linspace(0, 1, window)[j mod window] for the blocks j of one response (cyclic schedule)."""
+    if window < 1:
+        raise CllmError(f"noise window must be >= 1, got {window}")
+    grid = torch.linspace(0, 1, window).tolist() if window > 1 else [1.0]
+    return [grid[j % window] for j in range(n_blocks)]
+
+
+def pick_state(states: list[list[int]], fixed_point: list[int], target: float) -> list[int]:
+    """The trajectory state (fixed point included, as the noise-0 end) whose noise ratio is nearest `target`;
+    ties go to the earlier (noisier) state."""
+    candidates = [*states, list(fixed_point)]
+    return min(candidates, key=lambda s: abs(noise_ratio(s, fixed_point) - target))
+
+
+def group_responses(records: list[dict]) -> list[dict]:
+    """Responses from block records: {data_id, prompt_ids, blocks: [{fixed_point, states}, ...]} in block order.
+
+    A response keeps its blocks from block 0 while each block's context is the prompt plus the earlier fixed
+    points; it stops at a gap (a block dropped by cleaning), since later blocks cannot be packed after it.
+    """
+    by_id: dict = defaultdict(list)
+    for r in records:
+        by_id[r["data_id"]].append(r)
+    responses = []
+    for data_id, recs in by_id.items():
+        recs.sort(key=lambda r: r["block_index"])
+        first = recs[0]
+        prompt = list(first["prompt_ids"][: first["prompt_len"]])
+        context = list(first["prompt_ids"])
+        if first["block_index"] != 0 or context != prompt:
+            continue  # block 0 was dropped: nothing packable
+        blocks = []
+        for r in recs:
+            if list(r["prompt_ids"]) != context:
+                break  # gap: this block was decoded after a block that is not in the data
+            blocks.append({"fixed_point": list(r["fixed_point"]), "states": [list(s) for s in r["states"]]})
+            context = context + list(r["fixed_point"])
+        if blocks:
+            responses.append({"data_id": data_id, "prompt_ids": prompt, "blocks": blocks,
+                              "label_ids": first.get("label_ids")})
+    if not responses:
+        raise CllmError("no response in the data starts at block 0 (Jacobi Forcing packs whole responses)")
+    return responses
+
+
+class JacobiForcingDataset(torch.utils.data.Dataset):
+    """One example per response: the prompt, the fixed points c_j and the noisy states k_j picked by the
+    progressive schedule (deterministic, so a resumed run sees the same data)."""
+
+    def __init__(self, records: list[dict], noise_window: int = 16, max_blocks: int | None = None,
+                 max_prompt_tokens: int | None = None):
+        self.responses = group_responses(records)
+        if max_prompt_tokens:  # bound the memory of long prompts: keep their end
+            for r in self.responses:
+                r["prompt_ids"] = r["prompt_ids"][-max_prompt_tokens:]
+        self.noise_window = noise_window
+        self.max_blocks = max_blocks
+
+    def __len__(self) -> int:
+        return len(self.responses)
+
+    def __getitem__(self, idx: int) -> dict:
+        resp = self.responses[idx]
+        blocks = resp["blocks"][: self.max_blocks] if self.max_blocks else resp["blocks"]
+        targets = noise_targets(len(blocks), self.noise_window)
+        return {
+            "prompt_ids": resp["prompt_ids"],
+            "fixed_points": [b["fixed_point"] for b in blocks],
+            "states": [pick_state(b["states"], b["fixed_point"], t) for b, t in zip(blocks, targets)],
+        }
+
+
+def noise_aware_mask(stream: torch.Tensor, block: torch.Tensor) -> torch.Tensor:
+    """Allowed attention (B, T, T) from per-token stream ids (B, T) and block indices (B, T), in packed order.
+
+    Causal in the packed order, and a key is visible when it is in the prompt, or in the query's stream at a
+    block index <= the query's. Padding sees only itself.
+    """
+    qs, ks = stream.unsqueeze(-1), stream.unsqueeze(-2)  # (B, T, 1), (B, 1, T)
+    qb, kb = block.unsqueeze(-1), block.unsqueeze(-2)
+    T = stream.shape[-1]
+    causal = torch.ones(T, T, dtype=torch.bool, device=stream.device).tril()
+    same_stream = (qs == ks) & ((qs == NOISY) | (qs == CLEAN)) & (kb <= qb)
+    visible = ((ks == PROMPT) & (qs != PAD)) | same_stream
+    eye = torch.eye(T, dtype=torch.bool, device=stream.device)
+    return (causal & visible) | eye
+
+
+class JacobiForcingCollator:
+    """Packs responses into a batch with the keys `CllmTrainer` reads. Index tensors hold n slots per block
+    (block j at j*n .. j*n+n-1; unused slots masked), so per-block metrics can reshape them to (B, J, n).
+
+    `block_mask` (B, J*n) is the consistency mask (from the first mismatch on), `real_mask` the real slots;
+    `fixed_point`/`state` are (B, J, n). The AR loss is over the clean stream (all real slots)."""
+
+    def __init__(self, pad_token_id: int, block_size: int, mask_dtype: torch.dtype = torch.float32):
+        self.pad_token_id, self.n, self.mask_dtype = pad_token_id, block_size, mask_dtype
+
+    def pack(self, ex: dict) -> dict:
+        prompt = list(ex["prompt_ids"])
+        P = len(prompt)
+        ids, stream, block, pos = list(prompt), [PROMPT] * P, [0] * P, list(range(P))
+        student_idx, teacher_idx, cons, real = [], [], [], []
+        prev_noisy = prev_clean = P - 1  # the packed index whose logits predict the block's first token
+        offset = P  # text position of the block's first token
+        for j, (fp, st) in enumerate(zip(ex["fixed_points"], ex["states"])):
+            m = len(fp)
+            if m > self.n or len(st) != m:
+                raise CllmError(f"block {j} has {m} tokens (state {len(st)}) but block_size is {self.n}")
+            first = next((i for i in range(m) if st[i] != fp[i]), m)
+            k_at = len(ids)
+            ids += list(st)
+            c_at = k_at + m
+            ids += list(fp)
+            stream += [NOISY] * m + [CLEAN] * m
+            block += [j] * (2 * m)
+            pos += list(range(offset, offset + m)) * 2
+            pad = self.n - m
+            student_idx += [prev_noisy] + [k_at + i for i in range(m - 1)] + [0] * pad
+            teacher_idx += [prev_clean] + [c_at + i for i in range(m - 1)] + [0] * pad
+            cons += [i >= first for i in range(m)] + [False] * pad
+            real += [True] * m + [False] * pad
+            prev_noisy, prev_clean = c_at - 1, c_at + m - 1
+            offset += m
+        return {"ids": ids, "stream": stream, "block": block, "pos": pos, "student_idx": student_idx,
+                "teacher_idx": teacher_idx, "cons": cons, "real": real,
+                "fixed_points": ex["fixed_points"], "states": ex["states"]}
+
+    def __call__(self, examples: list[dict]) -> dict:
+        packed = [self.pack(e) for e in examples]
+        B, n = len(packed), self.n
+        T = max(len(p["ids"]) for p in packed)
+        J = max(len(p["fixed_points"]) for p in packed)
+        input_ids = torch.full((B, T), self.pad_token_id, dtype=torch.long)
+        stream = torch.full((B, T), PAD, dtype=torch.long)
+        block = torch.zeros(B, T, dtype=torch.long)
+        position_ids = torch.zeros(B, T, dtype=torch.long)
+        student_idx = torch.zeros(B, J * n, dtype=torch.long)
+        teacher_idx = torch.zeros(B, J * n, dtype=torch.long)
+        block_mask = torch.zeros(B, J * n, dtype=torch.bool)
+        real_mask = torch.zeros(B, J * n, dtype=torch.bool)
+        fixed_point = torch.zeros(B, J, n, dtype=torch.long)
+        state = torch.zeros(B, J, n, dtype=torch.long)
+        for b, p in enumerate(packed):
+            L, M = len(p["ids"]), len(p["student_idx"])
+            input_ids[b, :L] = torch.tensor(p["ids"])
+            stream[b, :L] = torch.tensor(p["stream"])
+            block[b, :L] = torch.tensor(p["block"])
+            position_ids[b, :L] = torch.tensor(p["pos"])
+            position_ids[b, L:] = torch.arange(T - L) + (max(p["pos"]) + 1)
+            student_idx[b, :M] = torch.tensor(p["student_idx"])
+            teacher_idx[b, :M] = torch.tensor(p["teacher_idx"])
+            block_mask[b, :M] = torch.tensor(p["cons"])
+            real_mask[b, :M] = torch.tensor(p["real"])
+            for j, (fp, st) in enumerate(zip(p["fixed_points"], p["states"])):
+                fixed_point[b, j, : len(fp)] = torch.tensor(fp)
+                state[b, j, : len(st)] = torch.tensor(st)
+        allowed = noise_aware_mask(stream, block)  # (B, T, T), built once per batch
+        attention_mask = torch.zeros(B, 1, T, T, dtype=self.mask_dtype)
+        attention_mask.masked_fill_(~allowed.unsqueeze(1), torch.finfo(self.mask_dtype).min)
+        return {"input_ids": input_ids, "position_ids": position_ids, "attention_mask": attention_mask,
+                "student_idx": student_idx, "teacher_idx": teacher_idx, "block_mask": block_mask,
+                "real_mask": real_mask, "fixed_point": fixed_point, "state": state,
+                "ar_idx": teacher_idx, "ar_target": fixed_point.view(B, J * n), "ar_mask": real_mask}
