@@ -9,8 +9,18 @@ from pathlib import Path
 
 from cllm.errors import CllmError
 
-METHODS = ("ar", "jacobi", "sps", "mtad")
+METHODS = ("ar", "jacobi", "multiblock", "sps", "mtad")
 DRAFT_METHODS = ("sps", "mtad")
+SINGLE_PROMPT_METHODS = ("multiblock", "sps", "mtad")
+
+
+def add_multiblock_arguments(p: argparse.ArgumentParser) -> None:
+    """Flags of the multi-block Jacobi decoder (shared by `cllm decode` and `cllm eval`)."""
+    p.add_argument("--n-blocks", type=int, default=2, help="multiblock: blocks in flight K (default: %(default)s)")
+    p.add_argument("--spawn-ratio", type=float, default=0.85, help="multiblock: a new block enters once the newest "
+                   "has this share r of its n tokens accepted (default: %(default)s)")
+    p.add_argument("--n-recycle", type=int, default=2, help="multiblock: rejected tails verified as extra rows "
+                   "per forward, 0 = off (default: %(default)s)")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -25,6 +35,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--beam-width", type=int, default=4, help="mtad: beams of the draft's beam sampling (default: %(default)s)")
     p.add_argument("--beam-replacement", action="store_true", help="mtad: draw beams with replacement")
     p.add_argument("--tau", type=float, default=0.5, help="mtad: acceptance threshold on P/Q, > 0 (default: %(default)s)")
+    add_multiblock_arguments(p)
     src = p.add_argument_group("prompts (one of)")
     src.add_argument("--prompt", action="append", default=None, help="a prompt text (repeatable)")
     src.add_argument("--prompts", default=None, metavar="FILE.jsonl", help="JSONL file, one prompt per line")
@@ -72,12 +83,17 @@ def validate(args) -> None:
 
     check_sampling_args(args.temperature, args.top_k, args.top_p)
     uses_draft = [m for m in methods if m in DRAFT_METHODS]
+    single = [m for m in methods if m in SINGLE_PROMPT_METHODS]
+    if single and args.batch_size != 1:
+        raise CllmError(f"{single[0]} decodes one prompt at a time: use --batch-size 1")
     if uses_draft:
         if not args.draft:
             raise CllmError(f"--method/--compare {uses_draft[0]} needs --draft MODEL")
-        if args.batch_size != 1:
-            raise CllmError(f"{uses_draft[0]} decodes one prompt at a time: use --batch-size 1")
         check_draft_args(args.gamma)
+    if "multiblock" in methods:
+        from cllm.decoding.multiblock import check_multiblock_args
+
+        check_multiblock_args(args.block_size, args.n_blocks, args.spawn_ratio, args.n_recycle)
     if "mtad" in methods:
         check_mtad_args(args.tau, args.beam_width, args.temperature)
 
@@ -110,12 +126,15 @@ def method_list(args) -> list[str]:
 
 
 def decode_batch(method: str, model, tokenizer, prompt_ids: list[list[int]], args, seeds: list[int], draft=None):
-    from cllm.decoding import ar_decode, jacobi_decode, mtad_decode, speculative_decode
+    from cllm.decoding import ar_decode, jacobi_decode, mtad_decode, multiblock_decode, speculative_decode
 
     if method == "ar":
         return ar_decode(model, tokenizer, prompt_ids, args.max_new_tokens, args.temperature, args.top_k, args.top_p, seeds)
     if method == "jacobi":
         return jacobi_decode(model, tokenizer, prompt_ids, args.block_size, args.max_new_tokens, args.init, seeds)
+    if method == "multiblock":
+        return [multiblock_decode(model, tokenizer, p, args.block_size, args.max_new_tokens, args.n_blocks,
+                                  args.spawn_ratio, args.n_recycle, args.init, s) for p, s in zip(prompt_ids, seeds)]
     if method == "sps":
         return [speculative_decode(model, draft, tokenizer, p, args.max_new_tokens, args.gamma, args.adaptive_gamma,
                                    args.temperature, args.top_k, args.top_p, s) for p, s in zip(prompt_ids, seeds)]

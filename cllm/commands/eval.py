@@ -20,11 +20,12 @@ from cllm.evaluate import REFERENCE
 
 SETTINGS_KEYS = ("model", "adapter", "base_model", "methods", "base_methods", "dataset", "prompts", "prompt_field", "split", "limit",
                  "offset", "spread", "block_size", "max_new_tokens", "init", "dtype", "temperature", "top_k", "top_p",
-                 "seed", "draft", "gamma", "adaptive_gamma", "beam_width", "tau", "beam_replacement")
+                 "seed", "draft", "gamma", "adaptive_gamma", "beam_width", "tau", "beam_replacement",
+                 "n_blocks", "spawn_ratio", "n_recycle")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from cllm.commands.decode import METHODS
+    from cllm.commands.decode import METHODS, add_multiblock_arguments
 
     p.add_argument("--model", default="smollm2-135m", help="checkpoint to evaluate: alias, folder, HF id, .gguf")
     p.add_argument("--adapter", default=None, help="PEFT adapter folder merged into --model")
@@ -54,6 +55,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--beam-width", type=int, default=4, help="mtad: beam width (default: %(default)s)")
     p.add_argument("--beam-replacement", action="store_true", help="mtad: draw beams with replacement")
     p.add_argument("--tau", type=float, default=0.5, help="mtad: acceptance threshold (default: %(default)s)")
+    add_multiblock_arguments(p)
     p.add_argument("--temperature", type=float, default=0.0, help="ar/sps/mtad of the checkpoint: 0 = greedy")
     p.add_argument("--top-k", type=int, default=None, help="sampling: top-k")
     p.add_argument("--top-p", type=float, default=None, help="sampling: top-p in (0, 1]")
@@ -119,6 +121,10 @@ def validate(args) -> list[str]:
         check_draft_args(args.gamma)
     if "mtad" in methods:
         check_mtad_args(args.tau, args.beam_width, args.temperature)
+    if any(m.removeprefix("base_") == "multiblock" for m in methods):
+        from cllm.decoding.multiblock import check_multiblock_args
+
+        check_multiblock_args(args.block_size, args.n_blocks, args.spawn_ratio, args.n_recycle)
     if args.training_log and not Path(args.training_log).exists():
         raise CllmError(f"--training-log: folder not found: {args.training_log}")
     return methods
@@ -135,8 +141,9 @@ def _check_manifest(out_dir: Path, settings: dict, overwrite: bool) -> None:
     path = out_dir / "eval_manifest.json"
     if path.is_file() and not overwrite:
         old = json.loads(path.read_text())
+        # A setting missing from the manifest was added to cllm after that eval started; the eval could not use it.
         for k in sorted(set(old) | set(settings)):
-            if old.get(k) != settings.get(k):
+            if k in old and old.get(k) != settings.get(k):
                 raise CllmError(f"{out_dir} holds an eval with {k}={old.get(k)!r}, this one has {settings.get(k)!r}; "
                                 f"use another --out-dir or --overwrite (finished rows are kept until then)")
     if overwrite:

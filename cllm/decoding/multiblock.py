@@ -1,0 +1,211 @@
+"""Multi-block Jacobi decoding with rejection recycling (Jacobi Forcing, Hu et al. 2025): greedy and lossless.
+
+The window holds up to K blocks of n guessed tokens after the committed text. One forward feeds
+`head + window` (head: the committed tokens without KV yet), so every slot gets a prediction and one more
+prediction falls after the window. Verification is plain greedy verification over the whole window: the
+leading guesses equal to their predictions are right, and so is the prediction after them; those tokens are
+committed (a run may continue past the first block when the first block converges in the same forward; every
+committed token is still the model's own greedy choice, so the output equals greedy AR). The other slots take
+their shifted prediction as the next guess, exactly as single-block Jacobi.
+
+A new block enters the window once the newest block has at least r*n leading tokens that agree with their
+predictions (its "accepted" part, assuming its context is right), while fewer than K blocks are in flight; its
+first guess is the prediction that fell after the window.
+
+Rejection recycling: the tail of a rejected guess (from its first wrong token on) goes into a small pool keyed
+by that token. When the last committed token equals a key, up to `n_recycle` pooled tails are verified as extra
+batch rows on the same cache, and the row with the most accepted tokens wins. Batch size 1.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections import defaultdict, deque
+from dataclasses import dataclass
+
+import torch
+
+from cllm.decoding.common import DecodeResult, SeqCache, check_lengths, eos_ids, finish, single_prompt
+from cllm.decoding.jacobi import INIT_STRATEGIES, init_guess
+from cllm.errors import CllmError
+
+
+def n_leading_matches(guess: list[int], pred: list[int]) -> int:
+    """How many leading guesses equal their predictions (pure rule; `pred` may be longer than `guess`)."""
+    k = 0
+    while k < len(guess) and guess[k] == pred[k]:
+        k += 1
+    return k
+
+
+def pick_row(guesses: list[list[int]], preds: list[list[int]]) -> tuple[int, int]:
+    """(winning row, its leading matches): the most accepted tokens, the first (main) row on ties."""
+    best, best_n = 0, -1
+    for r, (g, p) in enumerate(zip(guesses, preds)):
+        n = n_leading_matches(g, p)
+        if n > best_n:
+            best, best_n = r, n
+    return best, best_n
+
+
+@dataclass
+class _Block:
+    size: int  # slots of the block
+    done: int = 0  # slots already committed (only the first block has any)
+
+    @property
+    def open(self) -> int:
+        return self.size - self.done
+
+
+class RecyclePool:
+    """Rejected guess tails by their first token; the most recent `per_key` tails of each key are kept."""
+
+    def __init__(self, per_key: int):
+        self.per_key = per_key
+        self.tails: dict[int, deque] = defaultdict(lambda: deque(maxlen=per_key))
+
+    def add(self, tail: list[int]) -> None:
+        if self.per_key and len(tail) >= 2 and tuple(tail[1:]) not in self.tails[tail[0]]:
+            self.tails[tail[0]].appendleft(tuple(tail[1:]))
+
+    def candidates(self, token: int, k: int) -> list[list[int]]:
+        return [list(t) for t in list(self.tails.get(token, ()))[:k]]
+
+
+def check_multiblock_args(block_size: int, n_blocks: int, spawn_ratio: float, n_recycle: int) -> None:
+    check_lengths(1, block_size)
+    if not isinstance(n_blocks, int) or n_blocks < 1:
+        raise CllmError(f"n_blocks (K) must be a positive integer, got {n_blocks!r}")
+    if not 0.0 < spawn_ratio <= 1.0:
+        raise CllmError(f"spawn_ratio (r) must be in (0, 1], got {spawn_ratio!r}")
+    if not isinstance(n_recycle, int) or n_recycle < 0:
+        raise CllmError(f"n_recycle must be an integer >= 0, got {n_recycle!r}")
+
+
+@torch.inference_mode()
+def multiblock_decode(
+    model,
+    tokenizer,
+    prompt_ids,
+    block_size: int = 16,
+    max_new_tokens: int = 256,
+    n_blocks: int = 2,
+    spawn_ratio: float = 0.85,
+    n_recycle: int = 2,
+    init: str = "prompt",
+    seed: int | list[int] = 0,
+    eos_token_id: int | list[int] | None = None,
+) -> DecodeResult | list[DecodeResult]:
+    """Greedy multi-block Jacobi decoding of one prompt. `n_blocks` K blocks of `block_size` n in flight, a new
+    one once the newest has `spawn_ratio` r * n accepted, `n_recycle` extra verification rows from the pool."""
+    prompt, single = single_prompt(prompt_ids, "multi-block Jacobi")
+    check_lengths(max_new_tokens, block_size)
+    check_multiblock_args(block_size, n_blocks, spawn_ratio, n_recycle)
+    if init not in INIT_STRATEGIES:
+        raise CllmError(f"unknown init strategy {init!r}; choose one of {INIT_STRATEGIES}")
+    pad_id = tokenizer.pad_token_id if tokenizer is not None and tokenizer.pad_token_id is not None else 0
+    stop = eos_ids(model, tokenizer, eos_token_id)
+    gen = torch.Generator().manual_seed(int(seed[0] if isinstance(seed, list) else seed))
+    t0 = time.perf_counter()
+
+    cache = SeqCache(model)
+    head, generated = list(prompt), []
+    accept_lengths: list[int] = []
+    stats = {"rows": 0, "recycled_wins": 0, "blocks_started": 0, "max_in_flight": 0}
+    pool = RecyclePool(per_key=max(n_recycle, 1) if n_recycle else 0)
+    blocks: list[_Block] = []
+    guess: list[int] = []  # the window's open slots, block after block
+    next_guess: int | None = None  # the prediction that fell after the window
+    reason = None
+    need = math.ceil(spawn_ratio * block_size)
+
+    def start_block(first: int | None) -> None:
+        room = max_new_tokens - len(generated) - len(guess)
+        if room <= 0:
+            return
+        size = min(block_size, room)
+        fresh = init_guess(init, size, prompt, head[-1], pad_id, gen)
+        if first is not None:
+            fresh[0] = first
+        blocks.append(_Block(size))
+        guess.extend(fresh)
+        stats["blocks_started"] += 1
+        stats["max_in_flight"] = max(stats["max_in_flight"], len(blocks))
+
+    start_block(None)
+    while reason is None:
+        rows = [guess] + [_fill(c, guess) for c in pool.candidates(head[-1], n_recycle)]
+        rows = [r for i, r in enumerate(rows) if r not in rows[:i]]  # a tail equal to the window is no extra row
+        n_cached = cache.n
+        logits = _forward_rows(cache, head, rows)  # (R, len(head) + W, V)
+        W = len(guess)
+        # The input position of head[-1] predicts slot 0; the one of slot i predicts slot i + 1.
+        preds = logits[:, len(head) - 1 :].argmax(-1).tolist()  # (R, W + 1)
+        best, matches = pick_row(rows, preds)
+        stats["rows"] += len(rows)
+        stats["recycled_wins"] += best > 0
+        row, pred = rows[best], preds[best]
+        if matches < W:
+            pool.add(guess[n_leading_matches(guess, preds[0]) :])  # the main row's rejected tail
+        taken, reason = finish(generated, pred[: matches + 1], stop, max_new_tokens)
+        accept_lengths.append(len(taken))
+        if len(rows) > 1:
+            cache.cache.batch_select_indices(torch.tensor([best], device=cache.device))
+        cache.crop(n_cached + len(head) + matches)  # KV of head + the accepted guesses (now committed)
+        head = [taken[-1]]
+        # Is the newest block ready to let a new one in? (measured before the commit removes slots)
+        newest_start = W - blocks[-1].open
+        ready = blocks[-1].done + n_leading_matches(row[newest_start:], pred[newest_start:]) >= need
+        _consume(blocks, matches + 1)
+        guess[:] = pred[matches + 1 : W]
+        next_guess = pred[W] if matches < W else None  # all matched: pred[W] was committed
+        if reason is None:
+            if not blocks:
+                start_block(None)
+            elif ready and len(blocks) < n_blocks:
+                start_block(next_guess)
+
+    result = DecodeResult(
+        token_ids=generated,
+        text=tokenizer.decode(generated, skip_special_tokens=True) if tokenizer is not None else "",
+        n_forwards=len(accept_lengths),
+        accept_lengths=accept_lengths,
+        finish_reason=reason,
+        wall_time_s=time.perf_counter() - t0,
+        n_fast_forward=sum(a - 1 for a in accept_lengths),
+        extra=stats,
+    )
+    return result if single else [result]
+
+
+def _fill(tail: list[int], guess: list[int]) -> list[int]:
+    """A pooled tail laid over the window's slots: the tail where it reaches, the window's guesses after it."""
+    return list(tail[: len(guess)]) + guess[len(tail) :]
+
+
+def _forward_rows(cache: SeqCache, head: list[int], rows: list[list[int]]) -> torch.Tensor:
+    """One forward of `head + row` for every row on the shared cache; logits (R, len(head) + W, V)."""
+    if len(rows) == 1:
+        return cache.forward(head + rows[0]).unsqueeze(0)
+    R = len(rows)
+    if cache.n:
+        cache.cache.batch_repeat_interleave(R)  # every row continues from the same committed context
+    input_ids = torch.tensor([head + r for r in rows], dtype=torch.long, device=cache.device)  # (R, L)
+    position_ids = torch.arange(cache.n, cache.n + input_ids.shape[1], device=cache.device).expand(R, -1)
+    out = cache.model(input_ids=input_ids, position_ids=position_ids, past_key_values=cache.cache, use_cache=True)
+    cache.cache = out.past_key_values
+    cache.n += input_ids.shape[1]
+    return out.logits.float()
+
+
+def _consume(blocks: list[_Block], n: int) -> None:
+    """Mark n committed slots from the front; fully committed blocks leave the window (an overflow of one
+    token past the window, the bonus prediction, belongs to no block)."""
+    while n > 0 and blocks:
+        take = min(n, blocks[0].open)
+        blocks[0].done += take
+        n -= take
+        if blocks[0].open == 0:
+            blocks.pop(0)
