@@ -323,7 +323,7 @@ def summarize(out: str | Path) -> dict:
     out = Path(out)
     totals = {"prompts_done": 0, "prompts_skipped": 0, "skipped_reasons": {}, "blocks_kept": 0, "blocks_dropped": 0,
               "iterations": 0, "blocks": 0, "new_tokens": 0, "forwards": 0, "state_tokens": 0, "records": 0,
-              "seconds": 0.0}
+              "seconds": 0.0, "cpu_seconds": 0.0}
     for prog in sorted(out.glob("progress-*.jsonl")):
         for e in _read_progress(prog)[0]:
             totals["prompts_done"] += len(e["data_ids"])
@@ -331,10 +331,11 @@ def summarize(out: str | Path) -> dict:
             for reason in e["skipped"].values():
                 totals["skipped_reasons"][reason] = totals["skipped_reasons"].get(reason, 0) + 1
             for k in ("blocks_kept", "blocks_dropped", "iterations", "blocks", "new_tokens", "forwards",
-                      "state_tokens", "seconds"):
+                      "state_tokens", "seconds", "cpu_seconds"):
                 totals[k] += e.get(k, 0)
             totals["records"] += e["n_records"]
     totals["mean_iterations_per_block"] = totals["iterations"] / totals["blocks"] if totals["blocks"] else None
     totals["tokens_per_forward"] = totals["new_tokens"] / totals["forwards"] if totals["forwards"] else None
     totals["seconds"] = round(totals["seconds"], 2)
+    totals["cpu_seconds"] = round(totals["cpu_seconds"], 2)  # process CPU time (all threads) of every batch
     return totals

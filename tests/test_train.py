@@ -125,6 +125,10 @@ def test_short_run_trains_checkpoints_resumes_and_decodes(peft, tiny_model_dir, 
     history = json.loads((out / "log_history.json").read_text())
     assert [h["step"] for h in history if "loss" in h][-2:] == [5, 6]
     assert "checkpoint-6" in [p.name for p in out.glob("checkpoint-*")]
+    cost = json.loads((out / "train_cost.json").read_text())
+    assert [(c["from_step"], c["to_step"]) for c in cost["segments"]] == [(0, 4), (4, 6)]
+    assert cost["cpu_seconds"] == pytest.approx(sum(c["cpu_seconds"] for c in cost["segments"]), abs=0.02)
+    assert all(c["cpu_seconds"] > 0 and c["wall_seconds"] > 0 for c in cost["segments"])
     assert metrics["train_runtime"] > 0
     assert main(["decode", "--model", str(out), "--prompt", "w3 w4", "--max-new-tokens", "8", "--quiet"]) == 0
 
@@ -179,3 +183,16 @@ def test_deepspeed_two_processes(zero, objective, tiny_model_dir, traj_dir, tmp_
     before, after = _weights(tiny_model_dir), _weights(out)
     assert {k: v.shape for k, v in after.items()} == {k: v.shape for k, v in before.items()}
     assert any(not torch.equal(before[k], after[k]) for k in before)
+
+
+def test_cost_log_cuts_a_killed_segment_back_to_the_resumed_checkpoint(tmp_path):
+    from cllm.commands.train import CostLog
+
+    (tmp_path / "train_cost.json").write_text(json.dumps({"segments": [
+        {"from_step": 0, "to_step": 4, "wall_seconds": 8.0, "cpu_seconds": 15.0, "world_size": 1},
+        {"from_step": 4, "to_step": 10, "wall_seconds": 9.0, "cpu_seconds": 17.0, "world_size": 1}]}))
+    log = CostLog(str(tmp_path), step0=8)  # killed after step 10, resumed from checkpoint-8
+    log.update(12, 1)
+    cost = json.loads((tmp_path / "train_cost.json").read_text())
+    assert [(c["from_step"], c["to_step"]) for c in cost["segments"]] == [(0, 4), (4, 8), (8, 12)]
+    assert cost["wall_seconds"] >= 17.0 and cost["cpu_seconds"] >= 32.0

@@ -89,7 +89,7 @@ def generate(cfg: GenConfig, after_commit=None) -> dict:
         n_batches = 0
         for start in range(0, len(todo), cfg.batch_size):
             batch = todo[start : start + cfg.batch_size]
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             skipped, ready = {}, []
             for rec in batch:
                 try:
@@ -124,6 +124,7 @@ def generate(cfg: GenConfig, after_commit=None) -> dict:
                     stats["forwards"] += res.n_forwards
                     stats["state_tokens"] += sum(len(s) for r in recs for s in r["states"])
             stats["seconds"] = time.perf_counter() - t0
+            stats["cpu_seconds"] = time.process_time() - c0
             store.commit(out_records, [rec.index for rec, _ in ready], skipped, stats)
             n_batches += 1
             bar.update(len(batch))
@@ -161,5 +162,6 @@ def format_summary(out: Path, s: dict) -> str:
         f"  mean Jacobi iterations per block {f(s['mean_iterations_per_block'])}, "
         f"tokens per forward {f(s['tokens_per_forward'], '.3f')}",
         f"  generated tokens {s['new_tokens']}, trajectory state tokens {s['state_tokens']}",
-        f"  decode seconds (all workers) {f(s['seconds'])}, this run wall {f(s['this_run_seconds'])} s",
+        f"  decode seconds (all workers) {f(s['seconds'])} (CPU {f(s['cpu_seconds'])}), "
+        f"this run wall {f(s['this_run_seconds'])} s",
     ])

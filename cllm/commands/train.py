@@ -9,6 +9,7 @@ import argparse
 import json
 import os
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -209,12 +210,55 @@ def train(cfg: TrainConfig) -> dict:
                                    cfg.temperature, cfg.label_smoothing),
         jacobi_probe=probe,
     )
+    step0 = int(Path(resume_from).name.split("-")[-1]) if resume_from else 0
+    trainer.add_callback(_cost_callback(cfg, step0))
     result = trainer.train(resume_from_checkpoint=resume_from)
     _save_final(cfg, trainer, tok)
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()  # DeepSpeed may otherwise abort at exit (ZeRO-3 offload, bf16)
     return result.metrics
+
+
+class CostLog:
+    """Wall and CPU seconds (this process, all threads; rank 0) of each run segment in train_cost.json, updated at
+    every checkpoint and at the end, so a killed run still counts the steps its checkpoints kept."""
+
+    def __init__(self, output_dir: str, step0: int):
+        self.path = Path(output_dir) / "train_cost.json"
+        self.t0, self.c0, self.step0 = time.perf_counter(), time.process_time(), step0
+        cost = json.loads(self.path.read_text()) if self.path.is_file() else {"segments": []}
+        # A segment that ran past the checkpoint we resume from is cut back to it (those steps are redone).
+        self.segments = [s for s in cost["segments"] if s["from_step"] < step0]
+        if self.segments and self.segments[-1]["to_step"] > step0:
+            self.segments[-1]["to_step"] = step0
+
+    def update(self, step: int, world_size: int) -> None:
+        seg = {"from_step": self.step0, "to_step": step, "wall_seconds": round(time.perf_counter() - self.t0, 2),
+               "cpu_seconds": round(time.process_time() - self.c0, 2), "world_size": world_size}
+        segments = self.segments + [seg]
+        cost = {"segments": segments,
+                "wall_seconds": round(sum(s["wall_seconds"] for s in segments), 2),
+                "cpu_seconds": round(sum(s["cpu_seconds"] for s in segments), 2)}
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.path.write_text(json.dumps(cost, indent=1) + "\n")
+
+
+def _cost_callback(cfg: TrainConfig, step0: int):
+    from transformers import TrainerCallback
+
+    log = CostLog(cfg.output_dir, step0)
+
+    class _Cost(TrainerCallback):
+        def on_save(self, args, state, control, **kwargs):
+            if state.is_world_process_zero:
+                log.update(state.global_step, args.world_size)
+
+        def on_train_end(self, args, state, control, **kwargs):
+            if state.is_world_process_zero:
+                log.update(state.global_step, args.world_size)
+
+    return _Cost()
 
 
 def _save_final(cfg: TrainConfig, trainer, tok) -> None:
