@@ -1,4 +1,4 @@
-"""The `cllm` console script: `cllm decode`, `cllm eval`, `cllm gen`, `cllm train`, `cllm train-draft`."""
+"""The `cllm` console script: decode, eval, gen, train, train-draft, pipeline, ablation."""
 
 from __future__ import annotations
 
@@ -9,11 +9,12 @@ import sys
 from cllm.errors import CllmError
 
 SUBCOMMANDS = {
+    "ablation": ("cllm.commands.ablation", "the ablation table of finished `cllm pipeline` folders"),
     "decode": ("cllm.commands.decode", "decode prompts with AR or Jacobi decoding and compare them"),
     "eval": ("cllm.commands.eval", "evaluate a checkpoint: speed-up vs the base model's AR, quality, plots"),
     "gen": ("cllm.commands.gen", "collect Jacobi trajectories (resumable, sharded, batched)"),
     "pipeline": ("cllm.commands.pipeline", "trajectories -> training -> base-vs-trained evaluation, one config"),
-    "train": ("cllm.commands.train", "train a consistency LLM on Jacobi trajectories (CLLM objective)"),
+    "train": ("cllm.commands.train", "train a consistency LLM on Jacobi trajectories (CLLM or Jacobi Forcing)"),
     "train-draft": ("cllm.commands.draft", "cut a small draft out of the target and distil it (for SpS / MTAD)"),
 }
 

@@ -74,6 +74,14 @@ def test_two_round_jacobi_forcing_pipeline_keeps_one_adapter(tiny_model_dir, tmp
     assert all("tokens_converged" in h for h in history if "loss" in h)
     report = json.loads((run / "eval" / "report.json").read_text())
     assert report["settings"]["model"] == str(run / "round2" / "train")
+    # The ablation row of this folder.
+    assert main(["ablation", str(run), "--out", str(tmp_path / "table.md")]) == 0
+    row = json.loads((tmp_path / "table.json").read_text())[0]
+    assert (row["objective"], row["tuning"], row["rounds"], row["steps"], row["train_prompts"]) == (
+        "jacobi_forcing", "LoRA r=2", 2, 5, 4)
+    assert row["cpu_seconds"] > 0 and row["tokens_per_forward"] == report["methods"]["jacobi"]["tokens_per_forward"]
+    assert "| run | objective |" in (tmp_path / "table.md").read_text()
+    assert main(["ablation", str(tmp_path)]) == 2  # not a pipeline folder: a clear error
 
 
 def test_pipeline_rejects_bad_rounds(tiny_model_dir, tmp_path, capsys):

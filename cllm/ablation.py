@@ -1,0 +1,80 @@
+"""The ablation table: one row per `cllm pipeline` output folder (one config = one lever setting).
+
+A row joins what the folders already hold: the pipeline config (objective, LoRA or full, consistency weight,
+rounds), every round's trajectory summary and train_cost.json (prompts, steps, CPU hours), and the eval report
+(held-out tokens per forward, speed-up over the base model's AR in the same run, accuracy, repeat rate).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from cllm.errors import CllmError
+
+
+def _json(path: Path) -> dict | None:
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def ablation_row(run_dir: str | Path, method: str = "jacobi") -> dict:
+    """Statistics of one pipeline folder (rounds in out/, out/round2, ...); missing stages give None fields."""
+    from cllm.trajectories import summarize
+
+    run = Path(run_dir)
+    report = _json(run / "eval" / "report.json")
+    if report is None:
+        raise CllmError(f"{run}: no eval/report.json (has its pipeline finished?)")
+    rounds = [run] + sorted((p for p in run.glob("round*") if p.is_dir()), key=lambda p: int(p.name[5:] or 0))
+    cpu_s, steps, prompts, train_cfg = 0.0, 0, None, None
+    for r in rounds:
+        if (r / "trajectories" / "manifest.json").is_file():
+            gen = summarize(r / "trajectories")
+            cpu_s += gen.get("cpu_seconds") or 0.0
+            prompts = gen["prompts_done"] if prompts is None else prompts  # round 1's prompt count
+        cost = _json(r / "train" / "train_cost.json")
+        if cost:
+            cpu_s += cost["cpu_seconds"]
+            steps += cost["segments"][-1]["to_step"]  # each round's trainer counts its own steps from 0
+        train_cfg = _json(r / "train" / "cllm_train.json") or train_cfg
+    methods = report["methods"]
+    if method not in methods:
+        raise CllmError(f"{run}: the eval has no {method!r} rows (methods: {', '.join(methods)})")
+    m, base = methods[method], methods.get("base_ar", {})
+    tc = train_cfg or {}
+    return {
+        "name": run.name,
+        "objective": tc.get("objective", "cllm"),
+        "tuning": ("LoRA r=%s" % tc.get("lora_r")) if tc.get("use_peft") else "full",
+        "consistency_weight": tc.get("consistency_weight"),
+        "rounds": len([r for r in rounds if (r / "train").is_dir()]),
+        "train_prompts": prompts,
+        "steps": steps,
+        "cpu_seconds": round(cpu_s, 1),  # trajectory collection + training, every round
+        "eval_prompts": m.get("n_prompts"),
+        "tokens_per_forward": m.get("tokens_per_forward"),
+        "speedup": m.get("speedup_vs_base_ar"),
+        "dtype": report["settings"].get("dtype"),
+        "accuracy": m.get("accuracy"),
+        "accuracy_base": base.get("accuracy"),
+        "repeat_rate": m.get("repeat_rate"),
+        "repeat_rate_base": base.get("repeat_rate"),
+    }
+
+
+def _f(x, spec: str) -> str:
+    return "-" if x is None else format(x, spec)
+
+
+def ablation_markdown(rows: list[dict]) -> str:
+    lines = ["| run | objective | tuning | cons. weight | rounds | train prompts | steps | CPU h | eval prompts "
+             "| tokens/forward | speed-up | accuracy (base) | repeat rate (base) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(
+            f"| {r['name']} | {r['objective']} | {r['tuning']} | {_f(r['consistency_weight'], 'g')} | {r['rounds']} "
+            f"| {_f(r['train_prompts'], 'd')} | {r['steps']} | {r['cpu_seconds'] / 3600:.2f} | {_f(r['eval_prompts'], 'd')} "
+            f"| {_f(r['tokens_per_forward'], '.3f')} | {_f(r['speedup'], '.2f')}x ({r['dtype']}) "
+            f"| {_f(r['accuracy'], '.3f')} ({_f(r['accuracy_base'], '.3f')}) "
+            f"| {_f(r['repeat_rate'], '.3f')} ({_f(r['repeat_rate_base'], '.3f')}) |")
+    return "\n".join(lines) + "\n"
