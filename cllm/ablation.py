@@ -27,9 +27,11 @@ def ablation_row(run_dir: str | Path, method: str = "jacobi") -> dict:
         raise CllmError(f"{run}: no eval/report.json (has its pipeline finished?)")
     rounds = [run] + sorted((p for p in run.glob("round*") if p.is_dir()), key=lambda p: int(p.name[5:] or 0))
     cpu_s, steps, prompts, train_cfg = 0.0, 0, None, None
+    shared = (_json(run / "pipeline.json") or {}).get("trajectories")
     for r in rounds:
-        if (r / "trajectories" / "manifest.json").is_file():
-            gen = summarize(r / "trajectories")
+        gen_dir = Path(shared) if shared and r == run else r / "trajectories"
+        if (gen_dir / "manifest.json").is_file():
+            gen = summarize(gen_dir)  # shared data counts its full cost in every row that uses it
             cpu_s += gen.get("cpu_seconds") or 0.0
             prompts = gen["prompts_done"] if prompts is None else prompts  # round 1's prompt count
         cost = _json(r / "train" / "train_cost.json")

@@ -6,6 +6,7 @@ import json
 
 import yaml
 
+from cllm.ablation import ablation_row
 from cllm.cli import main
 from test_eval import write_scored_prompts
 
@@ -82,6 +83,13 @@ def test_two_round_jacobi_forcing_pipeline_keeps_one_adapter(tiny_model_dir, tmp
     assert row["cpu_seconds"] > 0 and row["tokens_per_forward"] == report["methods"]["jacobi"]["tokens_per_forward"]
     assert "| run | objective |" in (tmp_path / "table.md").read_text()
     assert main(["ablation", str(tmp_path)]) == 2  # not a pipeline folder: a clear error
+    # A second pipeline that trains on round 1's trajectories instead of collecting its own.
+    cfg2 = {**cfg, "out_dir": str(tmp_path / "shared"), "trajectories": str(run / "trajectories"), "rounds": []}
+    path.write_text(yaml.safe_dump(cfg2))
+    assert main(["pipeline", "--config", str(path)]) == 0
+    assert not (tmp_path / "shared" / "trajectories").exists()
+    shared_row = ablation_row(tmp_path / "shared")
+    assert (shared_row["train_prompts"], shared_row["steps"], shared_row["rounds"]) == (4, 2, 1)
 
 
 def test_pipeline_rejects_bad_rounds(tiny_model_dir, tmp_path, capsys):

@@ -8,6 +8,7 @@ once the final model is saved), `cllm eval` from its per-prompt rows. Run the sa
 from __future__ import annotations
 
 import argparse
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,6 +24,9 @@ class PipelineConfig:
     gen: dict = opt({}, "`cllm gen` options (GenConfig keys; model and out are set here)")
     train: dict = opt({}, "`cllm train` options (TrainConfig keys; model, data, output_dir and resume are set here)")
     eval: dict = opt({}, "`cllm eval` options (flag names with _; model, base_model, out_dir, training_log set here)")
+    trajectories: str | None = opt(None, "use this finished `cllm gen` folder as round 1's data instead of "
+                                         "collecting (ablations that share data); gen options then apply to "
+                                         "later rounds only")
     rounds: list = opt([], "further training rounds, each {gen: {...}, train: {...}} overriding the first round's "
                            "options: trajectories are re-collected with the previous round's model and training "
                            "continues from it (the same LoRA adapter with use_peft)")
@@ -30,6 +34,8 @@ class PipelineConfig:
     def validate(self) -> None:
         if not self.out_dir:
             raise CllmError("--out-dir is required")
+        if self.trajectories and not Path(self.trajectories, "manifest.json").is_file():
+            raise CllmError(f"trajectories: not a `cllm gen` output folder (no manifest.json): {self.trajectories}")
         for section, owned in (("gen", ("model", "out")), ("train", ("model", "data", "output_dir", "resume")),
                                ("eval", ("model", "base_model", "out_dir", "training_log"))):
             for key in getattr(self, section):
@@ -80,6 +86,8 @@ def run_pipeline(cfg: PipelineConfig) -> str:
     from cllm.trajectories import GenConfig
 
     out = Path(cfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "pipeline.json").write_text(json.dumps(config.to_dict(cfg), indent=1) + "\n")  # for `cllm ablation`
     eval_dir = out / "eval"
     eval_argv = _eval_argv(cfg.eval)  # checked before hours of work, not after
     # Every round's configs are resolved (and so checked) before any work starts.
@@ -90,6 +98,8 @@ def run_pipeline(cfg: PipelineConfig) -> str:
         # Round 1 keeps the flat layout (out/trajectories, out/train); later rounds go to out/round<i>/.
         base = out if i == 1 else out / f"round{i}"
         gen_dir, train_dir = base / "trajectories", base / "train"
+        if i == 1 and cfg.trajectories:
+            gen_dir = Path(cfg.trajectories)
         train_extra = {"model": model}
         if prev_train is not None and train_opts.get("use_peft"):
             # Keep one adapter on the base model: continue the previous round's adapter.
@@ -103,8 +113,11 @@ def run_pipeline(cfg: PipelineConfig) -> str:
 
     for i, (gen_cfg, train_cfg, train_dir) in enumerate(stages, 1):
         tag = f"round {i}/{n_rounds}: " if n_rounds > 1 else ""
-        print(f"[cllm pipeline] {tag}trajectories -> {gen_cfg.out}", flush=True)
-        generate(gen_cfg)
+        if i == 1 and cfg.trajectories:
+            print(f"[cllm pipeline] {tag}trajectories: using {gen_cfg.out}", flush=True)
+        else:
+            print(f"[cllm pipeline] {tag}trajectories -> {gen_cfg.out}", flush=True)
+            generate(gen_cfg)
         print(f"[cllm pipeline] {tag}training -> {train_dir}", flush=True)
         if (train_dir / "cllm_train.json").is_file():
             print("[cllm pipeline] training already finished, skipped", flush=True)
