@@ -51,6 +51,13 @@ def read_records(source: str | Path | list) -> list[dict]:
     return records
 
 
+def first_prompts(records: list[dict], n: int) -> list[dict]:
+    """The records of the n first prompts by data_id (numeric ids in numeric order)."""
+    ids = {r["data_id"] for r in records}
+    keep = set(sorted(ids, key=lambda i: (0, i, "") if isinstance(i, int) else (1, 0, str(i)))[:n])
+    return [r for r in records if r["data_id"] in keep]
+
+
 def check_records(records: list[dict], block_size: int, vocab_size: int, where: str = "data") -> None:
     """Refuse data of the wrong format, another vocabulary or another block size, naming the first bad record."""
     for i, r in enumerate(records):

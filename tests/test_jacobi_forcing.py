@@ -199,3 +199,12 @@ def test_full_finetune_run_and_bad_options(tiny_model_dir, traj_dir, tmp_path): 
                     ({"noise_window": 0}, "--noise-window")]:
         with pytest.raises(CllmError, match=msg):
             train_cfg(tiny_model_dir, traj_dir, out, objective="jacobi_forcing", **kw)
+
+
+def test_first_prompts_keeps_the_first_ids_in_numeric_order():
+    from cllm.train_data import first_prompts
+
+    recs = [{"data_id": i, "block_index": b} for i in (10, 2, 33, 2, 9) for b in (0,)]
+    assert sorted({r["data_id"] for r in first_prompts(recs, 2)}) == [2, 9]
+    assert len(first_prompts(recs, 2)) == 3  # both blocks of prompt 2
+    assert first_prompts(recs, 0) == []

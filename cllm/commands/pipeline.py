@@ -79,44 +79,56 @@ def _eval_argv(options: dict) -> list[str]:
     return argv
 
 
-def run_pipeline(cfg: PipelineConfig) -> str:
-    from cllm.cli import main as cli_main
-    from cllm.commands.gen import generate
-    from cllm.commands.train import TrainConfig, train
+def plan(cfg: PipelineConfig) -> list[tuple]:
+    """Every round's (gen config or None when given `trajectories`, gen folder, train config, train folder), resolved
+    and so checked before any work starts."""
+    from cllm.commands.train import TrainConfig
     from cllm.trajectories import GenConfig
 
     out = Path(cfg.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "pipeline.json").write_text(json.dumps(config.to_dict(cfg), indent=1) + "\n")  # for `cllm ablation`
-    eval_dir = out / "eval"
-    eval_argv = _eval_argv(cfg.eval)  # checked before hours of work, not after
-    # Every round's configs are resolved (and so checked) before any work starts.
     rounds = [(cfg.gen, cfg.train)] + [({**cfg.gen, **(r.get("gen") or {})}, {**cfg.train, **(r.get("train") or {})})
                                        for r in cfg.rounds]
-    n_rounds, model, prev_train, stages = len(rounds), cfg.model, None, []
+    model, prev_train, stages = cfg.model, None, []
     for i, (gen_opts, train_opts) in enumerate(rounds, 1):
         # Round 1 keeps the flat layout (out/trajectories, out/train); later rounds go to out/round<i>/.
         base = out if i == 1 else out / f"round{i}"
         gen_dir, train_dir = base / "trajectories", base / "train"
+        gen_cfg = None
         if i == 1 and cfg.trajectories:
             gen_dir = Path(cfg.trajectories)
+        else:
+            gen_cfg = config.resolve(GenConfig, {**gen_opts, "model": model, "out": str(gen_dir)})
         train_extra = {"model": model}
         if prev_train is not None and train_opts.get("use_peft"):
             # Keep one adapter on the base model: continue the previous round's adapter.
             train_extra = {"model": cfg.model, "init_adapter": str(prev_train / "adapter")}
-        gen_cfg = config.resolve(GenConfig, {**gen_opts, "model": model, "out": str(gen_dir)})
         train_cfg = TrainConfig(**{**config.to_dict(config.resolve(TrainConfig, {**train_opts, "model": cfg.model,
                                    "data": [str(gen_dir)], "output_dir": str(train_dir), "resume": True})),
                                    **train_extra})
-        stages.append((gen_cfg, train_cfg, train_dir))
+        stages.append((gen_cfg, gen_dir, train_cfg, train_dir))
         model, prev_train = str(train_dir), train_dir  # the next round collects with the model trained here
+    return stages
 
-    for i, (gen_cfg, train_cfg, train_dir) in enumerate(stages, 1):
+
+def run_pipeline(cfg: PipelineConfig) -> str:
+    from cllm.cli import main as cli_main
+    from cllm.commands.gen import generate
+    from cllm.commands.train import train
+
+    out = Path(cfg.out_dir)
+    eval_dir = out / "eval"
+    eval_argv = _eval_argv(cfg.eval)  # checked before hours of work, not after
+    stages = plan(cfg)
+    n_rounds = len(stages)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "pipeline.json").write_text(json.dumps(config.to_dict(cfg), indent=1) + "\n")  # for `cllm ablation`
+
+    for i, (gen_cfg, gen_dir, train_cfg, train_dir) in enumerate(stages, 1):
         tag = f"round {i}/{n_rounds}: " if n_rounds > 1 else ""
-        if i == 1 and cfg.trajectories:
-            print(f"[cllm pipeline] {tag}trajectories: using {gen_cfg.out}", flush=True)
+        if gen_cfg is None:
+            print(f"[cllm pipeline] {tag}trajectories: using {gen_dir}", flush=True)
         else:
-            print(f"[cllm pipeline] {tag}trajectories -> {gen_cfg.out}", flush=True)
+            print(f"[cllm pipeline] {tag}trajectories -> {gen_dir}", flush=True)
             generate(gen_cfg)
         print(f"[cllm pipeline] {tag}training -> {train_dir}", flush=True)
         if (train_dir / "cllm_train.json").is_file():

@@ -43,6 +43,8 @@ class TrainConfig:
     state_sampling: str = opt("uniform", "one uniformly drawn state per block and epoch (paper), or all states",
                               ("uniform", "all"))
     use_aug: bool = opt(False, "also train on the records' aug_states")
+    max_prompts: int = opt(0, "train on the blocks of the first this many prompts of the data only (0 = all; "
+                              "the number-of-prompts lever of an ablation)")
     max_context_tokens: int = opt(1024, "keep only the last this many context tokens of a record")
     use_peft: bool = opt(False, "train a LoRA adapter (merged into the saved model at the end)")
     init_adapter: str | None = opt(None, "with use_peft: continue training this LoRA adapter folder (a later "
@@ -79,6 +81,8 @@ class TrainConfig:
             raise CllmError("--data is required (a `cllm gen` output folder or .jsonl files)")
         if not self.output_dir:
             raise CllmError("--output-dir is required")
+        if self.max_prompts < 0:
+            raise CllmError(f"--max-prompts must be >= 0, got {self.max_prompts}")
         for name in ("block_size", "per_device_train_batch_size", "gradient_accumulation_steps", "lora_r",
                      "logging_steps", "save_steps", "max_context_tokens"):
             if getattr(self, name) < 1:
@@ -141,10 +145,12 @@ def train(cfg: TrainConfig) -> dict:
 
     from cllm.jacobi_forcing import JacobiForcingCollator, JacobiForcingDataset
     from cllm.models import load_model
-    from cllm.train_data import PackedCollator, TrajectoryDataset, check_records, read_records
+    from cllm.train_data import PackedCollator, TrajectoryDataset, check_records, first_prompts, read_records
     from cllm.trainer import CllmTrainer, LossSettings
 
     records = read_records(cfg.data)
+    if cfg.max_prompts:
+        records = first_prompts(records, cfg.max_prompts)
     model, tok = load_model(cfg.model, dtype="fp32", device=None)
     check_records(records, cfg.block_size, model.config.vocab_size, where=", ".join(map(str, cfg.data)))
     if cfg.objective == "jacobi_forcing":
