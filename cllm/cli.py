@@ -1,4 +1,4 @@
-"""The `cllm` console script: decode, eval, gen, train, train-draft, pipeline, ablation."""
+"""The `cllm` console script: decode, eval, gen, train, train-draft, pipeline, ablation, export-adapter."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ SUBCOMMANDS = {
     "ablation": ("cllm.commands.ablation", "the ablation table of finished `cllm pipeline` folders"),
     "decode": ("cllm.commands.decode", "decode prompts with AR or Jacobi decoding and compare them"),
     "eval": ("cllm.commands.eval", "evaluate a checkpoint: speed-up vs the base model's AR, quality, plots"),
+    "export-adapter": ("cllm.commands.export_adapter", "a trained LoRA adapter in bf16 safetensors, to publish"),
     "gen": ("cllm.commands.gen", "collect Jacobi trajectories (resumable, sharded, batched)"),
     "pipeline": ("cllm.commands.pipeline", "trajectories -> training -> base-vs-trained evaluation, one config"),
     "train": ("cllm.commands.train", "train a consistency LLM on Jacobi trajectories (CLLM or Jacobi Forcing)"),

@@ -215,3 +215,27 @@ def load_model(
         # Batched decoding pads prompts on the left; any id works because padded positions are masked.
         tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer
+
+
+def export_adapter(src: str | Path, dst: str | Path, dtype: str = "bf16", max_mb: float | None = None) -> dict:
+    """Copy a PEFT LoRA adapter folder with its weights cast to `dtype` (bf16 halves an fp32 adapter); returns
+    {"tensors", "parameters", "bytes"}. `max_mb` refuses a result larger than that (a publishing limit)."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    src, dst = Path(src), Path(dst)
+    weights = src / "adapter_model.safetensors"
+    if not (src / "adapter_config.json").is_file() or not weights.is_file():
+        raise CllmError(f"not a PEFT adapter folder (adapter_config.json + adapter_model.safetensors): {src}")
+    target = parse_dtype(dtype)
+    tensors = {k: (v.to(target) if v.is_floating_point() else v).contiguous() for k, v in load_file(str(weights)).items()}
+    size = sum(v.numel() * v.element_size() for v in tensors.values())
+    if max_mb is not None and size > max_mb * 2**20:
+        raise CllmError(f"the adapter is {size / 2**20:.1f} MiB in {dtype}, over the {max_mb:g} MiB limit "
+                        "(train a lower lora_r)")
+    dst.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(dst / "adapter_model.safetensors"), metadata={"format": "pt"})
+    shutil.copy2(src / "adapter_config.json", dst / "adapter_config.json")
+    return {"tensors": len(tensors), "parameters": sum(v.numel() for v in tensors.values()),
+            "bytes": (dst / "adapter_model.safetensors").stat().st_size}

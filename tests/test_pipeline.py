@@ -75,6 +75,27 @@ def test_two_round_jacobi_forcing_pipeline_keeps_one_adapter(tiny_model_dir, tmp
     assert all("tokens_converged" in h for h in history if "loss" in h)
     report = json.loads((run / "eval" / "report.json").read_text())
     assert report["settings"]["model"] == str(run / "round2" / "train")
+    # The final adapter, exported in bf16, loads on the base model and gives the merged model's logits.
+    import torch
+    from safetensors.torch import load_file
+
+    from cllm.models import load_model
+
+    adapter = run / "round2" / "train" / "adapter"
+    assert main(["export-adapter", str(adapter), str(tmp_path / "models" / "jf")]) == 0
+    exported = load_file(str(tmp_path / "models" / "jf" / "adapter_model.safetensors"))
+    assert exported and all(v.dtype == torch.bfloat16 for v in exported.values())
+    original = load_file(str(adapter / "adapter_model.safetensors"))
+    assert exported.keys() == original.keys()
+    assert sum(v.nbytes for v in exported.values()) * 2 == sum(v.nbytes for v in original.values())
+    ids = torch.tensor([[5, 9, 14, 3, 7]])
+    with torch.no_grad():
+        via_adapter = load_model(str(tiny_model_dir), adapter=str(tmp_path / "models" / "jf"))[0](ids).logits
+        merged = load_model(str(run / "round2" / "train"))[0](ids).logits
+        base = load_model(str(tiny_model_dir))[0](ids).logits
+    assert (via_adapter - merged).abs().max() < 0.02 * (merged - base).abs().max()  # bf16 rounding only
+    assert main(["export-adapter", str(adapter), str(tmp_path / "big"), "--max-mb", "0.0001"]) == 2
+    assert main(["export-adapter", str(tmp_path), str(tmp_path / "x")]) == 2
     # The ablation row of this folder.
     assert main(["ablation", str(run), "--out", str(tmp_path / "table.md")]) == 0
     row = json.loads((tmp_path / "table.json").read_text())[0]
