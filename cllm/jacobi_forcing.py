@@ -25,6 +25,7 @@ from collections import defaultdict
 import torch
 
 from cllm.errors import CllmError
+from cllm.train_data import additive_mask
 
 # Stream ids of the packed sequence.
 PROMPT, NOISY, CLEAN, PAD = 0, 1, 2, -1
@@ -195,9 +196,8 @@ class JacobiForcingCollator:
             for j, (fp, st) in enumerate(zip(p["fixed_points"], p["states"])):
                 fixed_point[b, j, : len(fp)] = torch.tensor(fp)
                 state[b, j, : len(st)] = torch.tensor(st)
-        allowed = noise_aware_mask(stream, block)  # (B, T, T), built once per batch
-        attention_mask = torch.zeros(B, 1, T, T, dtype=self.mask_dtype)
-        attention_mask.masked_fill_(~allowed.unsqueeze(1), torch.finfo(self.mask_dtype).min)
+        # (B, 1, T, T), built once per batch
+        attention_mask = additive_mask(noise_aware_mask(stream, block), self.mask_dtype)
         return {"input_ids": input_ids, "position_ids": position_ids, "attention_mask": attention_mask,
                 "student_idx": student_idx, "teacher_idx": teacher_idx, "block_mask": block_mask,
                 "real_mask": real_mask, "fixed_point": fixed_point, "state": state,

@@ -139,6 +139,12 @@ def segment_mask(seg: torch.Tensor) -> torch.Tensor:
     return (causal & visible) | eye
 
 
+def additive_mask(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A 4D additive attention mask (B, 1, T, T) from allowed pairs (B, T, T): 0 where allowed, dtype-min elsewhere."""
+    mask = torch.zeros(allowed.shape[0], 1, *allowed.shape[1:], dtype=dtype)
+    return mask.masked_fill_(~allowed.unsqueeze(1), torch.finfo(dtype).min)
+
+
 class PackedCollator:
     """Pads packed examples into a batch: input_ids, position_ids, a 4D additive attention mask and the index
     tensors that pick student, teacher and AR logits. B > 1 is supported (right padding)."""
@@ -208,9 +214,7 @@ class PackedCollator:
             ar_idx[b, :a] = torch.tensor(p["ar_idx"])
             ar_target[b, :a] = torch.tensor(p["ar_target"])
             ar_mask[b, :a] = True
-        allowed = segment_mask(seg)  # (B, T, T)
-        attention_mask = torch.zeros(B, 1, T, T, dtype=self.mask_dtype)
-        attention_mask.masked_fill_(~allowed.unsqueeze(1), torch.finfo(self.mask_dtype).min)
+        attention_mask = additive_mask(segment_mask(seg), self.mask_dtype)  # (B, 1, T, T)
         return {"input_ids": input_ids, "position_ids": position_ids, "attention_mask": attention_mask,
                 "student_idx": student_idx, "teacher_idx": teacher_idx, "fixed_point": fixed_point, "state": state,
                 "block_mask": block_mask, "ar_idx": ar_idx, "ar_target": ar_target, "ar_mask": ar_mask}
