@@ -92,7 +92,12 @@ def build_eval_report(rows: dict[str, list[dict]], settings: dict) -> dict:
     def subset(method_rows, key, value):
         return [r for r in method_rows if r[key] == value]
 
-    report = {"settings": settings, "reference": REFERENCE, "methods": {}, "per_dataset": {}, "per_category": {}}
+    machines: dict[str, int] = {}  # timing setting -> prompts (rows written before it was recorded: "unrecorded")
+    for r in next(iter(rows.values()), []):
+        tag = r.get("machine") or "unrecorded"
+        machines[tag] = machines.get(tag, 0) + 1
+    report = {"settings": settings, "reference": REFERENCE, "machines": machines, "methods": {}, "per_dataset": {},
+              "per_category": {}}
     for m, mrows in rows.items():
         report["methods"][m] = summarize(mrows, ref)
         for key, bucket in (("dataset", "per_dataset"), ("category", "per_category")):
@@ -119,6 +124,10 @@ def summary_markdown(report: dict) -> str:
         f"Base model `{s.get('base_model')}`, dtype {s.get('dtype')}, {s.get('max_new_tokens')} new tokens at most, "
         f"block size {s.get('block_size')}, {report['methods'][next(iter(report['methods']))]['n_prompts']} prompts. "
         f"Speed-up is against AR greedy of the base model ({REFERENCE}) in the same run.",
+        "",
+        "Measured on: " + "; ".join(f"{m} ({n} prompts)" for m, n in report.get("machines", {}).items())
+        + ("  **Timings from more than one machine are mixed: compare only ratios.**"
+           if len(report.get("machines", {})) > 1 else ""),
         "",
         "| method | accuracy | tokens/forward | tokens/s | speed-up | same as base AR | repeat rate | ppl (base) "
         "| CPU s/token |",

@@ -210,6 +210,10 @@ def load_model(
         model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
     if not device_map and device is not None:
         model.to(device)
+    if not device_map:
+        from cllm.machine import warn_if_slow_bf16
+
+        warn_if_slow_bf16(torch_dtype, device)
     model.eval()
     if tokenizer.pad_token_id is None:
         # Batched decoding pads prompts on the left; any id works because padded positions are masked.

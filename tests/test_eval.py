@@ -55,10 +55,13 @@ def test_eval_report_fields_plots_and_consistency(tiny_model_dir, tmp_path):
     assert methods["jacobi"]["speedup_vs_own_ar"] == pytest.approx(
         methods["jacobi"]["tokens_per_second"] / methods["ar"]["tokens_per_second"])
     assert len(report["per_dataset"]) == 1 and len(report["per_category"]) == 1
+    # every row says what it was timed on; one machine here, counted once per prompt
+    (tag, n), = report["machines"].items()
+    assert n == 4 and "thread" in tag
     for png in ("accept_lengths.png", "per_dataset.png"):
         assert (out / png).read_bytes()[:8] == PNG_MAGIC
     summary = (out / "summary.md").read_text()
-    assert "| jacobi |" in summary and "speed-up" in summary
+    assert "| jacobi |" in summary and "speed-up" in summary and f"Measured on: {tag} (4 prompts)" in summary
     answers = [json.loads(x) for x in (out / "answers" / "jacobi.jsonl").read_text().splitlines()]
     assert [a["question_id"] for a in answers] == ["q0", "q1", "q2", "q3"]
 

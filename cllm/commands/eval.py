@@ -239,6 +239,9 @@ def run(args) -> None:
                 for m in all_methods:
                     run_method(m, warm, args.seed, short)
 
+        from cllm.machine import machine_tag
+
+        machine = machine_tag()  # on every row: a resumed eval may span machines, and the report says so
         rows_path = out_dir / f"rows-rank{ctx.rank}.jsonl"
         _repair(rows_path)
         bar = tqdm(total=len(todo), desc=f"eval {'+'.join(all_methods)}", unit="prompt", disable=not ctx.is_main)
@@ -253,7 +256,7 @@ def run(args) -> None:
                     res = run_method(m, ids, args.seed + i)
                     seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
                     row = _row(i, rec, res)
-                    row.update(method=m, seconds=seconds, cpu_seconds=cpu)
+                    row.update(method=m, seconds=seconds, cpu_seconds=cpu, machine=machine)
                     prompt_rows.append(row)
                 for row in prompt_rows:  # untimed quality checks
                     lp = token_logprobs(base, ids, row["token_ids"])

@@ -1,0 +1,87 @@
+"""What a timing was measured on: CPU model, threads, torch build, native bf16 support.
+
+Wall-clock figures only compare within one machine. bf16 is the fast dtype on CPUs with bf16 matrix instructions
+(AVX512_BF16, AMX) and the slow one elsewhere: on an AMD EPYC with AVX2 only, a 16-token bf16 forward of
+SmolLM2-135M cost ~4.6x a 1-token one (fp32: ~2x), so an eval records the machine next to its numbers and
+`load_model` warns when bf16 is asked for on a CPU without those instructions.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import sys
+from functools import lru_cache
+from pathlib import Path
+
+BF16_FLAGS = ("avx512_bf16", "amx_bf16")
+
+
+def _cpuinfo_field(name: str, text: str) -> str | None:
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() == name:
+            return value.strip()
+    return None
+
+
+@lru_cache(maxsize=1)
+def _cpuinfo() -> str:
+    try:
+        return Path("/proc/cpuinfo").read_text()
+    except OSError:  # not Linux
+        return ""
+
+
+def cpu_model(cpuinfo: str | None = None) -> str:
+    text = _cpuinfo() if cpuinfo is None else cpuinfo
+    return _cpuinfo_field("model name", text) or platform.processor() or platform.machine() or "unknown"
+
+
+def native_bf16(cpuinfo: str | None = None) -> bool | None:
+    """True when the CPU has bf16 matrix instructions; None when /proc/cpuinfo is not readable."""
+    text = _cpuinfo() if cpuinfo is None else cpuinfo
+    flags = _cpuinfo_field("flags", text)
+    if flags is None:
+        return None
+    return any(f in flags.split() for f in BF16_FLAGS)
+
+
+def machine_info() -> dict:
+    import torch
+
+    return {
+        "cpu": cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "native_bf16": native_bf16(),
+        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+    }
+
+
+def machine_tag(info: dict | None = None) -> str:
+    """One short string per timing setting, stored on every eval row ("AMD EPYC, AVX2, 1 thread")."""
+    info = info or machine_info()
+    if info.get("cuda"):
+        return info["cuda"]
+    threads = info["torch_threads"]
+    return f"{info['cpu']}, {info['cpu_capability']}, {threads} thread{'s' if threads != 1 else ''}"
+
+
+_warned = False
+
+
+def warn_if_slow_bf16(dtype, device) -> None:
+    """One stderr line when bf16 runs on a CPU without bf16 instructions (it works, but slower than fp32)."""
+    global _warned
+    import torch
+
+    if _warned or dtype != torch.bfloat16 or torch.device(device or "cpu").type != "cpu":
+        return
+    if native_bf16() is False:
+        _warned = True
+        print(f"cllm: warning: bf16 on a CPU without {'/'.join(BF16_FLAGS)} ({cpu_model()}) is emulated and "
+              "usually slower than fp32, wide (Jacobi) forwards most of all; use --dtype fp32 for speed here",
+              file=sys.stderr)
