@@ -2,7 +2,7 @@
 
 Wall-clock figures only compare within one machine. bf16 is the fast dtype on CPUs with bf16 matrix instructions
 (AVX512_BF16, AMX) and the slow one elsewhere: on an AMD EPYC with AVX2 only, a 16-token bf16 forward of
-SmolLM2-135M cost ~4.6x a 1-token one (fp32: ~2x), so an eval records the machine next to its numbers and
+SmolLM2-135M cost ~7.7x a 1-token one (fp32: ~2.5x; bench/window_cost.py, one thread), so an eval records the machine next to its numbers and
 `load_model` warns when bf16 is asked for on a CPU without those instructions.
 """
 
