@@ -34,7 +34,9 @@ def test_pipeline_runs_end_to_end_and_resumes(tiny_model_dir, tmp_path, capsys):
     capsys.readouterr()
     # A rerun resumes every stage: nothing is trained or decoded again.
     assert main(["pipeline", "--config", str(path)]) == 0
-    assert "training already finished, skipped" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "training already finished, skipped" in out
+    assert out.count("| base_jacobi |") == 1 and out.rstrip().endswith(f"{run / 'summary.md'}")  # the table once
     assert (run / "eval" / "rows-rank0.jsonl").read_text() == rows_before
 
 

@@ -57,7 +57,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args) -> None:
     cfg = config.resolve(PipelineConfig, {k: v for k, v in vars(args).items() if k != "command"})
-    print(run_pipeline(cfg))
+    run_pipeline(cfg)  # the eval stage has just printed the base-vs-trained table
+    print(f"[cllm pipeline] done: the table above is in {Path(cfg.out_dir) / 'summary.md'}", flush=True)
 
 
 def _eval_argv(options: dict) -> list[str]:
