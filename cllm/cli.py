@@ -48,7 +48,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def console_main() -> None:
-    sys.exit(main())
+    from cllm.distributed import exit_process
+
+    exit_process(main())
 
 
 if __name__ == "__main__":

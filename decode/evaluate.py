@@ -17,4 +17,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from cllm.distributed import exit_process
+
+    exit_process(main())

@@ -82,6 +82,15 @@ def test_console_script_exit_code(tmp_path):
     assert proc.stderr.strip().splitlines()[-1] == f"cllm decode: error: model path not found: {tmp_path / 'missing'}"
 
 
+@pytest.mark.parametrize("world_size", ["1", "2"])
+def test_exit_process_keeps_exit_code_and_output(world_size):
+    # A rank of several leaves through os._exit (skipping C++ teardown): its exit code and buffered output survive.
+    code = "import sys; from cllm.distributed import exit_process; print('out'); sys.stderr.write('err'); exit_process(3)"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          env={**os.environ, "WORLD_SIZE": world_size})
+    assert (proc.returncode, proc.stdout, proc.stderr) == (3, "out\n", "err")
+
+
 def test_entry_script_main_is_callable(tiny_model_dir, tmp_path):
     sys.path.insert(0, str(REPO / "decode"))
     try:

@@ -6,6 +6,7 @@ Runs under plain python, `torchrun`, `accelerate launch` and `deepspeed` (pass `
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import sys
@@ -222,7 +223,11 @@ def train(cfg: TrainConfig) -> dict:
     _save_final(cfg, trainer, tok)
     if dist.is_initialized():
         dist.barrier()
-        dist.destroy_process_group()  # DeepSpeed may otherwise abort at exit (ZeRO-3 offload, bf16)
+        # Free the DeepSpeed engine (and the gloo work and tensors it holds) while the interpreter is whole, then
+        # the groups: left to interpreter exit, their teardown can abort the process (ZeRO-3 offload, bf16).
+        del trainer, model
+        gc.collect()
+        dist.destroy_process_group()
     return result.metrics
 
 
