@@ -96,11 +96,14 @@ class CllmTrainer(Trainer):
                 fixed = inputs["fixed_point"]
                 real = inputs.get("real_mask", inputs["block_mask"]).view(fixed.shape)
                 conv = converged_prefix(student.view(*fixed.shape, vocab), fixed, real).float()
-                # What the state already had right at its start (a committed prefix is not progress).
-                had = ((inputs["state"] == fixed) & real).long().cumprod(-1).sum(-1)
                 blocks = real.any(-1)
                 self._metrics["tokens_converged"].append(conv[blocks].mean().item())
-                self._metrics["tokens_gained"].append((conv - had.float())[blocks].mean().item())
+                if "real_mask" not in inputs:
+                    # What the state already had right at its start (a committed prefix is not progress). Not
+                    # logged for Jacobi Forcing: there a noisy block's context is the earlier *noisy* blocks, so
+                    # even its right prefix need not be reproduced and the difference would read as a loss.
+                    had = ((inputs["state"] == fixed) & real).long().cumprod(-1).sum(-1)
+                    self._metrics["tokens_gained"].append((conv - had.float())[blocks].mean().item())
         return (loss, out) if return_outputs else loss
 
     def log(self, logs: dict, start_time: float | None = None) -> None:

@@ -195,6 +195,7 @@ def test_full_finetune_run_and_bad_options(tiny_model_dir, traj_dir, tmp_path): 
     steps = [h for h in history if "loss" in h]
     assert len(steps) == 3 and all(torch.isfinite(torch.tensor(h["loss"])) for h in steps)
     assert all(h["loss/consistency"] > 0 and 0 <= h["tokens_converged"] <= 4 for h in steps)
+    assert not any("tokens_gained" in h for h in steps)  # meaningless under noisy contexts (trainer.py)
     for kw, msg in [({"ar_target": "labels"}, "clean stream"), ({"consistency": "local"}, "clean stream"),
                     ({"noise_window": 0}, "--noise-window")]:
         with pytest.raises(CllmError, match=msg):
