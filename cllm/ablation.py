@@ -30,15 +30,23 @@ def ablation_row(run_dir: str | Path, method: str = "jacobi") -> dict:
     shared = (_json(run / "pipeline.json") or {}).get("trajectories")
     for r in rounds:
         gen_dir = Path(shared) if shared and r == run else r / "trajectories"
+        round_cfg = _json(r / "train" / "cllm_train.json") or {}
         if (gen_dir / "manifest.json").is_file():
-            gen = summarize(gen_dir)  # shared data counts its full cost in every row that uses it
-            cpu_s += gen.get("cpu_seconds") or 0.0
-            prompts = gen["prompts_done"] if prompts is None else prompts  # round 1's prompt count
+            gen = summarize(gen_dir)
+            done = gen["prompts_done"]
+            used = min(done, round_cfg.get("max_prompts") or done)
+            gen_cpu = gen.get("cpu_seconds") or 0.0
+            if shared and r == run and done:
+                # Shared data may since have grown past what this row trained on (a larger --limit extends it):
+                # count the share of its cost that this row's prompts took. Own data counts in full.
+                gen_cpu *= used / done
+            cpu_s += gen_cpu
+            prompts = used if prompts is None else prompts  # round 1's prompt count
         cost = _json(r / "train" / "train_cost.json")
         if cost:
             cpu_s += cost["cpu_seconds"]
             steps += cost["segments"][-1]["to_step"]  # each round's trainer counts its own steps from 0
-        train_cfg = _json(r / "train" / "cllm_train.json") or train_cfg
+        train_cfg = round_cfg or train_cfg
     methods = report["methods"]
     if method not in methods:
         raise CllmError(f"{run}: the eval has no {method!r} rows (methods: {', '.join(methods)})")
@@ -52,7 +60,7 @@ def ablation_row(run_dir: str | Path, method: str = "jacobi") -> dict:
         "rounds": len([r for r in rounds if (r / "train").is_dir()]),
         "train_prompts": prompts,
         "steps": steps,
-        "cpu_seconds": round(cpu_s, 1),  # trajectory collection + training, every round
+        "cpu_seconds": round(cpu_s, 1),  # trajectory collection (its share, if shared) + training, every round
         "eval_prompts": m.get("n_prompts"),
         "tokens_per_forward": m.get("tokens_per_forward"),
         "speedup": m.get("speedup_vs_base_ar"),
