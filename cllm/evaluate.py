@@ -106,9 +106,15 @@ def build_eval_report(rows: dict[str, list[dict]], settings: dict) -> dict:
                     subset(mrows, key, value), subset(ref, key, value) if ref is not None else None)
     if "ar" in rows:  # the checkpoint's own AR, beside the base model's
         own = summarize(rows["ar"], None)
+        own_tokens = {r["index"]: r["token_ids"] for r in rows["ar"]}
         for m, s in report["methods"].items():
             s["speedup_vs_own_ar"] = (s["tokens_per_second"] / own["tokens_per_second"]
                                       if s["tokens_per_second"] and own["tokens_per_second"] else None)
+            if m != REFERENCE and not m.startswith("base_"):
+                # Lossless check of a trained checkpoint: its decoders against its own greedy AR (the base's AR
+                # differs once training moved the model).
+                same = [r["token_ids"] == own_tokens.get(r["index"]) for r in rows[m]]
+                s["exact_match_own_ar"] = sum(same) / len(same) if same else None
     return report
 
 
@@ -129,16 +135,21 @@ def summary_markdown(report: dict) -> str:
         + ("  **Timings from more than one machine are mixed: compare only ratios.**"
            if len(report.get("machines", {})) > 1 else ""),
         "",
-        "| method | accuracy | tokens/forward | tokens/s | speed-up | same as base AR | repeat rate | ppl (base) "
-        "| CPU s/token |",
-        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    own = any("exact_match_own_ar" in r for r in report["methods"].values())
+    lines += [
+        "| method | accuracy | tokens/forward | tokens/s | speed-up | same as base AR | "
+        + ("same as own AR | " if own else "") + "repeat rate | ppl (base) | CPU s/token |",
+        "|---|---|---|---|---|---|---|---|---|" + ("---|" if own else ""),
     ]
     for m, r in report["methods"].items():
         lines.append(
             f"| {m} | {_fmt(r['accuracy'], '.3f')} | {_fmt(r['tokens_per_forward'], '.3f')} | "
             f"{_fmt(r['tokens_per_second'], '.2f')} | {_fmt(r.get('speedup_vs_base_ar'), '.3f')}x | "
-            f"{_fmt(r.get('exact_match_base_ar'), '.2f')} | {_fmt(r['repeat_rate'], '.3f')} | "
-            f"{_fmt(r['perplexity_base'], '.3f')} | {_fmt(r['cpu_s_per_token'], '.4f')} |"
+            f"{_fmt(r.get('exact_match_base_ar'), '.2f')} | "
+            + (f"{_fmt(r.get('exact_match_own_ar'), '.2f')} | " if own else "")
+            + f"{_fmt(r['repeat_rate'], '.3f')} | {_fmt(r['perplexity_base'], '.3f')} | "
+            f"{_fmt(r['cpu_s_per_token'], '.4f')} |"
         )
     if len(report["per_dataset"]) > 1:
         lines += ["", "| dataset | method | n | accuracy | tokens/forward | speed-up |", "|---|---|---|---|---|---|"]

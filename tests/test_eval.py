@@ -108,6 +108,10 @@ def test_eval_against_another_base_model(tiny_model_dir, other_model_dir, tmp_pa
     m = report["methods"]
     assert report["settings"]["base_model"] == str(other_model_dir)
     assert m["ar"]["exact_match_base_ar"] < 1.0  # another model answers differently
+    # ... while Jacobi stays lossless against the checkpoint's own AR (fp64); base_ar has no own-AR column
+    assert m["jacobi"]["exact_match_own_ar"] == 1.0 and m["ar"]["exact_match_own_ar"] == 1.0
+    assert "exact_match_own_ar" not in m[REFERENCE]
+    assert "| same as own AR |" in (out / "summary.md").read_text()
     assert m["jacobi"]["tokens_per_second"] / m[REFERENCE]["tokens_per_second"] == pytest.approx(
         m["jacobi"]["speedup_vs_base_ar"])
 
@@ -120,6 +124,7 @@ def test_eval_base_methods_give_base_vs_trained_rows(tiny_model_dir, other_model
     assert list(m) == [REFERENCE, "base_jacobi", "ar", "jacobi"]
     assert m["base_jacobi"]["exact_match_base_ar"] == 1.0  # Jacobi on the base reproduces the base's AR (fp64)
     assert m["jacobi"]["exact_match_base_ar"] < 1.0
+    assert "exact_match_own_ar" not in m["base_jacobi"] and m["jacobi"]["exact_match_own_ar"] == 1.0
 
 
 def test_eval_bad_input(tiny_model_dir, tmp_path, capsys):
