@@ -19,7 +19,7 @@ def _json(path: Path) -> dict | None:
 
 def ablation_row(run_dir: str | Path, method: str = "jacobi") -> dict:
     """Statistics of one pipeline folder (rounds in out/, out/round2, ...); missing stages give None fields."""
-    from cllm.trajectories import summarize
+    from cllm.trajectories import first_prompts_cpu_seconds, summarize
 
     run = Path(run_dir)
     report = _json(run / "eval" / "report.json")
@@ -36,10 +36,10 @@ def ablation_row(run_dir: str | Path, method: str = "jacobi") -> dict:
             done = gen["prompts_done"]
             used = min(done, round_cfg.get("max_prompts") or done)
             gen_cpu = gen.get("cpu_seconds") or 0.0
-            if shared and r == run and done:
+            if shared and r == run and used < done:
                 # Shared data may since have grown past what this row trained on (a larger --limit extends it):
-                # count the share of its cost that this row's prompts took. Own data counts in full.
-                gen_cpu *= used / done
+                # count what collecting this row's prompts cost. Own data counts in full.
+                gen_cpu = first_prompts_cpu_seconds(gen_dir, used)
             cpu_s += gen_cpu
             prompts = used if prompts is None else prompts  # round 1's prompt count
         cost = _json(r / "train" / "train_cost.json")

@@ -51,10 +51,14 @@ def read_records(source: str | Path | list) -> list[dict]:
     return records
 
 
+def first_ids(ids, n: int) -> set:
+    """The n first data_ids (numeric ids in numeric order, then the others as text): what --max-prompts keeps."""
+    return set(sorted(set(ids), key=lambda i: (0, i, "") if isinstance(i, int) else (1, 0, str(i)))[:n])
+
+
 def first_prompts(records: list[dict], n: int) -> list[dict]:
-    """The records of the n first prompts by data_id (numeric ids in numeric order)."""
-    ids = {r["data_id"] for r in records}
-    keep = set(sorted(ids, key=lambda i: (0, i, "") if isinstance(i, int) else (1, 0, str(i)))[:n])
+    """The records of the n first prompts by data_id."""
+    keep = first_ids((r["data_id"] for r in records), n)
     return [r for r in records if r["data_id"] in keep]
 
 

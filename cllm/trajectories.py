@@ -318,6 +318,20 @@ def load_trajectories(out: str | Path) -> list[dict]:
     return records
 
 
+def first_prompts_cpu_seconds(out: str | Path, n: int) -> float:
+    """Collection CPU seconds of the n first prompts (as `--max-prompts n` picks them) of a trajectory folder.
+
+    Each committed batch counts in proportion to its prompts among them: exact when no batch straddles the cut
+    (the folder was first collected with --limit n and extended later), an even split of that batch otherwise.
+    """
+    from cllm.train_data import first_ids
+
+    entries = [e for prog in sorted(Path(out).glob("progress-*.jsonl")) for e in _read_progress(prog)[0]]
+    keep = first_ids((i for e in entries for i in e["data_ids"]), n)
+    return sum(e.get("cpu_seconds", 0.0) * sum(i in keep for i in e["data_ids"]) / len(e["data_ids"])
+               for e in entries if e["data_ids"])
+
+
 def summarize(out: str | Path) -> dict:
     """Totals over every worker's progress log (so a resumed run reports the whole job)."""
     out = Path(out)

@@ -22,6 +22,7 @@ from cllm.prompts import format_prompt
 from cllm.trajectories import (
     GenConfig,
     augment_state,
+    first_prompts_cpu_seconds,
     load_trajectories,
     longest_run,
     summarize,
@@ -70,6 +71,20 @@ def test_pure_helpers():
     assert wrong_after == wrong_before - 2 and all(a in (9, b) for a, b in zip(aug, fp))
     assert augment_state([1, 2, 3, 4, 5, 9], fp, 0.5, gen) is None  # one wrong token: nothing to augment
     assert sum(a != b for a, b in zip(augment_state([9] * 6, fp, 1.0, gen), fp)) == 1
+
+
+def test_first_prompts_cpu_seconds_counts_the_batches_of_those_prompts(tmp_path):
+    """Two shards of batches (cpu 10, 30 for prompts 0-3, then 50 and 70 for 4-7, 8-11 after an extension)."""
+    def progress(shard, batches):
+        lines = [json.dumps({"data_ids": ids, "skipped": {}, "n_records": 0, "cpu_seconds": cpu}) for ids, cpu in batches]
+        (tmp_path / f"progress-0000{shard}-of-00002.jsonl").write_text("\n".join(lines) + "\n")
+
+    progress(0, [([0, 2], 10.0), ([4, 6], 50.0)])
+    progress(1, [([1, 3], 30.0), ([5, 7, 9, 11], 70.0)])
+    assert first_prompts_cpu_seconds(tmp_path, 4) == pytest.approx(40.0)  # the batches of 0-3, not 4/10 of 160
+    assert first_prompts_cpu_seconds(tmp_path, 2) == pytest.approx(20.0)  # half of each batch holding 0 and 1
+    assert first_prompts_cpu_seconds(tmp_path, 10) == pytest.approx(160.0)  # every prompt (10 ids in all)
+    assert first_prompts_cpu_seconds(tmp_path, 6) == pytest.approx(40.0 + 50.0 / 2 + 70.0 / 4)  # 0-5
 
 
 def test_records_are_jacobi_trajectories_of_greedy_output(reference, tiny_model_dir):

@@ -115,15 +115,17 @@ def test_two_round_jacobi_forcing_pipeline_keeps_one_adapter(tiny_model_dir, tmp
     assert not (tmp_path / "shared" / "trajectories").exists()
     shared_row = ablation_row(tmp_path / "shared")
     assert (shared_row["train_prompts"], shared_row["steps"], shared_row["rounds"]) == (4, 2, 1)
-    # A row that trains on the first 2 of those 4 prompts counts 2 prompts and half the collection's CPU time.
+    # A row that trains on the first 2 of those 4 prompts counts 2 prompts and the CPU time of their batch.
     cfg3 = {**cfg2, "out_dir": str(tmp_path / "half"), "train": {**cfg["train"], "max_prompts": 2}}
     path.write_text(yaml.safe_dump(cfg3))
     assert main(["pipeline", "--config", str(path)]) == 0
     half_row = ablation_row(tmp_path / "half")
     gen_cpu = summarize(run / "trajectories")["cpu_seconds"]
+    batches = [json.loads(x) for x in (run / "trajectories" / "progress-00000-of-00001.jsonl").read_text().splitlines()]
+    first_batch_cpu, = [b["cpu_seconds"] for b in batches if b["data_ids"] == [0, 1]]  # batch_size 2
     train_cpu = lambda d: json.loads((d / "train" / "train_cost.json").read_text())["cpu_seconds"]  # noqa: E731
     assert half_row["train_prompts"] == 2
-    assert half_row["cpu_seconds"] == pytest.approx(gen_cpu / 2 + train_cpu(tmp_path / "half"), abs=0.2)
+    assert half_row["cpu_seconds"] == pytest.approx(first_batch_cpu + train_cpu(tmp_path / "half"), abs=0.2)
     assert shared_row["cpu_seconds"] == pytest.approx(gen_cpu + train_cpu(tmp_path / "shared"), abs=0.2)
 
 
