@@ -74,7 +74,7 @@ def test_pure_helpers():
 
 
 def test_first_prompts_cpu_seconds_counts_the_batches_of_those_prompts(tmp_path):
-    """Two shards of batches (cpu 10, 30 for prompts 0-3, then 50 and 70 for 4-7, 8-11 after an extension)."""
+    """Two shards of batches: 10 + 30 CPU s for prompts 0-3, then 50 + 70 s for an extension (4-7, 9, 11)."""
     def progress(shard, batches):
         lines = [json.dumps({"data_ids": ids, "skipped": {}, "n_records": 0, "cpu_seconds": cpu}) for ids, cpu in batches]
         (tmp_path / f"progress-0000{shard}-of-00002.jsonl").write_text("\n".join(lines) + "\n")
