@@ -138,3 +138,33 @@ def test_pipeline_rejects_bad_rounds(tiny_model_dir, tmp_path, capsys):
         path.write_text(yaml.safe_dump({**base, "rounds": rounds}))
         assert main(["pipeline", "--config", str(path)]) == 2
         assert message in capsys.readouterr().err
+
+
+def test_pipeline_runs_collection_and_eval_on_two_ranks(tiny_model_dir, tmp_path, capsys):
+    prompts = write_scored_prompts(tmp_path / "p.jsonl", 4)
+    cfg = {
+        "model": str(tiny_model_dir),
+        "out_dir": str(tmp_path / "run"),
+        "nproc": 2,
+        "gen": {"prompts": str(prompts), "limit": 4, "block_size": 4, "max_new_tokens": 12, "batch_size": 1},
+        "train": {"block_size": 4, "max_steps": 1, "logging_steps": 1, "save_steps": 1, "learning_rate": 1e-3},
+        "eval": {"prompts": str(prompts), "limit": 4, "methods": "jacobi", "base_methods": "ar",
+                 "block_size": 4, "max_new_tokens": 8, "dtype": "fp32", "warmup": 0},
+    }
+    path = tmp_path / "pipe.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    assert main(["pipeline", "--config", str(path)]) == 0
+    run = tmp_path / "run"
+    assert "torch.distributed.run --standalone --nproc_per_node 2" in capsys.readouterr().out
+    # Each rank collected and evaluated its own 2 of the 4 prompts.
+    gen_ids = [{i for x in (run / "trajectories" / f"progress-{r:05d}-of-00002.jsonl").read_text().splitlines()
+                for i in json.loads(x)["data_ids"]} for r in (0, 1)]
+    assert sorted(gen_ids[0] | gen_ids[1]) == [0, 1, 2, 3] and not gen_ids[0] & gen_ids[1]
+    eval_ids = [{json.loads(x)["index"] for x in (run / "eval" / f"rows-rank{r}.jsonl").read_text().splitlines()}
+                for r in (0, 1)]
+    assert sorted(eval_ids[0] | eval_ids[1]) == [0, 1, 2, 3] and not eval_ids[0] & eval_ids[1]
+    report = json.loads((run / "eval" / "report.json").read_text())
+    assert report["methods"]["jacobi"]["n_prompts"] == 4
+    path.write_text(yaml.safe_dump({**cfg, "nproc": 0}))
+    assert main(["pipeline", "--config", str(path)]) == 2
+    assert "--nproc must be at least 1" in capsys.readouterr().err

@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,10 +33,15 @@ class PipelineConfig:
     rounds: list = opt([], "further training rounds, each {gen: {...}, train: {...}} overriding the first round's "
                            "options: trajectories are re-collected with the previous round's model and training "
                            "continues from it (the same LoRA adapter with use_peft)")
+    nproc: int = opt(1, "processes for the collection and evaluation stages: above 1 they run under torchrun, each "
+                        "rank on a disjoint share of the prompts with this process's CPU threads split between "
+                        "them (training stays in this process)")
 
     def validate(self) -> None:
         if not self.out_dir:
             raise CllmError("--out-dir is required")
+        if self.nproc < 1:
+            raise CllmError(f"--nproc must be at least 1, got {self.nproc}")
         if self.trajectories and not Path(self.trajectories, "manifest.json").is_file():
             raise CllmError(f"trajectories: not a `cllm gen` output folder (no manifest.json): {self.trajectories}")
         for section, owned in (("gen", ("model", "out")), ("train", ("model", "data", "output_dir", "resume")),
@@ -80,6 +88,22 @@ def _eval_argv(options: dict) -> list[str]:
     return argv
 
 
+def _launch(argv: list[str], nproc: int) -> int:
+    """Run a `cllm` command in this process, or on `nproc` torchrun ranks splitting this process's CPU threads."""
+    from cllm.cli import main as cli_main
+
+    if nproc == 1:
+        return cli_main(argv)
+    import torch
+
+    # Set explicitly: an inherited OMP_NUM_THREADS meant for one process would oversubscribe the cores nproc times.
+    env = {**os.environ, "OMP_NUM_THREADS": str(max(1, torch.get_num_threads() // nproc))}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
+           "-m", "cllm.cli", *argv]
+    print(f"[cllm pipeline] OMP_NUM_THREADS={env['OMP_NUM_THREADS']} {' '.join(cmd)}", flush=True)
+    return subprocess.run(cmd, env=env).returncode
+
+
 def plan(cfg: PipelineConfig) -> list[tuple]:
     """Every round's (gen config or None when given `trajectories`, gen folder, train config, train folder), resolved
     and so checked before any work starts."""
@@ -112,7 +136,8 @@ def plan(cfg: PipelineConfig) -> list[tuple]:
 
 
 def run_pipeline(cfg: PipelineConfig) -> str:
-    from cllm.cli import main as cli_main
+    import yaml
+
     from cllm.commands.gen import generate
     from cllm.commands.train import train
 
@@ -130,7 +155,16 @@ def run_pipeline(cfg: PipelineConfig) -> str:
             print(f"[cllm pipeline] {tag}trajectories: using {gen_dir}", flush=True)
         else:
             print(f"[cllm pipeline] {tag}trajectories -> {gen_dir}", flush=True)
-            generate(gen_cfg)
+            if cfg.nproc == 1:
+                generate(gen_cfg)
+            else:
+                gen_yaml = gen_dir.parent / "gen.yaml"  # the resolved options, for the ranks (and the record)
+                gen_yaml.parent.mkdir(parents=True, exist_ok=True)
+                gen_yaml.write_text(yaml.safe_dump(config.to_dict(gen_cfg), sort_keys=False))
+                code = _launch(["gen", "--config", str(gen_yaml)], cfg.nproc)
+                if code != 0:
+                    raise CllmError(f"round {i} collection failed (exit {code}); fix the cause and run the same "
+                                    "command again")
         print(f"[cllm pipeline] {tag}training -> {train_dir}", flush=True)
         if (train_dir / "cllm_train.json").is_file():
             print("[cllm pipeline] training already finished, skipped", flush=True)
@@ -139,8 +173,8 @@ def run_pipeline(cfg: PipelineConfig) -> str:
             train(train_cfg)
 
     print(f"[cllm pipeline] evaluation -> {eval_dir}", flush=True)
-    code = cli_main(["eval", "--model", str(train_dir), "--base-model", cfg.model, "--out-dir", str(eval_dir),
-                     "--training-log", str(train_dir), *eval_argv])
+    code = _launch(["eval", "--model", str(train_dir), "--base-model", cfg.model, "--out-dir", str(eval_dir),
+                    "--training-log", str(train_dir), *eval_argv], cfg.nproc)
     if code != 0:
         raise CllmError(f"the evaluation stage failed (exit {code}); fix the cause and run the same command again")
     summary = (eval_dir / "summary.md").read_text()
