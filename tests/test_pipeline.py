@@ -13,9 +13,10 @@ from cllm.trajectories import summarize
 from test_eval import write_scored_prompts
 
 
-def test_pipeline_runs_end_to_end_and_resumes(tiny_model_dir, tmp_path, capsys):
+def quick_config(tiny_model_dir, tmp_path) -> dict:
+    """A pipeline YAML mapping on 4 scored prompts: collect, 3 training steps, eval of ar and jacobi on 2 prompts."""
     prompts = write_scored_prompts(tmp_path / "p.jsonl", 4)
-    cfg = {
+    return {
         "model": str(tiny_model_dir),
         "out_dir": str(tmp_path / "run"),
         "gen": {"prompts": str(prompts), "limit": 4, "block_size": 4, "max_new_tokens": 16, "batch_size": 2},
@@ -23,8 +24,11 @@ def test_pipeline_runs_end_to_end_and_resumes(tiny_model_dir, tmp_path, capsys):
         "eval": {"prompts": str(prompts), "limit": 2, "methods": "ar,jacobi", "base_methods": "jacobi",
                  "block_size": 4, "max_new_tokens": 12, "dtype": "fp32", "warmup": 0},
     }
+
+
+def test_pipeline_runs_end_to_end_and_resumes(tiny_model_dir, tmp_path, capsys):
     path = tmp_path / "pipe.yaml"
-    path.write_text(yaml.safe_dump(cfg))
+    path.write_text(yaml.safe_dump(quick_config(tiny_model_dir, tmp_path)))
     assert main(["pipeline", "--config", str(path)]) == 0
     run = tmp_path / "run"
     report = json.loads((run / "eval" / "report.json").read_text())
@@ -141,16 +145,10 @@ def test_pipeline_rejects_bad_rounds(tiny_model_dir, tmp_path, capsys):
 
 
 def test_pipeline_runs_collection_and_eval_on_two_ranks(tiny_model_dir, tmp_path, capsys):
-    prompts = write_scored_prompts(tmp_path / "p.jsonl", 4)
-    cfg = {
-        "model": str(tiny_model_dir),
-        "out_dir": str(tmp_path / "run"),
-        "nproc": 2,
-        "gen": {"prompts": str(prompts), "limit": 4, "block_size": 4, "max_new_tokens": 12, "batch_size": 1},
-        "train": {"block_size": 4, "max_steps": 1, "logging_steps": 1, "save_steps": 1, "learning_rate": 1e-3},
-        "eval": {"prompts": str(prompts), "limit": 4, "methods": "jacobi", "base_methods": "ar",
-                 "block_size": 4, "max_new_tokens": 8, "dtype": "fp32", "warmup": 0},
-    }
+    cfg = quick_config(tiny_model_dir, tmp_path)
+    cfg["nproc"] = 2
+    cfg["train"]["max_steps"] = 1
+    cfg["eval"].update(limit=4, methods="jacobi", base_methods="ar")
     path = tmp_path / "pipe.yaml"
     path.write_text(yaml.safe_dump(cfg))
     assert main(["pipeline", "--config", str(path)]) == 0
