@@ -17,8 +17,33 @@ def _json(path: Path) -> dict | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
+def per_prompt_speedups(rows: list[dict], method: str, reference: str = "base_ar") -> list[float]:
+    """Per prompt, `method`'s tokens per second over `reference`'s on the same prompt (eval rows; prompts missing
+    either method, or with no tokens or time, are left out), sorted."""
+    by_prompt: dict[int, dict[str, dict]] = {}
+    for r in rows:
+        by_prompt.setdefault(r["index"], {})[r["method"]] = r
+    out = []
+    for d in by_prompt.values():
+        m, ref = d.get(method), d.get(reference)
+        if m and ref and m["seconds"] > 0 and ref["seconds"] > 0 and ref["new_tokens"] > 0:
+            out.append((m["new_tokens"] / m["seconds"]) / (ref["new_tokens"] / ref["seconds"]))
+    return sorted(out)
+
+
+def quantile(sorted_xs: list[float], q: float) -> float | None:
+    """Linear-interpolation quantile (numpy's default) of an ascending list; None when empty."""
+    if not sorted_xs:
+        return None
+    pos = q * (len(sorted_xs) - 1)
+    lo = int(pos)
+    hi = min(lo + 1, len(sorted_xs) - 1)
+    return sorted_xs[lo] + (sorted_xs[hi] - sorted_xs[lo]) * (pos - lo)
+
+
 def ablation_row(run_dir: str | Path, method: str = "jacobi") -> dict:
     """Statistics of one pipeline folder (rounds in out/, out/round2, ...); missing stages give None fields."""
+    from cllm.commands.eval import read_rows
     from cllm.trajectories import first_prompts_cpu_seconds, summarize
 
     run = Path(run_dir)
@@ -52,6 +77,7 @@ def ablation_row(run_dir: str | Path, method: str = "jacobi") -> dict:
         raise CllmError(f"{run}: the eval has no {method!r} rows (methods: {', '.join(methods)})")
     m, base = methods[method], methods.get("base_ar", {})
     tc = train_cfg or {}
+    per_prompt = per_prompt_speedups(read_rows(run / "eval"), method)
     return {
         "name": run.name,
         "objective": tc.get("objective", "cllm"),
@@ -63,7 +89,10 @@ def ablation_row(run_dir: str | Path, method: str = "jacobi") -> dict:
         "cpu_seconds": round(cpu_s, 1),  # trajectory collection (its share, if shared) + training, every round
         "eval_prompts": m.get("n_prompts"),
         "tokens_per_forward": m.get("tokens_per_forward"),
-        "speedup": m.get("speedup_vs_base_ar"),
+        "speedup": m.get("speedup_vs_base_ar"),  # aggregate: all tokens over all seconds, against base AR's
+        "speedup_p10": quantile(per_prompt, 0.1),
+        "speedup_median": quantile(per_prompt, 0.5),
+        "speedup_p90": quantile(per_prompt, 0.9),
         "dtype": report["settings"].get("dtype"),
         "accuracy": m.get("accuracy"),
         "accuracy_base": base.get("accuracy"),
@@ -78,13 +107,14 @@ def _f(x, spec: str) -> str:
 
 def ablation_markdown(rows: list[dict]) -> str:
     lines = ["| run | objective | tuning | cons. weight | rounds | train prompts | steps | CPU h | eval prompts "
-             "| tokens/forward | speed-up | accuracy (base) | repeat rate (base) |",
+             "| tokens/forward | speed-up (dtype; per-prompt median [p10, p90]) | accuracy (base) | repeat rate (base) |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(
             f"| {r['name']} | {r['objective']} | {r['tuning']} | {_f(r['consistency_weight'], 'g')} | {r['rounds']} "
             f"| {_f(r['train_prompts'], 'd')} | {r['steps']} | {r['cpu_seconds'] / 3600:.2f} | {_f(r['eval_prompts'], 'd')} "
-            f"| {_f(r['tokens_per_forward'], '.3f')} | {_f(r['speedup'], '.2f')}x ({r['dtype']}) "
+            f"| {_f(r['tokens_per_forward'], '.3f')} | {_f(r['speedup'], '.2f')}x ({r['dtype']}; per prompt "
+            f"{_f(r.get('speedup_median'), '.2f')} [{_f(r.get('speedup_p10'), '.2f')}, {_f(r.get('speedup_p90'), '.2f')}]) "
             f"| {_f(r['accuracy'], '.3f')} ({_f(r['accuracy_base'], '.3f')}) "
             f"| {_f(r['repeat_rate'], '.3f')} ({_f(r['repeat_rate_base'], '.3f')}) |")
     return "\n".join(lines) + "\n"

@@ -7,7 +7,7 @@ import json
 import pytest
 import yaml
 
-from cllm.ablation import ablation_row
+from cllm.ablation import ablation_row, per_prompt_speedups, quantile
 from cllm.cli import main
 from cllm.trajectories import summarize
 from test_eval import write_scored_prompts
@@ -110,6 +110,7 @@ def test_two_round_jacobi_forcing_pipeline_keeps_one_adapter(tiny_model_dir, tmp
     assert (row["objective"], row["tuning"], row["rounds"], row["steps"], row["train_prompts"]) == (
         "jacobi_forcing", "LoRA r=2", 2, 5, 4)
     assert row["cpu_seconds"] > 0 and row["tokens_per_forward"] == report["methods"]["jacobi"]["tokens_per_forward"]
+    assert row["speedup_p10"] <= row["speedup_median"] <= row["speedup_p90"]  # 1 eval prompt: all three equal
     assert "| run | objective |" in (tmp_path / "table.md").read_text()
     assert main(["ablation", str(tmp_path)]) == 2  # not a pipeline folder: a clear error
     # A second pipeline that trains on round 1's trajectories instead of collecting its own.
@@ -166,3 +167,19 @@ def test_pipeline_runs_collection_and_eval_on_two_ranks(tiny_model_dir, tmp_path
     path.write_text(yaml.safe_dump({**cfg, "nproc": 0}))
     assert main(["pipeline", "--config", str(path)]) == 2
     assert "--nproc must be at least 1" in capsys.readouterr().err
+
+
+def test_per_prompt_speedups_and_quantiles_by_hand():
+    row = lambda i, m, tokens, seconds: {"index": i, "method": m, "new_tokens": tokens, "seconds": seconds}  # noqa: E731
+    rows = [row(0, "base_ar", 100, 10.0), row(0, "jacobi", 100, 5.0),   # 2.0x
+            row(1, "jacobi", 50, 10.0), row(1, "base_ar", 100, 10.0),   # 5 vs 10 tok/s: 0.5x
+            row(2, "base_ar", 10, 1.0), row(2, "jacobi", 30, 3.0),      # 1.0x
+            row(3, "jacobi", 10, 1.0),                                  # no base_ar row: left out
+            row(4, "base_ar", 0, 1.0), row(4, "jacobi", 5, 1.0)]        # base made no tokens: left out
+    xs = per_prompt_speedups(rows, "jacobi")
+    assert xs == pytest.approx([0.5, 1.0, 2.0])
+    assert quantile(xs, 0.5) == pytest.approx(1.0)
+    assert quantile(xs, 0.1) == pytest.approx(0.6)    # 0.5 + 0.2 * (1.0 - 0.5)
+    assert quantile(xs, 0.9) == pytest.approx(1.8)    # 1.0 + 0.8 * (2.0 - 1.0)
+    assert quantile([3.0], 0.9) == 3.0 and quantile([], 0.5) is None
+    assert per_prompt_speedups(rows, "ar") == []
