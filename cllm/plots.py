@@ -61,3 +61,41 @@ def plot_training_log(source: str | Path, png: str | Path) -> Path:
     fig.savefig(png, dpi=100)
     plt.close(fig)
     return png
+
+
+def plot_ablation(rows: list[dict], png: str | Path) -> Path:
+    """Two panels over the ablation rows (`cllm.ablation.ablation_row` dicts): held-out tokens per forward against
+    the CPU hours spent, and the wall-clock speed-up over base AR with its per-prompt 10th-90th percentile range."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if not rows:
+        raise CllmError("plot_ablation: no rows to plot")
+    names = [r["name"] for r in rows]
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    for r in rows:
+        axes[0].scatter(r["cpu_seconds"] / 3600, r["tokens_per_forward"], s=40)
+        axes[0].annotate(r["name"], (r["cpu_seconds"] / 3600, r["tokens_per_forward"]), fontsize=8,
+                         xytext=(4, 4), textcoords="offset points")
+    axes[0].set_xlabel("CPU hours (trajectory collection + training)")
+    axes[0].set_ylabel("held-out tokens per forward")
+    axes[0].set_title("what each row bought")
+    xs = range(len(rows))
+    speedups = [r["speedup"] or 0.0 for r in rows]
+    axes[1].bar(xs, speedups, color="tab:blue")
+    for x, r in zip(xs, rows):
+        if r.get("speedup_p10") is not None and r.get("speedup_p90") is not None:
+            axes[1].plot([x, x], [r["speedup_p10"], r["speedup_p90"]], color="black", lw=1.5)
+    axes[1].axhline(1.0, color="gray", ls="--", lw=1, label="AR of the base model")
+    axes[1].set_xticks(list(xs), names, rotation=30, ha="right", fontsize=8)
+    axes[1].set_ylabel(f"speed-up over base AR ({rows[0].get('dtype')})")
+    axes[1].set_title("wall-clock: aggregate (bar), per-prompt p10-p90 (line)")
+    axes[1].legend(fontsize=8)
+    fig.tight_layout()
+    png = Path(png)
+    png.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(png, dpi=100)
+    plt.close(fig)
+    return png

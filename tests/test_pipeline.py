@@ -9,6 +9,8 @@ import yaml
 
 from cllm.ablation import ablation_row, per_prompt_speedups, quantile
 from cllm.cli import main
+from cllm.errors import CllmError
+from cllm.plots import plot_ablation
 from cllm.trajectories import summarize
 from test_eval import write_scored_prompts
 
@@ -112,6 +114,9 @@ def test_two_round_jacobi_forcing_pipeline_keeps_one_adapter(tiny_model_dir, tmp
     assert row["cpu_seconds"] > 0 and row["tokens_per_forward"] == report["methods"]["jacobi"]["tokens_per_forward"]
     assert row["speedup_p10"] <= row["speedup_median"] <= row["speedup_p90"]  # 1 eval prompt: all three equal
     assert "| run | objective |" in (tmp_path / "table.md").read_text()
+    assert (tmp_path / "table.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with pytest.raises(CllmError, match="no rows"):
+        plot_ablation([], tmp_path / "empty.png")
     assert main(["ablation", str(tmp_path)]) == 2  # not a pipeline folder: a clear error
     # A second pipeline that trains on round 1's trajectories instead of collecting its own.
     cfg2 = {**cfg, "out_dir": str(tmp_path / "shared"), "trajectories": str(run / "trajectories"), "rounds": []}
