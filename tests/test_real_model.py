@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -78,3 +79,22 @@ def test_sps_and_mtad_with_a_cut_draft_of_smollm(smollm):
     assert sps.token_ids == ar.token_ids
     mt = mtad_decode(model, model, tok, ids, 20, gamma=4, beam_width=2, tau=0.5, temperature=1.0, top_k=10, seed=0)
     assert mt.extra["accepted"] == mt.extra["drafted"] and len(mt.token_ids) == 20
+
+
+PUBLISHED = sorted(p for p in (Path(__file__).resolve().parents[1] / "models").glob("*") if p.is_dir())
+
+
+@pytest.mark.parametrize("adapter", PUBLISHED, ids=[p.name for p in PUBLISHED])
+def test_published_adapter_loads_changes_the_model_and_keeps_jacobi_exact(smollm, adapter):
+    """Every adapter under models/ is at most 20 MiB, loads onto the default model as `--adapter` does, changes its
+    output, and its Jacobi decoding stays token-identical to its own greedy AR in fp32."""
+    base, tok, _ = smollm
+    assert sum(f.stat().st_size for f in adapter.iterdir()) <= 20 * 2**20
+    model, _ = load_model("smollm2-135m", dtype="fp32", adapter=str(adapter))
+    ids = format_prompt(tok, load_dataset_prompts("gsm8k", "test", limit=1)[0].prompt)
+    x = torch.tensor([ids])
+    with torch.no_grad():
+        assert (model(x).logits - base(x).logits).abs().max() > 1e-2  # the adapter is not a no-op
+    ar = ar_decode(model, tok, ids, max_new_tokens=48)
+    jac = jacobi_decode(model, tok, ids, block_size=16, max_new_tokens=48)
+    assert jac.token_ids == ar.token_ids
