@@ -22,6 +22,17 @@ def read_log_history(source: str | Path) -> list[dict]:
     raise CllmError(f"no training log in {source} (log_history.json or checkpoint-*/trainer_state.json)")
 
 
+def _save(fig, png: str | Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    png = Path(png)
+    png.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(png, dpi=100)
+    plt.close(fig)
+    return png
+
+
 def plot_training_log(source: str | Path, png: str | Path) -> Path:
     import matplotlib
 
@@ -55,12 +66,7 @@ def plot_training_log(source: str | Path, png: str | Path) -> Path:
     if axes[1].get_legend_handles_labels()[0]:
         axes[1].legend()
     axes[1].set_title("convergence")
-    fig.tight_layout()
-    png = Path(png)
-    png.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(png, dpi=100)
-    plt.close(fig)
-    return png
+    return _save(fig, png)
 
 
 def plot_ablation(rows: list[dict], png: str | Path) -> Path:
@@ -93,9 +99,4 @@ def plot_ablation(rows: list[dict], png: str | Path) -> Path:
     axes[1].set_ylabel(f"speed-up over base AR ({rows[0].get('dtype')})")
     axes[1].set_title("wall-clock: aggregate (bar), per-prompt p10-p90 (line)")
     axes[1].legend(fontsize=8)
-    fig.tight_layout()
-    png = Path(png)
-    png.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(png, dpi=100)
-    plt.close(fig)
-    return png
+    return _save(fig, png)
