@@ -10,7 +10,8 @@ from pathlib import Path
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("runs", nargs="+", metavar="RUN_DIR", help="`cllm pipeline` output folders, one row each")
     p.add_argument("--method", default="jacobi", help="eval method whose rows are compared (default: %(default)s)")
-    p.add_argument("--out", default=None, metavar="TABLE.md", help="also write the table here (and TABLE.json, TABLE.png)")
+    p.add_argument("--out", default=None, metavar="TABLE.md",
+                   help="also write the table here (and TABLE.json, TABLE.png)")
 
 
 def run(args) -> None:
