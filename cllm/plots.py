@@ -69,6 +69,11 @@ def plot_training_log(source: str | Path, png: str | Path) -> Path:
     return _save(fig, png)
 
 
+def speedup_heights(rows: list[dict]) -> list[float]:
+    """Bar heights for the speed-up panel: NaN (no bar) where a row has no speed-up, never 0."""
+    return [float("nan") if r.get("speedup") is None else float(r["speedup"]) for r in rows]
+
+
 def plot_ablation(rows: list[dict], png: str | Path) -> Path:
     """Two panels over the ablation rows (`cllm.ablation.ablation_row` dicts): held-out tokens per forward against
     the CPU hours spent, and the wall-clock speed-up over base AR with its per-prompt 10th-90th percentile range."""
@@ -89,9 +94,12 @@ def plot_ablation(rows: list[dict], png: str | Path) -> Path:
     axes[0].set_ylabel("held-out tokens per forward")
     axes[0].set_title("what each row bought")
     xs = range(len(rows))
-    speedups = [r["speedup"] or 0.0 for r in rows]
+    speedups = speedup_heights(rows)
     axes[1].bar(xs, speedups, color="tab:blue")
     for x, r in zip(xs, rows):
+        if r.get("speedup") is None:
+            # No base AR in that eval: say so instead of drawing a 0x bar that reads as a measurement.
+            axes[1].annotate("no AR run", (x, 0.05), ha="center", fontsize=7, rotation=90)
         if r.get("speedup_p10") is not None and r.get("speedup_p90") is not None:
             axes[1].plot([x, x], [r["speedup_p10"], r["speedup_p90"]], color="black", lw=1.5)
     axes[1].axhline(1.0, color="gray", ls="--", lw=1, label="AR of the base model")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import yaml
@@ -10,7 +11,7 @@ import yaml
 from cllm.ablation import ablation_row, per_prompt_speedups, quantile
 from cllm.cli import main
 from cllm.errors import CllmError
-from cllm.plots import plot_ablation
+from cllm.plots import plot_ablation, speedup_heights
 from cllm.trajectories import summarize
 from test_eval import write_scored_prompts
 
@@ -117,6 +118,11 @@ def test_two_round_jacobi_forcing_pipeline_keeps_one_adapter(tiny_model_dir, tmp
     assert (tmp_path / "table.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     with pytest.raises(CllmError, match="no rows"):
         plot_ablation([], tmp_path / "empty.png")
+    # A row whose eval had no base AR gets no bar (NaN), not a 0x bar that reads as a measurement.
+    no_ar = {**row, "speedup": None, "speedup_p10": None, "speedup_p90": None}
+    heights = speedup_heights([row, no_ar])
+    assert heights[0] == row["speedup"] and math.isnan(heights[1])
+    assert plot_ablation([row, no_ar], tmp_path / "no_ar.png").read_bytes()[:4] == b"\x89PNG"
     assert main(["ablation", str(tmp_path)]) == 2  # not a pipeline folder: a clear error
     # A second pipeline that trains on round 1's trajectories instead of collecting its own.
     cfg2 = {**cfg, "out_dir": str(tmp_path / "shared"), "trajectories": str(run / "trajectories"), "rounds": []}
