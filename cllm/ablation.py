@@ -41,6 +41,13 @@ def quantile(sorted_xs: list[float], q: float) -> float | None:
     return sorted_xs[lo] + (sorted_xs[hi] - sorted_xs[lo]) * (pos - lo)
 
 
+def _prompts(row: dict) -> str:
+    """Training prompts of a row for the table: `400+200` for two rounds; rows saved before the per-round field
+    have only round 1's count."""
+    per_round = row.get("train_prompts_per_round") or []
+    return "+".join(str(n) for n in per_round) if len(per_round) > 1 else _f(row["train_prompts"], "d")
+
+
 def ablation_row(run_dir: str | Path, method: str = "jacobi") -> dict:
     """Statistics of one pipeline folder (rounds in out/, out/round2, ...); missing stages give None fields."""
     from cllm.commands.eval import read_rows
@@ -51,7 +58,8 @@ def ablation_row(run_dir: str | Path, method: str = "jacobi") -> dict:
     if report is None:
         raise CllmError(f"{run}: no eval/report.json (has its pipeline finished?)")
     rounds = [run] + sorted((p for p in run.glob("round*") if p.is_dir()), key=lambda p: int(p.name[5:] or 0))
-    cpu_s, steps, prompts, train_cfg = 0.0, 0, None, None
+    cpu_s, steps, train_cfg = 0.0, 0, None
+    prompts_per_round: list[int] = []
     shared = (_json(run / "pipeline.json") or {}).get("trajectories")
     for r in rounds:
         gen_dir = Path(shared) if shared and r == run else r / "trajectories"
@@ -66,7 +74,7 @@ def ablation_row(run_dir: str | Path, method: str = "jacobi") -> dict:
                 # count what collecting this row's prompts cost. Own data counts in full.
                 gen_cpu = first_prompts_cpu_seconds(gen_dir, used)
             cpu_s += gen_cpu
-            prompts = used if prompts is None else prompts  # round 1's prompt count
+            prompts_per_round.append(used)
         cost = _json(r / "train" / "train_cost.json")
         if cost:
             cpu_s += cost["cpu_seconds"]
@@ -84,7 +92,9 @@ def ablation_row(run_dir: str | Path, method: str = "jacobi") -> dict:
         "tuning": ("LoRA r=%s" % tc.get("lora_r")) if tc.get("use_peft") else "full",
         "consistency_weight": tc.get("consistency_weight"),
         "rounds": len([r for r in rounds if (r / "train").is_dir()]),
-        "train_prompts": prompts,
+        "train_prompts": prompts_per_round[0] if prompts_per_round else None,  # round 1's
+        # Later rounds may re-collect the same prompts or new ones (an offset): list them per round, not summed.
+        "train_prompts_per_round": prompts_per_round,
         "steps": steps,
         "cpu_seconds": round(cpu_s, 1),  # trajectory collection (its share, if shared) + training, every round
         "eval_prompts": m.get("n_prompts"),
@@ -112,7 +122,7 @@ def ablation_markdown(rows: list[dict]) -> str:
     for r in rows:
         lines.append(
             f"| {r['name']} | {r['objective']} | {r['tuning']} | {_f(r['consistency_weight'], 'g')} | {r['rounds']} "
-            f"| {_f(r['train_prompts'], 'd')} | {r['steps']} | {r['cpu_seconds'] / 3600:.2f} | {_f(r['eval_prompts'], 'd')} "
+            f"| {_prompts(r)} | {r['steps']} | {r['cpu_seconds'] / 3600:.2f} | {_f(r['eval_prompts'], 'd')} "
             f"| {_f(r['tokens_per_forward'], '.3f')} | {_f(r['speedup'], '.2f')}x ({r['dtype']}; per prompt "
             f"{_f(r.get('speedup_median'), '.2f')} [{_f(r.get('speedup_p10'), '.2f')}, {_f(r.get('speedup_p90'), '.2f')}]) "
             f"| {_f(r['accuracy'], '.3f')} ({_f(r['accuracy_base'], '.3f')}) "

@@ -8,7 +8,7 @@ import math
 import pytest
 import yaml
 
-from cllm.ablation import ablation_row, per_prompt_speedups, quantile
+from cllm.ablation import ablation_markdown, ablation_row, per_prompt_speedups, quantile
 from cllm.cli import main
 from cllm.errors import CllmError
 from cllm.plots import plot_ablation, speedup_heights
@@ -86,6 +86,9 @@ def test_two_round_jacobi_forcing_pipeline_keeps_one_adapter(tiny_model_dir, tmp
     assert all("tokens_converged" in h for h in history if "loss" in h)
     report = json.loads((run / "eval" / "report.json").read_text())
     assert report["settings"]["model"] == str(run / "round2" / "train")
+    row2 = ablation_row(run)  # round 1 trained on 4 prompts, round 2 on 3 re-collected ones
+    assert (row2["train_prompts"], row2["train_prompts_per_round"], row2["rounds"], row2["steps"]) == (4, [4, 3], 2, 5)
+    assert "| 4+3 |" in ablation_markdown([row2])
     # The final adapter, exported in bf16, loads on the base model and gives the merged model's logits.
     import torch
     from safetensors.torch import load_file
