@@ -82,6 +82,9 @@ def summarize(rows: list[dict], ref_rows: list[dict] | None) -> dict:
         ref_tokens = {r["index"]: r["token_ids"] for r in ref_rows}
         same = [r["token_ids"] == ref_tokens.get(r["index"]) for r in rows]
         out["exact_match_base_ar"] = sum(same) / len(same) if same else None
+        # Rows added to a finished eval were timed in a later run than the reference (rows before run ids: None).
+        ref_run = {r["index"]: r.get("run") for r in ref_rows}
+        out["n_other_run_than_base_ar"] = sum(r.get("run") != ref_run.get(r["index"]) for r in rows)
     return out
 
 
@@ -136,6 +139,11 @@ def summary_markdown(report: dict) -> str:
            if len(report.get("machines", {})) > 1 else ""),
         "",
     ]
+    for m, r in report["methods"].items():
+        if r.get("n_other_run_than_base_ar"):
+            lines += [f"**{m} was timed in another run than {REFERENCE} on {r['n_other_run_than_base_ar']} of "
+                      f"{r['n_prompts']} prompts (added to a finished eval): its speed-ups compare two runs, not "
+                      "interleaved timings.**", ""]
     own = any("exact_match_own_ar" in r for r in report["methods"].values())
     lines += [
         "| method | accuracy | tokens/forward | tokens/s | speed-up | same as base AR | "

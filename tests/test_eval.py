@@ -100,6 +100,33 @@ def test_eval_resume_skips_finished_prompts(tiny_model_dir, tmp_path):
     assert len(rows_path.read_text().splitlines()) == 9
 
 
+def test_eval_extended_with_a_method_runs_only_that_method(tiny_model_dir, other_model_dir, tmp_path):
+    """A finished base_ar+jacobi eval gets the checkpoint's own AR added: old rows stay, the report flags the runs."""
+    prompts = write_scored_prompts(tmp_path / "p.jsonl", 3)
+    out = tmp_path / "eval"
+    first = ["--base-model", str(other_model_dir), "--warmup", "0"]
+    assert main(["eval", "--model", str(tiny_model_dir), "--prompts", str(prompts), "--methods", "jacobi",
+                 "--block-size", "4", "--max-new-tokens", "12", "--dtype", "fp64", "--out-dir", str(out), *first]) == 0
+    rows_path = out / "rows-rank0.jsonl"
+    before = rows_path.read_text().splitlines()
+    assert len(before) == 6
+    assert _eval(tiny_model_dir, prompts, out, *first) == 0  # --methods ar,jacobi: ar is new
+    after = [json.loads(x) for x in rows_path.read_text().splitlines()]
+    assert [json.dumps(r) for r in after[:6]] == [json.dumps(json.loads(x)) for x in before]  # untouched
+    assert sorted((r["index"], r["method"]) for r in after[6:]) == [(0, "ar"), (1, "ar"), (2, "ar")]
+    assert {r["run"] for r in after[6:]}.isdisjoint({r["run"] for r in after[:6]})
+    report = json.loads((out / "report.json").read_text())
+    m = report["methods"]
+    assert report["settings"]["methods"] == [REFERENCE, "ar", "jacobi"]
+    assert m["jacobi"]["exact_match_own_ar"] == 1.0  # lossless against the checkpoint's own AR (fp64)
+    assert m["jacobi"]["n_other_run_than_base_ar"] == 0 and m["ar"]["n_other_run_than_base_ar"] == 3
+    assert "ar was timed in another run than base_ar on 3 of 3 prompts" in (out / "summary.md").read_text()
+    # Leaving out a method of the finished eval is refused, rows kept.
+    assert main(["eval", "--model", str(tiny_model_dir), "--prompts", str(prompts), "--methods", "ar",
+                 "--block-size", "4", "--max-new-tokens", "12", "--dtype", "fp64", "--out-dir", str(out), *first]) == 2
+    assert len(rows_path.read_text().splitlines()) == 9
+
+
 def test_eval_against_another_base_model(tiny_model_dir, other_model_dir, tmp_path):
     prompts = write_scored_prompts(tmp_path / "p.jsonl", 3)
     out = tmp_path / "eval"

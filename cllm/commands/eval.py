@@ -4,6 +4,9 @@ Every method runs on the same prompts, interleaved prompt by prompt (rotating or
 BASE model (`base_ar`, the speed reference) in the same process. Rows are appended per prompt (fsynced), so an
 interrupted eval resumes without redoing finished prompts; under torchrun each rank takes a disjoint share and
 rank 0 writes report.json, summary.md, answers/<method>.jsonl and the plots.
+
+A finished eval can be extended with more methods (the same command with a longer --methods/--base-methods list):
+only the new methods run, and every row records its run so the report flags speed-ups that compare two runs.
 """
 
 from __future__ import annotations
@@ -138,11 +141,18 @@ def settings_of(args, methods: list[str]) -> dict:
 
 
 def _check_manifest(out_dir: Path, settings: dict, overwrite: bool) -> None:
+    """Refuse a different eval in a folder holding rows; more methods than before extend it (the manifest grows)."""
     path = out_dir / "eval_manifest.json"
     if path.is_file() and not overwrite:
         old = json.loads(path.read_text())
+        missing = [m for m in old.get("methods", []) if m not in settings["methods"]]
+        if missing:
+            raise CllmError(f"{out_dir} holds an eval of methods {','.join(old['methods'])}; this one leaves out "
+                            f"{','.join(missing)}. Give every earlier method (new ones are added), or use another "
+                            "--out-dir or --overwrite (finished rows are kept until then)")
         # A setting missing from the manifest was added to cllm after that eval started; the eval could not use it.
-        for k in sorted(set(old) | set(settings)):
+        # The method lists may grow (checked above); base_methods is part of the resolved `methods` list.
+        for k in sorted((set(old) | set(settings)) - {"methods", "base_methods"}):
             if k in old and old.get(k) != settings.get(k):
                 raise CllmError(f"{out_dir} holds an eval with {k}={old.get(k)!r}, this one has {settings.get(k)!r}; "
                                 f"use another --out-dir or --overwrite (finished rows are kept until then)")
@@ -173,11 +183,12 @@ def _repair(path: Path) -> None:
         path.write_bytes(data[: data.rfind(b"\n") + 1])
 
 
-def finished_prompts(rows: list[dict], all_methods: list[str]) -> set[int]:
+def methods_done(rows: list[dict]) -> dict[int, set[str]]:
+    """Prompt index -> the methods with a complete row for it."""
     by_index: dict[int, set] = {}
     for r in rows:
         by_index.setdefault(r["index"], set()).add(r["method"])
-    return {i for i, ms in by_index.items() if set(all_methods) <= ms}
+    return by_index
 
 
 def run(args) -> None:
@@ -206,8 +217,11 @@ def run(args) -> None:
 
             dist.barrier()
         all_methods = methods
-        done = finished_prompts(read_rows(out_dir), all_methods)
-        todo = [i for i in ctx.shard(list(range(len(records)))) if i not in done]
+        have = methods_done(read_rows(out_dir))
+        # prompt -> the methods still to run on it (all of them, or only those added to a finished eval)
+        todo = {i: [m for m in all_methods if m not in have.get(i, set())]
+                for i in ctx.shard(list(range(len(records))))}
+        todo = {i: ms for i, ms in todo.items() if ms}
 
         device = args.device or ctx.device()
         model, tok = load_model(args.model, args.dtype, device, adapter=args.adapter)
@@ -231,32 +245,35 @@ def run(args) -> None:
                                     draft)[0]
             return decode_batch(m, model, tok, [ids], _decode_args(opts), [seed], draft)[0]
 
+        running = [m for m in all_methods if any(m in ms for ms in todo.values())]
         if todo and args.warmup:  # untimed
-            warm = format_prompt(tok, records[todo[0]].prompt)
+            warm = format_prompt(tok, records[next(iter(todo))].prompt)
             short = argparse.Namespace(**vars(args))
             short.max_new_tokens = min(args.max_new_tokens, 2 * args.block_size)
             for _ in range(args.warmup):
-                for m in all_methods:
+                for m in running:
                     run_method(m, warm, args.seed, short)
 
         from cllm.machine import machine_tag
 
         machine = machine_tag()  # on every row: a resumed eval may span machines, and the report says so
+        # on every row: rows of one prompt from different runs were not timed interleaved, and the report says so
+        run_id = f"{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}"
         rows_path = out_dir / f"rows-rank{ctx.rank}.jsonl"
         _repair(rows_path)
-        bar = tqdm(total=len(todo), desc=f"eval {'+'.join(all_methods)}", unit="prompt", disable=not ctx.is_main)
+        bar = tqdm(total=len(todo), desc=f"eval {'+'.join(running)}", unit="prompt", disable=not ctx.is_main)
         with open(rows_path, "a", encoding="utf-8") as f:
-            for n_done, i in enumerate(todo):
+            for n_done, (i, prompt_methods) in enumerate(todo.items()):
                 rec = records[i]
                 ids = format_prompt(tok, rec.prompt)
-                k = n_done % len(all_methods)
+                k = n_done % len(prompt_methods)
                 prompt_rows = []
-                for m in all_methods[k:] + all_methods[:k]:  # rotate: no method always runs first
+                for m in prompt_methods[k:] + prompt_methods[:k]:  # rotate: no method always runs first
                     t0, c0 = time.perf_counter(), time.process_time()
                     res = run_method(m, ids, args.seed + i)
                     seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
                     row = _row(i, rec, res)
-                    row.update(method=m, seconds=seconds, cpu_seconds=cpu, machine=machine)
+                    row.update(method=m, seconds=seconds, cpu_seconds=cpu, machine=machine, run=run_id)
                     prompt_rows.append(row)
                 for row in prompt_rows:  # untimed quality checks
                     lp = token_logprobs(base, ids, row["token_ids"])
