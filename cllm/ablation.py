@@ -11,34 +11,11 @@ import json
 from pathlib import Path
 
 from cllm.errors import CllmError
+from cllm.evaluate import per_prompt_speedups, quantile
 
 
 def _json(path: Path) -> dict | None:
     return json.loads(path.read_text()) if path.is_file() else None
-
-
-def per_prompt_speedups(rows: list[dict], method: str, reference: str = "base_ar") -> list[float]:
-    """Per prompt, `method`'s tokens per second over `reference`'s on the same prompt (eval rows; prompts missing
-    either method, or with no tokens or time, are left out), sorted."""
-    by_prompt: dict[int, dict[str, dict]] = {}
-    for r in rows:
-        by_prompt.setdefault(r["index"], {})[r["method"]] = r
-    out = []
-    for d in by_prompt.values():
-        m, ref = d.get(method), d.get(reference)
-        if m and ref and m["seconds"] > 0 and ref["seconds"] > 0 and ref["new_tokens"] > 0:
-            out.append((m["new_tokens"] / m["seconds"]) / (ref["new_tokens"] / ref["seconds"]))
-    return sorted(out)
-
-
-def quantile(sorted_xs: list[float], q: float) -> float | None:
-    """Linear-interpolation quantile (numpy's default) of an ascending list; None when empty."""
-    if not sorted_xs:
-        return None
-    pos = q * (len(sorted_xs) - 1)
-    lo = int(pos)
-    hi = min(lo + 1, len(sorted_xs) - 1)
-    return sorted_xs[lo] + (sorted_xs[hi] - sorted_xs[lo]) * (pos - lo)
 
 
 def _prompts(row: dict) -> str:

@@ -44,6 +44,30 @@ def _mean(xs):
     return sum(xs) / len(xs) if xs else None
 
 
+def per_prompt_speedups(rows: list[dict], method: str, reference: str = "base_ar") -> list[float]:
+    """Per prompt, `method`'s tokens per second over `reference`'s on the same prompt (eval rows; prompts missing
+    either method, or with no tokens or time, are left out), sorted."""
+    by_prompt: dict[int, dict[str, dict]] = {}
+    for r in rows:
+        by_prompt.setdefault(r["index"], {})[r["method"]] = r
+    out = []
+    for d in by_prompt.values():
+        m, ref = d.get(method), d.get(reference)
+        if m and ref and m["seconds"] > 0 and ref["seconds"] > 0 and ref["new_tokens"] > 0:
+            out.append((m["new_tokens"] / m["seconds"]) / (ref["new_tokens"] / ref["seconds"]))
+    return sorted(out)
+
+
+def quantile(sorted_xs: list[float], q: float) -> float | None:
+    """Linear-interpolation quantile (numpy's default) of an ascending list; None when empty."""
+    if not sorted_xs:
+        return None
+    pos = q * (len(sorted_xs) - 1)
+    lo = int(pos)
+    hi = min(lo + 1, len(sorted_xs) - 1)
+    return sorted_xs[lo] + (sorted_xs[hi] - sorted_xs[lo]) * (pos - lo)
+
+
 def summarize(rows: list[dict], ref_rows: list[dict] | None) -> dict:
     """Statistics of one method over some rows; `ref_rows` are the reference method's rows on the same prompts."""
     new_tokens = sum(r["new_tokens"] for r in rows)
@@ -82,6 +106,11 @@ def summarize(rows: list[dict], ref_rows: list[dict] | None) -> dict:
         ref_tokens = {r["index"]: r["token_ids"] for r in ref_rows}
         same = [r["token_ids"] == ref_tokens.get(r["index"]) for r in rows]
         out["exact_match_base_ar"] = sum(same) / len(same) if same else None
+        # The spread over prompts beside the aggregate: the aggregate is dominated by long answers.
+        per_prompt = (per_prompt_speedups([*rows, *ref_rows], rows[0]["method"], ref_rows[0]["method"])
+                      if rows and ref_rows else [])
+        out["speedup_per_prompt"] = {"p10": quantile(per_prompt, 0.1), "median": quantile(per_prompt, 0.5),
+                                     "p90": quantile(per_prompt, 0.9)}
         # Rows added to a finished eval were timed in a later run than the reference (rows before run ids: None).
         ref_run = {r["index"]: r.get("run") for r in ref_rows}
         out["n_other_run_than_base_ar"] = sum(r.get("run") != ref_run.get(r["index"]) for r in rows)
@@ -125,6 +154,13 @@ def _fmt(x, spec):
     return "-" if x is None else format(x, spec)
 
 
+def _spread(stats: dict) -> str:
+    q = stats.get("speedup_per_prompt") or {}
+    if q.get("median") is None:
+        return ""
+    return f" ({q['median']:.2f} [{q['p10']:.2f}, {q['p90']:.2f}])"
+
+
 def summary_markdown(report: dict) -> str:
     s = report["settings"]
     lines = [
@@ -146,14 +182,14 @@ def summary_markdown(report: dict) -> str:
                       "interleaved timings.**", ""]
     own = any("exact_match_own_ar" in r for r in report["methods"].values())
     lines += [
-        "| method | accuracy | tokens/forward | tokens/s | speed-up | same as base AR | "
+        "| method | accuracy | tokens/forward | tokens/s | speed-up (per-prompt median [p10, p90]) | same as base AR | "
         + ("same as own AR | " if own else "") + "repeat rate | ppl (base) | CPU s/token |",
         "|---|---|---|---|---|---|---|---|---|" + ("---|" if own else ""),
     ]
     for m, r in report["methods"].items():
         lines.append(
             f"| {m} | {_fmt(r['accuracy'], '.3f')} | {_fmt(r['tokens_per_forward'], '.3f')} | "
-            f"{_fmt(r['tokens_per_second'], '.2f')} | {_fmt(r.get('speedup_vs_base_ar'), '.3f')}x | "
+            f"{_fmt(r['tokens_per_second'], '.2f')} | {_fmt(r.get('speedup_vs_base_ar'), '.3f')}x{_spread(r)} | "
             f"{_fmt(r.get('exact_match_base_ar'), '.2f')} | "
             + (f"{_fmt(r.get('exact_match_own_ar'), '.2f')} | " if own else "")
             + f"{_fmt(r['repeat_rate'], '.3f')} | {_fmt(r['perplexity_base'], '.3f')} | "

@@ -50,6 +50,14 @@ def test_eval_report_fields_plots_and_consistency(tiny_model_dir, tmp_path):
         assert 0.0 <= m["repeat_rate"] <= 1.0 and m["perplexity_base"] > 1.0
         assert m["cpu_s_per_token"] > 0 and m["energy_j_per_token"] is None
         assert sum(int(k) * v for k, v in m["accept_length_hist"].items()) == m["new_tokens"]
+    # per-prompt spread of the speed-up, from the rows by hand (rate over the same prompt's base_ar rate)
+    rows = [json.loads(x) for x in (out / "rows-rank0.jsonl").read_text().splitlines()]
+    ref_rate = {r["index"]: r["new_tokens"] / r["seconds"] for r in rows if r["method"] == REFERENCE}
+    by_hand = sorted(r["new_tokens"] / r["seconds"] / ref_rate[r["index"]] for r in rows if r["method"] == "jacobi")
+    spread = methods["jacobi"]["speedup_per_prompt"]
+    assert spread["median"] == pytest.approx((by_hand[1] + by_hand[2]) / 2)  # 4 prompts
+    assert spread["p10"] == pytest.approx(by_hand[0] + 0.3 * (by_hand[1] - by_hand[0]))
+    assert methods[REFERENCE]["speedup_per_prompt"]["median"] == pytest.approx(1.0)
     # lossless: the checkpoint is its own base here, so AR and Jacobi reproduce base AR exactly (fp64)
     assert methods["jacobi"]["exact_match_base_ar"] == 1.0 and methods["ar"]["exact_match_base_ar"] == 1.0
     assert methods["jacobi"]["speedup_vs_own_ar"] == pytest.approx(
@@ -61,6 +69,7 @@ def test_eval_report_fields_plots_and_consistency(tiny_model_dir, tmp_path):
     for png in ("accept_lengths.png", "per_dataset.png"):
         assert (out / png).read_bytes()[:8] == PNG_MAGIC
     summary = (out / "summary.md").read_text()
+    assert f"x ({spread['median']:.2f} [{spread['p10']:.2f}, {spread['p90']:.2f}]) |" in summary
     assert "| jacobi |" in summary and "speed-up" in summary and f"Measured on: {tag} (4 prompts)" in summary
     answers = [json.loads(x) for x in (out / "answers" / "jacobi.jsonl").read_text().splitlines()]
     assert [a["question_id"] for a in answers] == ["q0", "q1", "q2", "q3"]
@@ -81,7 +90,7 @@ def test_eval_scores_correct_answers(tiny_model_dir, tmp_path):
     assert report["methods"]["ar"]["accuracy"] == 1.0 and report["methods"]["jacobi"]["accuracy"] == 1.0
 
 
-def test_eval_resume_skips_finished_prompts(tiny_model_dir, tmp_path):
+def test_eval_resume_skips_finished_prompts(tiny_model_dir, tmp_path, monkeypatch):
     prompts = write_scored_prompts(tmp_path / "p.jsonl", 3)
     out = tmp_path / "eval"
     assert _eval(tiny_model_dir, prompts, out) == 0
@@ -95,9 +104,15 @@ def test_eval_resume_skips_finished_prompts(tiny_model_dir, tmp_path):
     after = [json.loads(x) for x in rows_path.read_text().splitlines()]
     assert after[: len(kept)] == kept  # finished prompts untouched (their timings included)
     assert sorted(r["index"] for r in after[len(kept):]) == [2, 2, 2]
-    # A finished eval run again decodes nothing.
+    # A finished eval run again decodes nothing and loads no model; it rewrites the report.
+    (out / "report.json").unlink()
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("a finished eval loaded a model")
+
+    monkeypatch.setattr("cllm.models.load_model", no_model)
     assert _eval(tiny_model_dir, prompts, out) == 0
-    assert len(rows_path.read_text().splitlines()) == 9
+    assert len(rows_path.read_text().splitlines()) == 9 and (out / "report.json").is_file()
 
 
 def test_eval_extended_with_a_method_runs_only_that_method(tiny_model_dir, other_model_dir, tmp_path):

@@ -8,9 +8,10 @@ import math
 import pytest
 import yaml
 
-from cllm.ablation import ablation_markdown, ablation_row, per_prompt_speedups, quantile
+from cllm.ablation import ablation_markdown, ablation_row
 from cllm.cli import main
 from cllm.errors import CllmError
+from cllm.evaluate import per_prompt_speedups, quantile
 from cllm.plots import plot_ablation, speedup_heights
 from cllm.trajectories import summarize
 from test_eval import write_scored_prompts

@@ -192,15 +192,8 @@ def methods_done(rows: list[dict]) -> dict[int, set[str]]:
 
 
 def run(args) -> None:
-    from tqdm import tqdm
-
     from cllm import distributed
-    from cllm.commands.decode import _row, decode_batch, load_records
-    from cllm.evaluate import score
-    from cllm.quality import is_degenerate
-    from cllm.metrics import token_logprobs
-    from cllm.models import load_model
-    from cllm.prompts import format_prompt
+    from cllm.commands.decode import load_records
 
     methods = validate(args)
     args.prompt = None  # load_records reads it
@@ -223,68 +216,8 @@ def run(args) -> None:
                 for i in ctx.shard(list(range(len(records))))}
         todo = {i: ms for i, ms in todo.items() if ms}
 
-        device = args.device or ctx.device()
-        model, tok = load_model(args.model, args.dtype, device, adapter=args.adapter)
-        base_spec = args.base_model or args.model
-        if base_spec == args.model and not args.adapter:
-            base = model  # the checkpoint is its own base
-        else:
-            base, _ = load_model(base_spec, args.dtype, device)
-        draft = None
-        if args.draft:
-            from cllm.draft import check_draft_compatible
-
-            draft, draft_tok = load_model(args.draft, args.dtype, device)
-            check_draft_compatible(model, tok, draft, draft_tok)
-        spider_tables = _spider_tables(args, records)
-
-        def run_method(m: str, ids: list[int], seed: int, opts=args):
-            if m.startswith("base_"):  # the base model; its AR is greedy (the reference)
-                inner = m[len("base_"):]
-                return decode_batch(inner, base, tok, [ids], _decode_args(opts, greedy_ar=inner == "ar"), [seed],
-                                    draft)[0]
-            return decode_batch(m, model, tok, [ids], _decode_args(opts), [seed], draft)[0]
-
-        running = [m for m in all_methods if any(m in ms for ms in todo.values())]
-        if todo and args.warmup:  # untimed
-            warm = format_prompt(tok, records[next(iter(todo))].prompt)
-            short = argparse.Namespace(**vars(args))
-            short.max_new_tokens = min(args.max_new_tokens, 2 * args.block_size)
-            for _ in range(args.warmup):
-                for m in running:
-                    run_method(m, warm, args.seed, short)
-
-        from cllm.machine import machine_tag
-
-        machine = machine_tag()  # on every row: a resumed eval may span machines, and the report says so
-        # on every row: rows of one prompt from different runs were not timed interleaved, and the report says so
-        run_id = f"{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}"
-        rows_path = out_dir / f"rows-rank{ctx.rank}.jsonl"
-        _repair(rows_path)
-        bar = tqdm(total=len(todo), desc=f"eval {'+'.join(running)}", unit="prompt", disable=not ctx.is_main)
-        with open(rows_path, "a", encoding="utf-8") as f:
-            for n_done, (i, prompt_methods) in enumerate(todo.items()):
-                rec = records[i]
-                ids = format_prompt(tok, rec.prompt)
-                k = n_done % len(prompt_methods)
-                prompt_rows = []
-                for m in prompt_methods[k:] + prompt_methods[:k]:  # rotate: no method always runs first
-                    t0, c0 = time.perf_counter(), time.process_time()
-                    res = run_method(m, ids, args.seed + i)
-                    seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
-                    row = _row(i, rec, res)
-                    row.update(method=m, seconds=seconds, cpu_seconds=cpu, machine=machine, run=run_id)
-                    prompt_rows.append(row)
-                for row in prompt_rows:  # untimed quality checks
-                    lp = token_logprobs(base, ids, row["token_ids"])
-                    row["base_logprob_mean"] = sum(lp) / len(lp) if lp else None
-                    row["correct"] = score(rec, row["text"], spider_tables, args.humaneval_timeout)
-                    row["degenerate"] = is_degenerate(row["token_ids"])
-                    f.write(json.dumps(row) + "\n")
-                f.flush()
-                os.fsync(f.fileno())
-                bar.update(1)
-        bar.close()
+        if todo:  # a finished eval run again loads no model: it only rewrites the report
+            _decode_prompts(args, ctx, records, todo, all_methods, out_dir)
         if ctx.world_size > 1:
             import torch.distributed as dist
 
@@ -296,6 +229,81 @@ def run(args) -> None:
             print(summary_markdown(report))
     finally:
         distributed.teardown(ctx)
+
+
+def _decode_prompts(args, ctx, records, todo: dict[int, list[str]], all_methods: list[str], out_dir: Path) -> None:
+    """Decode this rank's unfinished prompts with the methods each still lacks; append one row per (prompt, method)."""
+    from tqdm import tqdm
+
+    from cllm.commands.decode import _row, decode_batch
+    from cllm.evaluate import score
+    from cllm.metrics import token_logprobs
+    from cllm.models import load_model
+    from cllm.prompts import format_prompt
+    from cllm.quality import is_degenerate
+
+    device = args.device or ctx.device()
+    model, tok = load_model(args.model, args.dtype, device, adapter=args.adapter)
+    base_spec = args.base_model or args.model
+    if base_spec == args.model and not args.adapter:
+        base = model  # the checkpoint is its own base
+    else:
+        base, _ = load_model(base_spec, args.dtype, device)
+    draft = None
+    if args.draft:
+        from cllm.draft import check_draft_compatible
+
+        draft, draft_tok = load_model(args.draft, args.dtype, device)
+        check_draft_compatible(model, tok, draft, draft_tok)
+    spider_tables = _spider_tables(args, records)
+
+    def run_method(m: str, ids: list[int], seed: int, opts=args):
+        if m.startswith("base_"):  # the base model; its AR is greedy (the reference)
+            inner = m[len("base_"):]
+            return decode_batch(inner, base, tok, [ids], _decode_args(opts, greedy_ar=inner == "ar"), [seed],
+                                draft)[0]
+        return decode_batch(m, model, tok, [ids], _decode_args(opts), [seed], draft)[0]
+
+    running = [m for m in all_methods if any(m in ms for ms in todo.values())]
+    if args.warmup:  # untimed
+        warm = format_prompt(tok, records[next(iter(todo))].prompt)
+        short = argparse.Namespace(**vars(args))
+        short.max_new_tokens = min(args.max_new_tokens, 2 * args.block_size)
+        for _ in range(args.warmup):
+            for m in running:
+                run_method(m, warm, args.seed, short)
+
+    from cllm.machine import machine_tag
+
+    machine = machine_tag()  # on every row: a resumed eval may span machines, and the report says so
+    # on every row: rows of one prompt from different runs were not timed interleaved, and the report says so
+    run_id = f"{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}"
+    rows_path = out_dir / f"rows-rank{ctx.rank}.jsonl"
+    _repair(rows_path)
+    bar = tqdm(total=len(todo), desc=f"eval {'+'.join(running)}", unit="prompt", disable=not ctx.is_main)
+    with open(rows_path, "a", encoding="utf-8") as f:
+        for n_done, (i, prompt_methods) in enumerate(todo.items()):
+            rec = records[i]
+            ids = format_prompt(tok, rec.prompt)
+            k = n_done % len(prompt_methods)
+            prompt_rows = []
+            for m in prompt_methods[k:] + prompt_methods[:k]:  # rotate: no method always runs first
+                t0, c0 = time.perf_counter(), time.process_time()
+                res = run_method(m, ids, args.seed + i)
+                seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
+                row = _row(i, rec, res)
+                row.update(method=m, seconds=seconds, cpu_seconds=cpu, machine=machine, run=run_id)
+                prompt_rows.append(row)
+            for row in prompt_rows:  # untimed quality checks
+                lp = token_logprobs(base, ids, row["token_ids"])
+                row["base_logprob_mean"] = sum(lp) / len(lp) if lp else None
+                row["correct"] = score(rec, row["text"], spider_tables, args.humaneval_timeout)
+                row["degenerate"] = is_degenerate(row["token_ids"])
+                f.write(json.dumps(row) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+            bar.update(1)
+    bar.close()
 
 
 def _spider_tables(args, records) -> dict:
