@@ -142,6 +142,33 @@ def test_eval_extended_with_a_method_runs_only_that_method(tiny_model_dir, other
     assert len(rows_path.read_text().splitlines()) == 9
 
 
+def test_eval_larger_limit_adds_prompts_and_changed_prompts_are_refused(tiny_model_dir, tmp_path, capsys):
+    """--limit 2 then --limit 3 into one folder: only prompt 2 runs; a smaller limit or other prompts are refused."""
+    prompts = write_scored_prompts(tmp_path / "p.jsonl", 4)
+    out = tmp_path / "eval"
+    assert _eval(tiny_model_dir, prompts, out, "--limit", "2") == 0
+    rows_path = out / "rows-rank0.jsonl"
+    before = rows_path.read_text().splitlines()
+    assert len(before) == 6
+    assert _eval(tiny_model_dir, prompts, out, "--limit", "3") == 0
+    after = rows_path.read_text().splitlines()
+    assert after[:6] == before  # the finished prompts are untouched
+    assert sorted(json.loads(x)["index"] for x in after[6:]) == [2, 2, 2]
+    report = json.loads((out / "report.json").read_text())
+    assert report["settings"]["limit"] == 3 and report["methods"]["jacobi"]["n_prompts"] == 3
+    capsys.readouterr()
+    assert _eval(tiny_model_dir, prompts, out, "--limit", "2") == 2  # shrinking would drop finished rows
+    assert "--limit may only grow" in capsys.readouterr().err
+    # The same limit over a prompt file whose prompt 1 changed: its finished rows would be scored wrongly.
+    lines = prompts.read_text().splitlines()
+    lines[1] = json.dumps({"prompt": "w9 w8 w7", "id": "other", "answer": "#### 17"})
+    prompts.write_text("\n".join(lines) + "\n")
+    assert _eval(tiny_model_dir, prompts, out, "--limit", "3") == 2
+    assert "prompt 1 is 'other'" in capsys.readouterr().err
+    assert rows_path.read_text().splitlines() == after
+    assert json.loads((out / "eval_manifest.json").read_text())["limit"] == 3
+
+
 def test_eval_against_another_base_model(tiny_model_dir, other_model_dir, tmp_path):
     prompts = write_scored_prompts(tmp_path / "p.jsonl", 3)
     out = tmp_path / "eval"

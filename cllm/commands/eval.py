@@ -140,8 +140,16 @@ def settings_of(args, methods: list[str]) -> dict:
     return s
 
 
-def _check_manifest(out_dir: Path, settings: dict, overwrite: bool) -> None:
-    """Refuse a different eval in a folder holding rows; more methods than before extend it (the manifest grows)."""
+def _limit_grows(old, new) -> bool:
+    """A larger --limit (or none) keeps the finished prompts; the row ids are checked against the prompts too."""
+    return old is not None and (new is None or new > old)
+
+
+def _check_manifest(out_dir: Path, settings: dict, overwrite: bool, record_ids: list[str]) -> None:
+    """Refuse a different eval in a folder holding rows; more methods or a larger --limit extend it.
+
+    `record_ids` are the ids of this run's prompts by index: every finished row must name the prompt at its index,
+    so rows never get scored against another prompt (a changed prompt file, or --spread picking others)."""
     path = out_dir / "eval_manifest.json"
     if path.is_file() and not overwrite:
         old = json.loads(path.read_text())
@@ -153,9 +161,19 @@ def _check_manifest(out_dir: Path, settings: dict, overwrite: bool) -> None:
         # A setting missing from the manifest was added to cllm after that eval started; the eval could not use it.
         # The method lists may grow (checked above); base_methods is part of the resolved `methods` list.
         for k in sorted((set(old) | set(settings)) - {"methods", "base_methods"}):
+            if k == "limit" and k in old and _limit_grows(old[k], settings.get(k)):
+                continue
             if k in old and old.get(k) != settings.get(k):
-                raise CllmError(f"{out_dir} holds an eval with {k}={old.get(k)!r}, this one has {settings.get(k)!r}; "
-                                f"use another --out-dir or --overwrite (finished rows are kept until then)")
+                hint = " (--limit may only grow)" if k == "limit" else ""
+                raise CllmError(f"{out_dir} holds an eval with {k}={old.get(k)!r}, this one has {settings.get(k)!r}"
+                                f"{hint}; use another --out-dir or --overwrite (finished rows are kept until then)")
+        for r in read_rows(out_dir):
+            i = r["index"]
+            have = record_ids[i] if i < len(record_ids) else None
+            if "id" in r and r["id"] != have:
+                raise CllmError(f"{out_dir}: a finished row of prompt {i} is for {r['id']!r}, but this run's prompt "
+                                f"{i} is {have!r}; the prompts changed. Use another --out-dir or --overwrite "
+                                "(finished rows are kept until then)")
     if overwrite:
         for f in out_dir.glob("rows-*.jsonl"):
             f.unlink()
@@ -204,7 +222,7 @@ def run(args) -> None:
         settings = settings_of(args, methods)
         if ctx.is_main:
             out_dir.mkdir(parents=True, exist_ok=True)
-            _check_manifest(out_dir, settings, args.overwrite)
+            _check_manifest(out_dir, settings, args.overwrite, [r.id for r in records])
         if ctx.world_size > 1:
             import torch.distributed as dist
 
