@@ -148,8 +148,9 @@ def _limit_grows(old, new) -> bool:
 def _check_manifest(out_dir: Path, settings: dict, overwrite: bool, record_ids: list[str]) -> None:
     """Refuse a different eval in a folder holding rows; more methods or a larger --limit extend it.
 
-    `record_ids` are the ids of this run's prompts by index: every finished row must name the prompt at its index,
-    so rows never get scored against another prompt (a changed prompt file, or --spread picking others)."""
+    `record_ids` are the ids of this run's prompts by index: every finished row must name the prompt id at its index,
+    so rows are not scored against another prompt (--spread picking others, a prompt file whose ids changed). Only ids
+    are compared: a prompt file edited in place keeps its line-number ids and is not caught."""
     path = out_dir / "eval_manifest.json"
     if path.is_file() and not overwrite:
         old = json.loads(path.read_text())
