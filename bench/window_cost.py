@@ -20,7 +20,7 @@ import torch
 
 def main(argv=None) -> int:
     from cllm.data import load_dataset_prompts
-    from cllm.decoding.common import SeqCache
+    from cllm.decoding.common import SeqCache, cached_forward
     from cllm.models import load_model
     from cllm.prompts import format_prompt
 
@@ -52,8 +52,7 @@ def main(argv=None) -> int:
                 if r > 1:
                     cache.cache.batch_repeat_interleave(r)
                 t0 = time.perf_counter()
-                model(input_ids=x, position_ids=torch.arange(n, n + w).expand(r, -1), past_key_values=cache.cache,
-                      use_cache=True)
+                cached_forward(model, x, torch.arange(n, n + w).expand(r, -1), cache.cache)
                 dt = time.perf_counter() - t0
                 for layer, (k, v) in zip(cache.cache.layers, saved):  # back to the prompt's cache
                     layer.keys, layer.values = k, v

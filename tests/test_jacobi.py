@@ -190,3 +190,50 @@ def test_bad_arguments_raise_clear_errors():
 
 def test_vocab_constant_is_the_models():
     assert tiny_model(0).config.vocab_size == VOCAB
+
+
+class _OldStyleModel(torch.nn.Module):
+    """A causal LM whose forward takes its KV cache as `past_key_values` (remote code, transformers < 5.24)."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, input_ids, attention_mask=None, position_ids=None, past_key_values=None, use_cache=None):
+        from transformers.modeling_outputs import CausalLMOutputWithPast
+
+        out = self.inner(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                         cache=past_key_values, use_cache=use_cache)
+        return CausalLMOutputWithPast(logits=out.logits, past_key_values=out.cache)
+
+
+@torch.no_grad()
+def test_cached_forward_takes_either_cache_argument_name():
+    from transformers import DynamicCache
+
+    from cllm.decoding.common import cached_forward
+
+    model = tiny_model(3)
+    prompt = random_prompt(torch.Generator().manual_seed(3), 7)
+    results = []
+    for m in (model, _OldStyleModel(model)):
+        cache = DynamicCache()
+        ids = torch.tensor([prompt])  # (1, 7)
+        first, cache = cached_forward(m, ids[:, :4], torch.arange(4).unsqueeze(0), cache)
+        second, cache = cached_forward(m, ids[:, 4:], torch.arange(4, 7).unsqueeze(0), cache)
+        assert cache.get_seq_length() == 7
+        results.append(torch.cat([first, second], dim=1))  # (1, 7, V)
+    full = model(torch.tensor([prompt])).logits
+    torch.testing.assert_close(results[0], full)
+    torch.testing.assert_close(results[1], full)
+
+
+def test_jacobi_decode_uses_no_deprecated_cache_argument():
+    import warnings
+
+    model = tiny_model(4)
+    prompt = random_prompt(torch.Generator().manual_seed(4), 6)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        jacobi_decode(model, None, prompt, block_size=4, max_new_tokens=12)
+    assert not [w for w in caught if "past_key_values" in str(w.message)]

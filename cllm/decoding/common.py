@@ -2,12 +2,29 @@
 
 from __future__ import annotations
 
+import functools
+import inspect
 from dataclasses import dataclass, field
 
 import torch
 from transformers import DynamicCache
 
 from cllm.errors import CllmError
+
+
+@functools.cache
+def _cache_kwarg(model_cls: type) -> str:
+    """The name `model_cls.forward` takes its KV cache by: transformers >= 5.24 says `cache` (`past_key_values` is
+    deprecated there and removed in 5.40); remote-code and older models still say `past_key_values`."""
+    return "cache" if "cache" in inspect.signature(model_cls.forward).parameters else "past_key_values"
+
+
+def cached_forward(model, input_ids: torch.Tensor, position_ids: torch.Tensor, cache, attention_mask=None):
+    """One forward of `input_ids` (B, W) on top of `cache`; returns (logits (B, W, V), the updated cache)."""
+    name = _cache_kwarg(type(model))
+    out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=True,
+                **{name: cache})
+    return out.logits, (out.cache if name == "cache" else out.past_key_values)
 
 
 @dataclass
@@ -116,17 +133,10 @@ class RaggedCache:
         attention_mask = torch.cat([self.valid, new_valid], dim=1).long()  # (B, S + W)
         if bool(attention_mask.all()):
             attention_mask = None  # no holes and no padding: let the model take its plain causal path
-        out = model(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            past_key_values=self.cache,
-            use_cache=True,
-        )
-        self.cache = out.past_key_values
+        logits, self.cache = cached_forward(model, input_ids, position_ids, self.cache, attention_mask)
         self.valid = torch.cat([self.valid, torch.zeros_like(new_valid)], dim=1)
         self._last_width = width
-        return out.logits, lengths
+        return logits, lengths
 
     def keep(self, n_keep: list[int]) -> None:
         """After `forward`: row b keeps the KV of its first n_keep[b] new tokens; columns nobody keeps are cropped."""
@@ -172,10 +182,9 @@ class SeqCache:
         """Run the model on `ids` after the cached tokens; logits (len(ids), V) in float32."""
         input_ids = torch.tensor([ids], dtype=torch.long, device=self.device)  # (1, W)
         position_ids = torch.arange(self.n, self.n + len(ids), device=self.device).unsqueeze(0)  # (1, W)
-        out = self.model(input_ids=input_ids, position_ids=position_ids, past_key_values=self.cache, use_cache=True)
-        self.cache = out.past_key_values
+        logits, self.cache = cached_forward(self.model, input_ids, position_ids, self.cache)
         self.n += len(ids)
-        return out.logits[0].float()
+        return logits[0].float()
 
     def crop(self, length: int) -> None:
         """Keep the first `length` cached tokens."""

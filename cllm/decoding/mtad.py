@@ -21,7 +21,14 @@ from dataclasses import dataclass
 
 import torch
 
-from cllm.decoding.common import DecodeResult, DraftVerifyRun, SeqCache, check_lengths, single_prompt
+from cllm.decoding.common import (
+    DecodeResult,
+    DraftVerifyRun,
+    SeqCache,
+    cached_forward,
+    check_lengths,
+    single_prompt,
+)
 from cllm.decoding.sampling import check_sampling_args, warp_logits
 from cllm.decoding.speculative import check_draft_args
 from cllm.errors import CllmError
@@ -75,10 +82,9 @@ def beam_draft(d_cache: SeqCache, pending: list[int], gamma: int, beam_width: in
         cache.batch_repeat_interleave(n_beams)  # every beam continues from the same context
     for _ in range(1, gamma):
         position_ids = torch.full((n_beams, 1), d_cache.n, dtype=torch.long, device=d_cache.device)
-        out = d_cache.model(input_ids=tokens[:, -1:], position_ids=position_ids, past_key_values=cache, use_cache=True)
-        cache = out.past_key_values
+        logits, cache = cached_forward(d_cache.model, tokens[:, -1:], position_ids, cache)
         d_cache.n += 1
-        logq = warp(out.logits[:, -1].float()).log_softmax(-1)  # (B, V)
+        logq = warp(logits[:, -1].float()).log_softmax(-1)  # (B, V)
         vocab = logq.shape[-1]
         log_s = (log_w.unsqueeze(1) + logq).reshape(-1)  # (B * V,): log w_b + log q_b(v)
         flat = _draw((log_s - log_s.logsumexp(0)).exp(), beam_width, replacement, gen)  # (B',)

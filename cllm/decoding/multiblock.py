@@ -26,7 +26,15 @@ from dataclasses import dataclass
 
 import torch
 
-from cllm.decoding.common import DecodeResult, SeqCache, check_lengths, eos_ids, finish, single_prompt
+from cllm.decoding.common import (
+    DecodeResult,
+    SeqCache,
+    cached_forward,
+    check_lengths,
+    eos_ids,
+    finish,
+    single_prompt,
+)
 from cllm.decoding.jacobi import INIT_STRATEGIES, init_guess
 from cllm.errors import CllmError
 
@@ -194,10 +202,9 @@ def _forward_rows(cache: SeqCache, head: list[int], rows: list[list[int]]) -> to
         cache.cache.batch_repeat_interleave(R)  # every row continues from the same committed context
     input_ids = torch.tensor([head + r for r in rows], dtype=torch.long, device=cache.device)  # (R, L)
     position_ids = torch.arange(cache.n, cache.n + input_ids.shape[1], device=cache.device).expand(R, -1)
-    out = cache.model(input_ids=input_ids, position_ids=position_ids, past_key_values=cache.cache, use_cache=True)
-    cache.cache = out.past_key_values
+    logits, cache.cache = cached_forward(cache.model, input_ids, position_ids, cache.cache)
     cache.n += input_ids.shape[1]
-    return out.logits.float()
+    return logits.float()
 
 
 def _consume(blocks: list[_Block], n: int) -> None:
