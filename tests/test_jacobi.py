@@ -228,10 +228,15 @@ def test_cached_forward_takes_either_cache_argument_name():
     torch.testing.assert_close(results[1], full)
 
 
-def test_jacobi_decode_uses_no_deprecated_cache_argument():
+@pytest.mark.parametrize("lora", [False, True])
+def test_jacobi_decode_uses_no_deprecated_cache_argument(lora):
     import warnings
 
     model = tiny_model(4)
+    if lora:  # an unmerged adapter, as right after LoRA training
+        from peft import LoraConfig, get_peft_model
+
+        model = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
     prompt = random_prompt(torch.Generator().manual_seed(4), 6)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")

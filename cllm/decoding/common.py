@@ -21,7 +21,9 @@ def _cache_kwarg(model_cls: type) -> str:
 
 def cached_forward(model, input_ids: torch.Tensor, position_ids: torch.Tensor, cache, attention_mask=None):
     """One forward of `input_ids` (B, W) on top of `cache`; returns (logits (B, W, V), the updated cache)."""
-    name = _cache_kwarg(type(model))
+    # A PEFT wrapper's forward takes **kwargs and hands them to the wrapped model: that model's forward decides.
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    name = _cache_kwarg(type(inner))
     out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=True,
                 **{name: cache})
     return out.logits, (out.cache if name == "cache" else out.past_key_values)
