@@ -15,7 +15,7 @@ from cllm.errors import CllmError
 @functools.cache
 def _cache_kwarg(model_cls: type) -> str:
     """The name `model_cls.forward` takes its KV cache by: transformers >= 5.24 says `cache` (`past_key_values` is
-    deprecated there and removed in 5.40); remote-code and older models still say `past_key_values`."""
+    deprecated there, removal announced for 5.40); remote-code and older models still say `past_key_values`."""
     return "cache" if "cache" in inspect.signature(model_cls.forward).parameters else "past_key_values"
 
 
