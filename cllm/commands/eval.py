@@ -5,8 +5,9 @@ BASE model (`base_ar`, the speed reference) in the same process. Rows are append
 interrupted eval resumes without redoing finished prompts; under torchrun each rank takes a disjoint share and
 rank 0 writes report.json, summary.md, answers/<method>.jsonl and the plots.
 
-A finished eval can be extended with more methods (the same command with a longer --methods/--base-methods list):
-only the new methods run, and every row records its run so the report flags speed-ups that compare two runs.
+A finished eval can be extended with more methods (the same command with a longer --methods/--base-methods list)
+or more prompts (a larger --limit): only the new (prompt, method) pairs run, and every row records its run so the
+report flags speed-ups that compare two runs.
 """
 
 from __future__ import annotations
