@@ -115,8 +115,10 @@ def test_eval_resume_skips_finished_prompts(tiny_model_dir, tmp_path, monkeypatc
     assert len(rows_path.read_text().splitlines()) == 9 and (out / "report.json").is_file()
 
 
-def test_eval_extended_with_a_method_runs_only_that_method(tiny_model_dir, other_model_dir, tmp_path):
+def test_eval_extended_with_a_method_runs_only_that_method(tiny_model_dir, other_model_dir, tmp_path, monkeypatch):
     """A finished base_ar+jacobi eval gets the checkpoint's own AR added: old rows stay, the report flags the runs."""
+    # Both runs in "the same second" of one process: their rows must still carry different run labels.
+    monkeypatch.setattr("time.strftime", lambda *a, **k: "20260101T000000")
     prompts = write_scored_prompts(tmp_path / "p.jsonl", 3)
     out = tmp_path / "eval"
     first = ["--base-model", str(other_model_dir), "--warmup", "0"]

@@ -17,6 +17,7 @@ import hashlib
 import json
 import os
 import time
+import uuid
 from pathlib import Path
 
 from cllm.errors import CllmError
@@ -26,6 +27,12 @@ SETTINGS_KEYS = ("model", "adapter", "base_model", "methods", "base_methods", "d
                  "offset", "spread", "block_size", "max_new_tokens", "init", "dtype", "temperature", "top_k", "top_p",
                  "seed", "draft", "gamma", "adaptive_gamma", "beam_width", "tau", "beam_replacement",
                  "n_blocks", "spawn_ratio", "n_recycle")
+
+
+def new_run_id() -> str:
+    """A label for one eval run's rows. Time and pid alone collide when one process runs two evals within a
+    second (main() called twice, as tests do), which would let the report call rows of two runs one run."""
+    return f"{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -297,7 +304,7 @@ def _decode_prompts(args, ctx, records, todo: dict[int, list[str]], all_methods:
 
     machine = machine_tag()  # on every row: a resumed eval may span machines, and the report says so
     # on every row: rows of one prompt from different runs were not timed interleaved, and the report says so
-    run_id = f"{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}"
+    run_id = new_run_id()
     rows_path = out_dir / f"rows-rank{ctx.rank}.jsonl"
     _repair(rows_path)
     bar = tqdm(total=len(todo), desc=f"eval {'+'.join(running)}", unit="prompt", disable=not ctx.is_main)
