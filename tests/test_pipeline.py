@@ -128,6 +128,17 @@ def test_two_round_jacobi_forcing_pipeline_keeps_one_adapter(tiny_model_dir, tmp
     assert heights[0] == row["speedup"] and math.isnan(heights[1])
     assert plot_ablation([row, no_ar], tmp_path / "no_ar.png").read_bytes()[:4] == b"\x89PNG"
     assert main(["ablation", str(tmp_path)]) == 2  # not a pipeline folder: a clear error
+    # --append keeps rows whose folders are gone: an older row stays first, this folder's row replaces its namesake.
+    older = {**row, "name": "gone_row", "tokens_per_forward": 9.0}
+    stale = {**row, "tokens_per_forward": -1.0}
+    (tmp_path / "table.json").write_text(json.dumps([older, stale]))
+    assert main(["ablation", str(run), "--out", str(tmp_path / "table.md"), "--append"]) == 0
+    appended = json.loads((tmp_path / "table.json").read_text())
+    assert [r["name"] for r in appended] == ["gone_row", row["name"]]
+    assert appended[0] == older and appended[1]["tokens_per_forward"] == row["tokens_per_forward"]
+    assert "gone_row" in (tmp_path / "table.md").read_text()
+    assert main(["ablation", str(run), "--append"]) == 2  # no --out: nothing to append to
+    assert main(["ablation", str(run), "--out", str(tmp_path / "none.md"), "--append"]) == 2  # no none.json
     # A second pipeline that trains on round 1's trajectories instead of collecting its own.
     cfg2 = {**cfg, "out_dir": str(tmp_path / "shared"), "trajectories": str(run / "trajectories"), "rounds": []}
     path.write_text(yaml.safe_dump(cfg2))
