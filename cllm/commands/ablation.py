@@ -54,4 +54,4 @@ def merge_rows(kept: list[dict], new: list[dict]) -> list[dict]:
     """`kept` in order with each row of the same name replaced by its `new` row, then the other `new` rows."""
     by_name = {r["name"]: r for r in new}
     merged = [by_name.pop(r["name"], r) for r in kept]
-    return merged + [r for r in new if r["name"] in by_name]
+    return merged + list(by_name.values())
