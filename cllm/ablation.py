@@ -14,6 +14,17 @@ from cllm.errors import CllmError
 from cllm.evaluate import per_prompt_speedups, quantile
 
 
+def _objective(tc: dict) -> str:
+    """The objective, with the Jacobi Forcing variants that differ from the paper's."""
+    name = tc.get("objective", "cllm")
+    extras = []
+    if name == "jacobi_forcing" and tc.get("noisy_context", "noisy") != "noisy":
+        extras.append(f"{tc['noisy_context']} context")
+    if name == "jacobi_forcing" and (tc.get("noise_shifts") or 1) > 1:
+        extras.append(f"{tc['noise_shifts']} shifts")
+    return f"{name} ({', '.join(extras)})" if extras else name
+
+
 def _json(path: Path) -> dict | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
@@ -65,7 +76,7 @@ def ablation_row(run_dir: str | Path, method: str = "jacobi") -> dict:
     per_prompt = per_prompt_speedups(read_rows(run / "eval"), method)
     return {
         "name": run.name,
-        "objective": tc.get("objective", "cllm"),
+        "objective": _objective(tc),
         "tuning": ("LoRA r=%s" % tc.get("lora_r")) if tc.get("use_peft") else "full",
         "consistency_weight": tc.get("consistency_weight"),
         "rounds": len([r for r in rounds if (r / "train").is_dir()]),

@@ -11,6 +11,11 @@ k_j and c_j share position ids (both stand for the same text positions), and the
 - a clean token of block j see the prompt, the clean blocks c_<j and its own block causally.
 Every visible key comes earlier in the packed order, so the mask is the packed causal mask restricted by stream.
 
+`noisy_context="clean"` (not in the paper) lets a noisy token of block j see the CLEAN blocks c_<j instead of
+k_<j: each noisy block then branches off the clean stream, which is the condition single-block Jacobi decoding
+meets (its context is committed text), so one forward gives the CLLM global loss of every block of a response.
+The paper's noisy context trains for multi-block decoding, where earlier blocks are still being refined.
+
 Logits: the clean stream is a plain causal pass over prompt + c_0 + c_1 ..., so the logits that predict c_j
 (the last token before c_j, then c_j[0 .. m-2]) give the AR loss and, detached, the consistency teacher. The
 noisy stream is a causal pass over prompt + k_0 + k_1 ...; its logits at the matching places (the last token
@@ -38,12 +43,13 @@ def noise_ratio(state: list[int], fixed_point: list[int]) -> float:
     return (m - first) / m
 
 
-def noise_targets(n_blocks: int, window: int) -> list[float]:
-    """t_j = linspace(0, 1, window)[j mod window] for the blocks j of one response (cyclic schedule)."""
+def noise_targets(n_blocks: int, window: int, shift: int = 0) -> list[float]:
+    """t_j = linspace(0, 1, window)[(j + shift) mod window] for the blocks j of one response (cyclic schedule;
+    the paper's is shift 0)."""
     if window < 1:
         raise CllmError(f"noise window must be >= 1, got {window}")
     grid = torch.linspace(0, 1, window).tolist() if window > 1 else [1.0]
-    return [grid[j % window] for j in range(n_blocks)]
+    return [grid[(j + shift) % window] for j in range(n_blocks)]
 
 
 def pick_state(states: list[list[int]], fixed_point: list[int], target: float) -> list[int]:
@@ -85,25 +91,33 @@ def group_responses(records: list[dict]) -> list[dict]:
 
 
 class JacobiForcingDataset(torch.utils.data.Dataset):
-    """One example per response: the prompt, the fixed points c_j and the noisy states k_j picked by the
-    progressive schedule (deterministic, so a resumed run sees the same data)."""
+    """`noise_shifts` examples per response: the prompt, the fixed points c_j and the noisy states k_j picked by
+    the progressive schedule shifted by 0 .. noise_shifts-1 (deterministic, so a resumed run sees the same data).
+
+    The paper's schedule (noise_shifts=1) gives block j of a response the same noise level in every epoch, so
+    most of a block's states, its random initial state among them, are never trained on; noise_shifts=w shows
+    every block at every level of the window once per epoch."""
 
     def __init__(self, records: list[dict], noise_window: int = 16, max_blocks: int | None = None,
-                 max_prompt_tokens: int | None = None):
+                 max_prompt_tokens: int | None = None, noise_shifts: int = 1):
+        if not 1 <= noise_shifts <= max(noise_window, 1):
+            raise CllmError(f"noise_shifts must be in 1 .. noise_window ({noise_window}), got {noise_shifts}")
         self.responses = group_responses(records)
         if max_prompt_tokens:  # bound the memory of long prompts: keep their end
             for r in self.responses:
                 r["prompt_ids"] = r["prompt_ids"][-max_prompt_tokens:]
         self.noise_window = noise_window
         self.max_blocks = max_blocks
+        self.noise_shifts = noise_shifts
 
     def __len__(self) -> int:
-        return len(self.responses)
+        return len(self.responses) * self.noise_shifts
 
     def __getitem__(self, idx: int) -> dict:
-        resp = self.responses[idx]
+        resp_idx, shift = divmod(idx, self.noise_shifts)
+        resp = self.responses[resp_idx]
         blocks = resp["blocks"][: self.max_blocks] if self.max_blocks else resp["blocks"]
-        targets = noise_targets(len(blocks), self.noise_window)
+        targets = noise_targets(len(blocks), self.noise_window, shift)
         return {
             "prompt_ids": resp["prompt_ids"],
             "fixed_points": [b["fixed_point"] for b in blocks],
@@ -111,17 +125,28 @@ class JacobiForcingDataset(torch.utils.data.Dataset):
         }
 
 
-def noise_aware_mask(stream: torch.Tensor, block: torch.Tensor) -> torch.Tensor:
+NOISY_CONTEXTS = ("noisy", "clean")
+
+
+def noise_aware_mask(stream: torch.Tensor, block: torch.Tensor, noisy_context: str = "noisy") -> torch.Tensor:
     """Allowed attention (B, T, T) from per-token stream ids (B, T) and block indices (B, T), in packed order.
 
     Causal in the packed order, and a key is visible when it is in the prompt, or in the query's stream at a
-    block index <= the query's. Padding sees only itself.
+    block index <= the query's; with noisy_context="clean" a noisy query sees the clean stream's earlier blocks
+    and its own noisy block instead. Padding sees only itself.
     """
+    if noisy_context not in NOISY_CONTEXTS:
+        raise CllmError(f"noisy_context must be one of {', '.join(NOISY_CONTEXTS)}, got {noisy_context!r}")
     qs, ks = stream.unsqueeze(-1), stream.unsqueeze(-2)  # (B, T, 1), (B, 1, T)
     qb, kb = block.unsqueeze(-1), block.unsqueeze(-2)
     T = stream.shape[-1]
     causal = torch.ones(T, T, dtype=torch.bool, device=stream.device).tril()
-    same_stream = (qs == ks) & ((qs == NOISY) | (qs == CLEAN)) & (kb <= qb)
+    if noisy_context == "noisy":
+        same_stream = (qs == ks) & ((qs == NOISY) | (qs == CLEAN)) & (kb <= qb)
+    else:
+        clean_q = (qs == CLEAN) & (ks == CLEAN) & (kb <= qb)
+        noisy_q = (qs == NOISY) & (((ks == CLEAN) & (kb < qb)) | ((ks == NOISY) & (kb == qb)))
+        same_stream = clean_q | noisy_q
     visible = ((ks == PROMPT) & (qs != PAD)) | same_stream
     eye = torch.eye(T, dtype=torch.bool, device=stream.device)
     return (causal & visible) | eye
@@ -134,8 +159,12 @@ class JacobiForcingCollator:
     `block_mask` (B, J*n) is the consistency mask (from the first mismatch on), `real_mask` the real slots;
     `fixed_point`/`state` are (B, J, n). The AR loss is over the clean stream (all real slots)."""
 
-    def __init__(self, pad_token_id: int, block_size: int, mask_dtype: torch.dtype = torch.float32):
+    def __init__(self, pad_token_id: int, block_size: int, mask_dtype: torch.dtype = torch.float32,
+                 noisy_context: str = "noisy"):
+        if noisy_context not in NOISY_CONTEXTS:
+            raise CllmError(f"noisy_context must be one of {', '.join(NOISY_CONTEXTS)}, got {noisy_context!r}")
         self.pad_token_id, self.n, self.mask_dtype = pad_token_id, block_size, mask_dtype
+        self.noisy_context = noisy_context
 
     def pack(self, ex: dict) -> dict:
         prompt = list(ex["prompt_ids"])
@@ -161,7 +190,9 @@ class JacobiForcingCollator:
             teacher_idx += [prev_clean] + [c_at + i for i in range(m - 1)] + [0] * pad
             cons += [i >= first for i in range(m)] + [False] * pad
             real += [True] * m + [False] * pad
-            prev_noisy, prev_clean = c_at - 1, c_at + m - 1
+            # with a clean context the next noisy block's first token is predicted from the clean stream too
+            prev_noisy = c_at + m - 1 if self.noisy_context == "clean" else c_at - 1
+            prev_clean = c_at + m - 1
             offset += m
         return {"ids": ids, "stream": stream, "block": block, "pos": pos, "student_idx": student_idx,
                 "teacher_idx": teacher_idx, "cons": cons, "real": real,
@@ -197,8 +228,9 @@ class JacobiForcingCollator:
                 fixed_point[b, j, : len(fp)] = torch.tensor(fp)
                 state[b, j, : len(st)] = torch.tensor(st)
         # (B, 1, T, T), built once per batch
-        attention_mask = additive_mask(noise_aware_mask(stream, block), self.mask_dtype)
+        attention_mask = additive_mask(noise_aware_mask(stream, block, self.noisy_context), self.mask_dtype)
         return {"input_ids": input_ids, "position_ids": position_ids, "attention_mask": attention_mask,
                 "student_idx": student_idx, "teacher_idx": teacher_idx, "block_mask": block_mask,
                 "real_mask": real_mask, "fixed_point": fixed_point, "state": state,
-                "ar_idx": teacher_idx, "ar_target": fixed_point.view(B, J * n), "ar_mask": real_mask}
+                "ar_idx": teacher_idx, "ar_target": fixed_point.view(B, J * n), "ar_mask": real_mask,
+                "clean_context": torch.tensor(self.noisy_context == "clean")}

@@ -98,10 +98,11 @@ class CllmTrainer(Trainer):
                 conv = converged_prefix(student.view(*fixed.shape, vocab), fixed, real).float()
                 blocks = real.any(-1)
                 self._metrics["tokens_converged"].append(conv[blocks].mean().item())
-                if "real_mask" not in inputs:
+                if "real_mask" not in inputs or bool(inputs.get("clean_context", False)):
                     # What the state already had right at its start (a committed prefix is not progress). Not
-                    # logged for Jacobi Forcing: there a noisy block's context is the earlier *noisy* blocks, so
-                    # even its right prefix need not be reproduced and the difference would read as a loss.
+                    # logged for the paper's Jacobi Forcing: there a noisy block's context is the earlier *noisy*
+                    # blocks, so even its right prefix need not be reproduced and the difference would read as
+                    # a loss; with noisy_context=clean it means what it means for the CLLM packing.
                     had = ((inputs["state"] == fixed) & real).long().cumprod(-1).sum(-1)
                     self._metrics["tokens_gained"].append((conv - had.float())[blocks].mean().item())
         return (loss, out) if return_outputs else loss

@@ -71,9 +71,10 @@ def _examples():
     ]
 
 
-def _brute_force_allowed(p: dict) -> list[list[bool]]:
+def _brute_force_allowed(p: dict, noisy_context: str = "noisy") -> list[list[bool]]:
     """Spec rule, token by token: prompt causal; a noisy (clean) token of block j at offset o sees the prompt,
-    every noisy (clean) token of blocks < j and its own block up to o; padding only itself."""
+    every noisy (clean) token of blocks < j and its own block up to o; padding only itself. With a clean
+    context a noisy token sees the CLEAN tokens of blocks < j instead of the noisy ones."""
     kinds = []  # (kind, block, offset) in packed order
     kinds += [("prompt", -1, i) for i in range(len(p["ids"]) - 2 * sum(len(f) for f in p["fixed_points"]))]
     for j, fp in enumerate(p["fixed_points"]):
@@ -84,18 +85,22 @@ def _brute_force_allowed(p: dict) -> list[list[bool]]:
         for k, (kk, jk, ok) in enumerate(kinds):
             if kq == "prompt":
                 allowed[q][k] = kk == "prompt" and ok <= oq
+            elif kq == "noisy" and noisy_context == "clean":
+                allowed[q][k] = kk == "prompt" or (kk == "clean" and jk < jq) or (kk == "noisy" and jk == jq
+                                                                                 and ok <= oq)
             else:
                 allowed[q][k] = kk == "prompt" or (kk == kq and (jk < jq or (jk == jq and ok <= oq)))
     return allowed
 
 
-def test_noise_aware_mask_equals_brute_force():
-    col = JacobiForcingCollator(0, 3)
+@pytest.mark.parametrize("noisy_context", ["noisy", "clean"])
+def test_noise_aware_mask_equals_brute_force(noisy_context):
+    col = JacobiForcingCollator(0, 3, noisy_context=noisy_context)
     batch = col(_examples())
     T = batch["input_ids"].shape[1]
     for b, ex in enumerate(_examples()):
         p = col.pack(ex)
-        want = _brute_force_allowed(p)
+        want = _brute_force_allowed(p, noisy_context)
         L = len(want)
         got = batch["attention_mask"][b, 0] == 0  # additive mask: 0 where allowed
         assert got[:L, :L].tolist() == want
@@ -104,8 +109,13 @@ def test_noise_aware_mask_equals_brute_force():
     # the pure mask function on a literal stream
     stream = torch.tensor([[0, NOISY, CLEAN, NOISY, CLEAN]])
     block = torch.tensor([[0, 0, 0, 1, 1]])
-    want = torch.tensor([[1, 0, 0, 0, 0], [1, 1, 0, 0, 0], [1, 0, 1, 0, 0], [1, 1, 0, 1, 0], [1, 0, 1, 0, 1]])
-    assert torch.equal(noise_aware_mask(stream, block)[0], want.bool())
+    if noisy_context == "noisy":
+        want = torch.tensor([[1, 0, 0, 0, 0], [1, 1, 0, 0, 0], [1, 0, 1, 0, 0], [1, 1, 0, 1, 0], [1, 0, 1, 0, 1]])
+    else:  # the second noisy block sees the first clean block, not the first noisy one
+        want = torch.tensor([[1, 0, 0, 0, 0], [1, 1, 0, 0, 0], [1, 0, 1, 0, 0], [1, 0, 1, 1, 0], [1, 0, 1, 0, 1]])
+    assert torch.equal(noise_aware_mask(stream, block, noisy_context)[0], want.bool())
+    with pytest.raises(CllmError, match="noisy_context"):
+        noise_aware_mask(stream, block, "dirty")
 
 
 def test_collator_positions_indices_and_masks():
@@ -122,13 +132,21 @@ def test_collator_positions_indices_and_masks():
     assert batch["real_mask"][1].tolist() == [1, 1, 1] + [0] * 6
     with pytest.raises(CllmError, match="block_size"):
         JacobiForcingCollator(0, 2)(_examples())
+    # clean context: a noisy block's first token is predicted from the last CLEAN token before it
+    clean = JacobiForcingCollator(0, 3, noisy_context="clean")(_examples())
+    assert clean["student_idx"][0].tolist() == [2, 3, 4, 8, 9, 10, 14, 15, 0]
+    assert torch.equal(clean["teacher_idx"], batch["teacher_idx"])
+    assert bool(clean["clean_context"]) and not bool(batch["clean_context"])
+    with pytest.raises(CllmError, match="noisy_context"):
+        JacobiForcingCollator(0, 3, noisy_context="dirty")
 
 
 @torch.no_grad()
-def test_packed_losses_equal_block_by_block_separate_forwards():
+@pytest.mark.parametrize("noisy_context", ["noisy", "clean"])
+def test_packed_losses_equal_block_by_block_separate_forwards(noisy_context):
     model = tiny_model(3)
     examples = _examples()
-    batch = JacobiForcingCollator(0, 3, torch.float64)(examples)
+    batch = JacobiForcingCollator(0, 3, torch.float64, noisy_context)(examples)
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                    position_ids=batch["position_ids"]).logits
     for kind in ("forward_kl", "jsd"):
@@ -146,7 +164,9 @@ def test_packed_losses_equal_block_by_block_separate_forwards():
         for ex in examples:
             clean, noisy = list(ex["prompt_ids"]), list(ex["prompt_ids"])
             for fp, st in zip(ex["fixed_points"], ex["states"]):
-                clean, noisy = clean + fp, noisy + st
+                # the student's context: the earlier noisy blocks (paper) or the earlier clean ones
+                noisy = (clean if noisy_context == "clean" else noisy) + st
+                clean = clean + fp
                 t_logits, s_logits = sep(clean, len(fp)), sep(noisy, len(fp))
                 picked.append((t_logits, s_logits))
                 ce_sum += F.cross_entropy(t_logits, torch.tensor(fp), reduction="sum").item()
@@ -180,6 +200,13 @@ def test_dataset_picks_states_by_schedule(tmp_path):
     assert JacobiForcingDataset(recs, noise_window=3, max_blocks=2)[0]["fixed_points"] == fps[:2]
     assert JacobiForcingDataset(recs, max_prompt_tokens=1)[0]["prompt_ids"] == [6]
     json.dumps(ex)  # plain lists: picklable for data loader workers
+    shifted = JacobiForcingDataset(recs, noise_window=3, noise_shifts=3)  # each response 3 times, shifted
+    assert len(shifted) == 3 and shifted[0] == ex
+    assert shifted[1]["states"] == [st[1], st[0], fps[0]]  # targets 0.5, 1, 0
+    assert shifted[2]["states"] == [st[0], fps[0], st[1]]  # targets 1, 0, 0.5
+    assert noise_targets(4, 3, shift=2) == [1.0, 0.0, 0.5, 1.0]
+    with pytest.raises(CllmError, match="noise_shifts"):
+        JacobiForcingDataset(recs, noise_window=3, noise_shifts=4)
 
 
 from test_train import traj_dir, train_cfg  # noqa: E402,F401  (shared fixture and config helper)
@@ -197,9 +224,21 @@ def test_full_finetune_run_and_bad_options(tiny_model_dir, traj_dir, tmp_path): 
     assert all(h["loss/consistency"] > 0 and 0 <= h["tokens_converged"] <= 4 for h in steps)
     assert not any("tokens_gained" in h for h in steps)  # meaningless under noisy contexts (trainer.py)
     for kw, msg in [({"ar_target": "labels"}, "clean stream"), ({"consistency": "local"}, "clean stream"),
-                    ({"noise_window": 0}, "--noise-window")]:
+                    ({"noise_window": 0}, "--noise-window"), ({"noise_window": 3, "noise_shifts": 4}, "--noise-shifts")]:
         with pytest.raises(CllmError, match=msg):
             train_cfg(tiny_model_dir, traj_dir, out, objective="jacobi_forcing", **kw)
+
+
+def test_clean_context_shifted_lora_run_logs_tokens_gained(tiny_model_dir, traj_dir, tmp_path):  # noqa: F811
+    from cllm.commands.train import train
+
+    out = tmp_path / "jf_clean"
+    train(train_cfg(tiny_model_dir, traj_dir, out, objective="jacobi_forcing", noise_window=3, noise_shifts=3,
+                    noisy_context="clean", use_peft=True, learning_rate=1e-3, max_steps=3))
+    steps = [h for h in json.loads((out / "log_history.json").read_text()) if "loss" in h]
+    assert len(steps) == 3 and all(torch.isfinite(torch.tensor(h["loss"])) for h in steps)
+    # meaningful with a clean context: the state's right prefix is the committed text's
+    assert all("tokens_gained" in h and -4 <= h["tokens_gained"] <= 4 for h in steps)
 
 
 def test_first_prompts_keeps_the_first_ids_in_numeric_order():

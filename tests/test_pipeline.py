@@ -209,3 +209,12 @@ def test_per_prompt_speedups_and_quantiles_by_hand():
     assert quantile(xs, 0.9) == pytest.approx(1.8)    # 1.0 + 0.8 * (2.0 - 1.0)
     assert quantile([3.0], 0.9) == 3.0 and quantile([], 0.5) is None
     assert per_prompt_speedups(rows, "ar") == []
+
+
+def test_ablation_objective_names_the_jacobi_forcing_variant():
+    from cllm.ablation import _objective
+
+    assert _objective({}) == "cllm"
+    assert _objective({"objective": "jacobi_forcing", "noisy_context": "noisy", "noise_shifts": 1}) == "jacobi_forcing"
+    assert _objective({"objective": "jacobi_forcing", "noisy_context": "clean", "noise_shifts": 16}) == (
+        "jacobi_forcing (clean context, 16 shifts)")

@@ -30,6 +30,12 @@ class TrainConfig:
                          ("cllm", "jacobi_forcing"))
     noise_window: int = opt(16, "jacobi_forcing: window w of the progressive noise schedule "
                                 "t_j = linspace(0, 1, w)[j mod w]")
+    noise_shifts: int = opt(1, "jacobi_forcing: examples per response, the schedule shifted by 0 .. this-1 blocks "
+                               "(1 = the paper; noise_window = every block at every noise level once per epoch)")
+    noisy_context: str = opt("noisy", "jacobi_forcing: what a noisy block attends to before itself: the earlier "
+                                      "noisy blocks (paper, for multi-block decoding) or the clean ones (the "
+                                      "context of single-block Jacobi decoding: the CLLM global loss of every "
+                                      "block in one forward)", ("noisy", "clean"))
     max_blocks: int = opt(0, "jacobi_forcing: pack at most this many blocks of a response (0 = all)")
     consistency: str = opt("global", "teacher state: global (fixed point y*) or local (successor y(j+1))",
                            ("global", "local"))
@@ -100,6 +106,9 @@ class TrainConfig:
                                 "it takes neither --ar-target labels, --consistency local nor --use-aug")
             if self.noise_window < 1 or self.max_blocks < 0:
                 raise CllmError("--noise-window must be >= 1 and --max-blocks >= 0")
+            if not 1 <= self.noise_shifts <= self.noise_window:
+                raise CllmError(f"--noise-shifts must be in 1 .. --noise-window ({self.noise_window}), "
+                                f"got {self.noise_shifts}")
         if self.init_adapter and not (self.use_peft and Path(self.init_adapter, "adapter_config.json").is_file()):
             raise CllmError(f"--init-adapter needs --use-peft and an adapter folder: {self.init_adapter}")
         if self.deepspeed and not Path(self.deepspeed).is_file():
@@ -155,8 +164,9 @@ def train(cfg: TrainConfig) -> dict:
     model, tok = load_model(cfg.model, dtype="fp32", device=None)
     check_records(records, cfg.block_size, model.config.vocab_size, where=", ".join(map(str, cfg.data)))
     if cfg.objective == "jacobi_forcing":
-        dataset = JacobiForcingDataset(records, cfg.noise_window, cfg.max_blocks or None, cfg.max_context_tokens)
-        collator = JacobiForcingCollator(tok.pad_token_id, cfg.block_size)
+        dataset = JacobiForcingDataset(records, cfg.noise_window, cfg.max_blocks or None, cfg.max_context_tokens,
+                                       cfg.noise_shifts)
+        collator = JacobiForcingCollator(tok.pad_token_id, cfg.block_size, noisy_context=cfg.noisy_context)
     else:
         for r in records:  # bound the memory of long contexts: keep the context's end
             if len(r["prompt_ids"]) > cfg.max_context_tokens:
