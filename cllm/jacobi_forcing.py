@@ -20,7 +20,9 @@ Logits: the clean stream is a plain causal pass over prompt + c_0 + c_1 ..., so 
 (the last token before c_j, then c_j[0 .. m-2]) give the AR loss and, detached, the consistency teacher. The
 noisy stream is a causal pass over prompt + k_0 + k_1 ...; its logits at the matching places (the last token
 before k_j, then k_j[0 .. m-2]) are the student. Consistency counts the positions from the first mismatch of
-k_j with c_j to the end of the block (earlier positions are already right).
+k_j with c_j to the end of the block (earlier positions are already right). With a clean context, block j's
+student is a causal pass over prompt + c_<j + k_j (its first position is then the clean stream's, as in the
+CLLM packing).
 """
 
 from __future__ import annotations
