@@ -130,6 +130,11 @@ class JacobiForcingDataset(torch.utils.data.Dataset):
 NOISY_CONTEXTS = ("noisy", "clean")
 
 
+def check_noisy_context(noisy_context: str) -> None:
+    if noisy_context not in NOISY_CONTEXTS:
+        raise CllmError(f"noisy_context must be one of {', '.join(NOISY_CONTEXTS)}, got {noisy_context!r}")
+
+
 def noise_aware_mask(stream: torch.Tensor, block: torch.Tensor, noisy_context: str = "noisy") -> torch.Tensor:
     """Allowed attention (B, T, T) from per-token stream ids (B, T) and block indices (B, T), in packed order.
 
@@ -137,8 +142,7 @@ def noise_aware_mask(stream: torch.Tensor, block: torch.Tensor, noisy_context: s
     block index <= the query's; with noisy_context="clean" a noisy query sees the clean stream's earlier blocks
     and its own noisy block instead. Padding sees only itself.
     """
-    if noisy_context not in NOISY_CONTEXTS:
-        raise CllmError(f"noisy_context must be one of {', '.join(NOISY_CONTEXTS)}, got {noisy_context!r}")
+    check_noisy_context(noisy_context)
     qs, ks = stream.unsqueeze(-1), stream.unsqueeze(-2)  # (B, T, 1), (B, 1, T)
     qb, kb = block.unsqueeze(-1), block.unsqueeze(-2)
     T = stream.shape[-1]
@@ -163,8 +167,7 @@ class JacobiForcingCollator:
 
     def __init__(self, pad_token_id: int, block_size: int, mask_dtype: torch.dtype = torch.float32,
                  noisy_context: str = "noisy"):
-        if noisy_context not in NOISY_CONTEXTS:
-            raise CllmError(f"noisy_context must be one of {', '.join(NOISY_CONTEXTS)}, got {noisy_context!r}")
+        check_noisy_context(noisy_context)
         self.pad_token_id, self.n, self.mask_dtype = pad_token_id, block_size, mask_dtype
         self.noisy_context = noisy_context
 
