@@ -58,10 +58,11 @@ def plot_training_log(source: str | Path, png: str | Path) -> Path:
         pts = [(h["step"], h[key]) for h in history if key in h]
         if pts:
             axes[1].plot(*zip(*pts), label=label)
-    probe = [(h["step"], h["jacobi/tokens_per_forward"]) for h in read_log_history(source)
-             if "jacobi/tokens_per_forward" in h]
-    if probe:
-        axes[1].plot(*zip(*probe), "o-", label="Jacobi tokens per forward (held-in)")
+    for key, label in [("jacobi/tokens_per_forward", "Jacobi tokens per forward (held-in)"),
+                       ("jacobi/held_out_tokens_per_forward", "Jacobi tokens per forward (held out)")]:
+        probe = [(h["step"], h[key]) for h in read_log_history(source) if key in h]
+        if probe:
+            axes[1].plot(*zip(*probe), "o-", label=label)
     axes[1].set_xlabel("step")
     if axes[1].get_legend_handles_labels()[0]:
         axes[1].legend()

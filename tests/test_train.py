@@ -133,6 +133,36 @@ def test_short_run_trains_checkpoints_resumes_and_decodes(peft, tiny_model_dir, 
     assert main(["decode", "--model", str(out), "--prompt", "w3 w4", "--max-new-tokens", "8", "--quiet"]) == 0
 
 
+def test_held_out_probe_decodes_only_prompts_training_leaves_out(tiny_model_dir, traj_dir, tmp_path, monkeypatch):
+    import cllm.decoding
+
+    from cllm.trajectories import load_trajectories
+
+    seen = []  # the prompts of each probe decode, as token-id tuples
+
+    def recording(model, tok, prompts, *args, **kwargs):
+        seen.append([tuple(p) for p in prompts])
+        return real(model, tok, prompts, *args, **kwargs)
+
+    real = cllm.decoding.jacobi_decode
+    monkeypatch.setattr(cllm.decoding, "jacobi_decode", recording)
+    out = tmp_path / "run"
+    train(train_cfg(tiny_model_dir, traj_dir, out, max_prompts=3, jacobi_eval_steps=2, jacobi_eval_prompts=2,
+                    jacobi_eval_held_out=3))
+    by_id = {}
+    for r in load_trajectories(traj_dir):
+        by_id.setdefault(r["data_id"], tuple(r["prompt_ids"][: r["prompt_len"]]))
+    ids = sorted(by_id)
+    trained, left_out = {by_id[i] for i in ids[:3]}, {by_id[i] for i in ids[3:]}
+    assert len(seen) == 4  # steps 2 and 4, held-in then held-out
+    for held_in, held_out in (seen[0:2], seen[2:4]):
+        assert len(held_in) == 2 and set(held_in) <= trained
+        assert len(held_out) == 3 and set(held_out) == left_out
+    probes = [h for h in json.loads((out / "log_history.json").read_text()) if "jacobi/tokens_per_forward" in h]
+    assert [h["step"] for h in probes] == [2, 4]
+    assert all(h["jacobi/held_out_tokens_per_forward"] >= 1.0 for h in probes)
+
+
 def test_nan_loss_stops_with_the_step(tiny_model_dir, traj_dir, tmp_path, capsys):
     code = main(["train", "--model", str(tiny_model_dir), "--data", str(traj_dir), "--output-dir",
                  str(tmp_path / "o"), "--block-size", "4", "--max-steps", "3", "--ar-weight", "inf"])
@@ -158,6 +188,10 @@ def test_bad_data_and_config_are_refused(tiny_model_dir, traj_dir, tmp_path, cap
         (["--data", str(traj_dir), "--block-size", "8"], "block_size is 8"),
         (["--config", str(yaml_bad), "--data", str(traj_dir)], "unknown key 'learnig_rate'"),
         (["--data", str(tmp_path / "missing")], "trajectory data not found"),
+        (["--data", str(traj_dir), "--block-size", "4", "--jacobi-eval-steps", "1", "--jacobi-eval-held-out", "1"],
+         "needs --max-prompts"),
+        (["--data", str(traj_dir), "--block-size", "4", "--jacobi-eval-steps", "1", "--max-prompts", "5",
+          "--jacobi-eval-held-out", "2"], "holds only 1 prompts beyond --max-prompts 5"),
     ]
     for args, message in cases:
         capsys.readouterr()

@@ -81,6 +81,9 @@ class TrainConfig:
     jacobi_eval_steps: int = opt(0, "every this many steps, measure Jacobi tokens per forward on a few training "
                                     "prompts and log it (0 = off)")
     jacobi_eval_prompts: int = opt(4, "prompts for that probe")
+    jacobi_eval_held_out: int = opt(0, "with --max-prompts: also probe this many prompts of the data that training "
+                                       "leaves out (the next data_ids), logged as jacobi/held_out_tokens_per_forward: "
+                                       "a generalisation curve at the cost of a few decodes")
     dataloader_num_workers: int = opt(0, "data loader worker processes")
 
     def validate(self) -> None:
@@ -109,6 +112,11 @@ class TrainConfig:
             if not 1 <= self.noise_shifts <= self.noise_window:
                 raise CllmError(f"--noise-shifts must be in 1 .. --noise-window ({self.noise_window}), "
                                 f"got {self.noise_shifts}")
+        if self.jacobi_eval_held_out < 0:
+            raise CllmError(f"--jacobi-eval-held-out must be >= 0, got {self.jacobi_eval_held_out}")
+        if self.jacobi_eval_held_out and not (self.max_prompts and self.jacobi_eval_steps > 0):
+            raise CllmError("--jacobi-eval-held-out needs --max-prompts (the prompts left out are the held-out ones) "
+                            "and --jacobi-eval-steps > 0")
         if self.init_adapter and not (self.use_peft and Path(self.init_adapter, "adapter_config.json").is_file()):
             raise CllmError(f"--init-adapter needs --use-peft and an adapter folder: {self.init_adapter}")
         if self.deepspeed and not Path(self.deepspeed).is_file():
@@ -159,8 +167,17 @@ def train(cfg: TrainConfig) -> dict:
     from cllm.trainer import CllmTrainer, LossSettings
 
     records = read_records(cfg.data)
+    held_out = []
     if cfg.max_prompts:
-        records = first_prompts(records, cfg.max_prompts)
+        kept = first_prompts(records, cfg.max_prompts)
+        if cfg.jacobi_eval_held_out:
+            kept_ids = {r["data_id"] for r in kept}
+            held_out = [r for r in records if r["data_id"] not in kept_ids]  # the prompts training leaves out
+            n_held_out = len({r["data_id"] for r in held_out})
+            if n_held_out < cfg.jacobi_eval_held_out:
+                raise CllmError(f"--jacobi-eval-held-out {cfg.jacobi_eval_held_out}: the data holds only {n_held_out} "
+                                f"prompts beyond --max-prompts {cfg.max_prompts} ({', '.join(map(str, cfg.data))})")
+        records = kept
     model, tok = load_model(cfg.model, dtype="fp32", device=None)
     check_records(records, cfg.block_size, model.config.vocab_size, where=", ".join(map(str, cfg.data)))
     if cfg.objective == "jacobi_forcing":
@@ -220,7 +237,7 @@ def train(cfg: TrainConfig) -> dict:
         save_only_model=False,
         use_cpu=not torch.cuda.is_available(),
     )
-    probe = _jacobi_probe(cfg, records, tok) if cfg.jacobi_eval_steps > 0 else None
+    probe = _jacobi_probe(cfg, records, tok, held_out) if cfg.jacobi_eval_steps > 0 else None
     trainer = CllmTrainer(
         model=model, args=args, train_dataset=dataset, data_collator=collator, processing_class=tok,
         loss_settings=LossSettings(cfg.ar_weight, cfg.consistency_weight, cfg.divergence, cfg.jsd_beta,
@@ -306,27 +323,39 @@ def _save_final(cfg: TrainConfig, trainer, tok) -> None:
         (out / "log_history.json").write_text(json.dumps(history, indent=1) + "\n")
 
 
-def _jacobi_probe(cfg: TrainConfig, records: list[dict], tok):
-    """Every `jacobi_eval_steps`: Jacobi tokens per forward on a few training prompts (held-in)."""
+def _jacobi_probe(cfg: TrainConfig, records: list[dict], tok, held_out: list[dict] = ()):
+    """Every `jacobi_eval_steps`: Jacobi tokens per forward on a few training prompts (held-in) and, with
+    `jacobi_eval_held_out`, on as many prompts training never sees."""
     import torch
 
     from cllm.decoding import jacobi_decode
 
-    seen, prompts = set(), []
-    for r in records:
-        if r["data_id"] not in seen and len(prompts) < cfg.jacobi_eval_prompts:
-            seen.add(r["data_id"])
-            prompts.append(r["prompt_ids"][: r["prompt_len"]])
+    sets = {"jacobi/tokens_per_forward": _first_prompt_ids(records, cfg.jacobi_eval_prompts)}
+    if cfg.jacobi_eval_held_out:
+        sets["jacobi/held_out_tokens_per_forward"] = _first_prompt_ids(held_out, cfg.jacobi_eval_held_out)
 
     def probe(model, step: int) -> dict:
         if step == 0 or step % cfg.jacobi_eval_steps:
             return {}
         was_training = model.training
         model.eval()
+        out = {}
         with torch.no_grad():
-            res = jacobi_decode(model, tok, prompts, cfg.block_size, 4 * cfg.block_size)
+            for key, prompts in sets.items():
+                res = jacobi_decode(model, tok, prompts, cfg.block_size, 4 * cfg.block_size)
+                out[key] = round(sum(r.n_new_tokens for r in res) / sum(r.n_forwards for r in res), 4)
         if was_training:
             model.train()
-        return {"jacobi/tokens_per_forward": round(sum(r.n_new_tokens for r in res) / sum(r.n_forwards for r in res), 4)}
+        return out
 
     return probe
+
+
+def _first_prompt_ids(records: list[dict], n: int) -> list[list[int]]:
+    """The prompt token ids of the first n distinct prompts of `records` (in the records' order)."""
+    seen, prompts = set(), []
+    for r in records:
+        if r["data_id"] not in seen and len(prompts) < n:
+            seen.add(r["data_id"])
+            prompts.append(r["prompt_ids"][: r["prompt_len"]])
+    return prompts
