@@ -68,6 +68,10 @@ def quantile(sorted_xs: list[float], q: float) -> float | None:
     return sorted_xs[lo] + (sorted_xs[hi] - sorted_xs[lo]) * (pos - lo)
 
 
+def _ratio(num: float, den: float) -> float | None:
+    return num / den if den else None
+
+
 def summarize(rows: list[dict], ref_rows: list[dict] | None) -> dict:
     """Statistics of one method over some rows; `ref_rows` are the reference method's rows on the same prompts."""
     new_tokens = sum(r["new_tokens"] for r in rows)
@@ -91,6 +95,10 @@ def summarize(rows: list[dict], ref_rows: list[dict] | None) -> dict:
         "accuracy": _mean([float(r["correct"]) if r["correct"] is not None else None for r in rows]),
         "n_scored": sum(r["correct"] is not None for r in rows),
         "repeat_rate": _mean([float(r["degenerate"]) for r in rows]),
+        # A loop is easy to guess ahead: tokens per forward on the answers that do not loop, to tell speed from damage.
+        "n_non_degenerate": sum(not r["degenerate"] for r in rows),
+        "tokens_per_forward_non_degenerate": _ratio(sum(r["new_tokens"] for r in rows if not r["degenerate"]),
+                                                    sum(r["forwards"] for r in rows if not r["degenerate"])),
         "perplexity_base": (math.exp(-_mean([r["base_logprob_mean"] for r in rows]))
                             if _mean([r["base_logprob_mean"] for r in rows]) is not None else None),
     }

@@ -12,6 +12,7 @@ from cllm.ablation import ablation_markdown, ablation_row
 from cllm.cli import main
 from cllm.errors import CllmError
 from cllm.evaluate import per_prompt_speedups, quantile
+from cllm.evaluate import summarize as summarize_method
 from cllm.plots import plot_ablation, speedup_heights
 from cllm.trajectories import summarize
 from test_eval import write_scored_prompts
@@ -209,6 +210,20 @@ def test_per_prompt_speedups_and_quantiles_by_hand():
     assert quantile(xs, 0.9) == pytest.approx(1.8)    # 1.0 + 0.8 * (2.0 - 1.0)
     assert quantile([3.0], 0.9) == 3.0 and quantile([], 0.5) is None
     assert per_prompt_speedups(rows, "ar") == []
+
+
+def test_summarize_splits_tokens_per_forward_by_degenerate_answers():
+    def row(i, tokens, forwards, degenerate):
+        return {"index": i, "method": "jacobi", "token_ids": [1] * tokens, "new_tokens": tokens, "forwards": forwards,
+                "seconds": 1.0, "cpu_seconds": 1.0, "accept_lengths": [1], "fast_forward": 0, "stationary": 0,
+                "correct": None, "degenerate": degenerate, "base_logprob_mean": -1.0}
+
+    rows = [row(0, 100, 20, True), row(1, 30, 20, False), row(2, 20, 20, False)]
+    m = summarize_method(rows, None)
+    assert m["tokens_per_forward"] == pytest.approx(150 / 60) and m["repeat_rate"] == pytest.approx(1 / 3)
+    assert m["n_non_degenerate"] == 2 and m["tokens_per_forward_non_degenerate"] == pytest.approx(50 / 40)
+    all_loops = summarize_method([row(0, 100, 20, True)], None)
+    assert all_loops["n_non_degenerate"] == 0 and all_loops["tokens_per_forward_non_degenerate"] is None
 
 
 def test_ablation_objective_names_the_jacobi_forcing_variant():
