@@ -37,6 +37,10 @@ def test_config_opens_with_its_command_and_resolves(path, tmp_path):
         if data.get("trajectories"):  # the shared data is collected by another config; stand in a folder
             (tmp_path / "manifest.json").write_text("{}")
             data["trajectories"] = str(tmp_path)
+        if (data.get("train") or {}).get("init_adapter"):  # another row's adapter (a20 continues a19's): stand one in
+            (tmp_path / "adapter").mkdir()
+            (tmp_path / "adapter" / "adapter_config.json").write_text("{}")
+            data["train"] = {**data["train"], "init_adapter": str(tmp_path / "adapter")}
         cfg = config.resolve(PipelineConfig, data)
         _eval_argv(cfg.eval)
         stages = plan(cfg)  # every round's gen and train options resolve
