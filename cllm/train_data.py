@@ -51,9 +51,14 @@ def read_records(source: str | Path | list) -> list[dict]:
     return records
 
 
+def data_id_order(i) -> tuple:
+    """Sort key of data_ids: numeric ids in numeric order, then the others as text."""
+    return (0, i, "") if isinstance(i, int) else (1, 0, str(i))
+
+
 def first_ids(ids, n: int) -> set:
-    """The n first data_ids (numeric ids in numeric order, then the others as text): what --max-prompts keeps."""
-    return set(sorted(set(ids), key=lambda i: (0, i, "") if isinstance(i, int) else (1, 0, str(i)))[:n])
+    """The n first data_ids (by `data_id_order`): what --max-prompts keeps."""
+    return set(sorted(set(ids), key=data_id_order)[:n])
 
 
 def first_prompts(records: list[dict], n: int) -> list[dict]:

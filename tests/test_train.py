@@ -146,18 +146,21 @@ def test_held_out_probe_decodes_only_prompts_training_leaves_out(tiny_model_dir,
 
     real = cllm.decoding.jacobi_decode
     monkeypatch.setattr(cllm.decoding, "jacobi_decode", recording)
+    records = load_trajectories(traj_dir)
+    reversed_data = tmp_path / "reversed.jsonl"  # files need not list prompts in data_id order
+    reversed_data.write_text("".join(json.dumps(r) + "\n" for r in reversed(records)))
     out = tmp_path / "run"
-    train(train_cfg(tiny_model_dir, traj_dir, out, max_prompts=3, jacobi_eval_steps=2, jacobi_eval_prompts=2,
-                    jacobi_eval_held_out=3))
+    train(train_cfg(tiny_model_dir, reversed_data, out, max_prompts=3, jacobi_eval_steps=2, jacobi_eval_prompts=2,
+                    jacobi_eval_held_out=2))
     by_id = {}
-    for r in load_trajectories(traj_dir):
+    for r in records:
         by_id.setdefault(r["data_id"], tuple(r["prompt_ids"][: r["prompt_len"]]))
     ids = sorted(by_id)
-    trained, left_out = {by_id[i] for i in ids[:3]}, {by_id[i] for i in ids[3:]}
+    assert len(ids) == 6
     assert len(seen) == 4  # steps 2 and 4, held-in then held-out
     for held_in, held_out in (seen[0:2], seen[2:4]):
-        assert len(held_in) == 2 and set(held_in) <= trained
-        assert len(held_out) == 3 and set(held_out) == left_out
+        assert held_in == [by_id[i] for i in ids[:2]]  # the first training prompts
+        assert held_out == [by_id[i] for i in ids[3:5]]  # the data_ids right after the 3 trained ones
     probes = [h for h in json.loads((out / "log_history.json").read_text()) if "jacobi/tokens_per_forward" in h]
     assert [h["step"] for h in probes] == [2, 4]
     assert all(h["jacobi/held_out_tokens_per_forward"] >= 1.0 for h in probes)

@@ -352,10 +352,12 @@ def _jacobi_probe(cfg: TrainConfig, records: list[dict], tok, held_out: list[dic
 
 
 def _first_prompt_ids(records: list[dict], n: int) -> list[list[int]]:
-    """The prompt token ids of the first n distinct prompts of `records` (in the records' order)."""
-    seen, prompts = set(), []
+    """The prompt token ids of the n first prompts of `records` by data_id (the order --max-prompts keeps), so the
+    held-out probe decodes the data_ids right after the training ones whatever order the files list them in."""
+    from cllm.train_data import data_id_order, first_ids
+
+    keep, prompts = first_ids((r["data_id"] for r in records), n), {}
     for r in records:
-        if r["data_id"] not in seen and len(prompts) < n:
-            seen.add(r["data_id"])
-            prompts.append(r["prompt_ids"][: r["prompt_len"]])
-    return prompts
+        if r["data_id"] in keep:
+            prompts.setdefault(r["data_id"], r["prompt_ids"][: r["prompt_len"]])
+    return [prompts[i] for i in sorted(prompts, key=data_id_order)]
