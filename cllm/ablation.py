@@ -15,13 +15,15 @@ from cllm.evaluate import per_prompt_speedups, quantile
 
 
 def _objective(tc: dict) -> str:
-    """The objective, with the Jacobi Forcing variants that differ from the paper's."""
+    """The objective, with the Jacobi Forcing variants that differ from the paper's and the base-KL anchor."""
     name = tc.get("objective", "cllm")
     extras = []
     if name == "jacobi_forcing" and tc.get("noisy_context", "noisy") != "noisy":
         extras.append(f"{tc['noisy_context']} context")
     if name == "jacobi_forcing" and (tc.get("noise_shifts") or 1) > 1:
         extras.append(f"{tc['noise_shifts']} shifts")
+    if tc.get("base_kl_weight"):
+        extras.append(f"base KL {tc['base_kl_weight']:g}")
     return f"{name} ({', '.join(extras)})" if extras else name
 
 

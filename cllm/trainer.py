@@ -1,4 +1,5 @@
-"""`CllmTrainer`: a `transformers.Trainer` whose loss is ar_weight * AR + consistency_weight * consistency.
+"""`CllmTrainer`: a `transformers.Trainer` whose loss is ar_weight * AR + consistency_weight * consistency
+(+ base_kl_weight * KL(base || model) at the AR positions, with a LoRA adapter).
 
 Only public hooks are overridden: `compute_loss` (the objective), `log` (per-term metrics and the optional Jacobi
 tokens-per-forward probe) and `get_batch_samples` (token counts of the whole gradient-accumulation window, so
@@ -27,6 +28,7 @@ class LossSettings:
     jsd_beta: float = 0.5
     temperature: float = 1.0
     label_smoothing: float = 0.0
+    base_kl_weight: float = 0.0
 
 
 def flush_metrics(metrics: dict[str, list[float]], logs: dict) -> None:
@@ -50,6 +52,25 @@ def packed_losses(logits: torch.Tensor, inputs: dict, s: LossSettings, block_nor
                             block_norm)
     ar = ar_loss(ar_logits, inputs["ar_target"], inputs["ar_mask"], s.label_smoothing, ar_norm)
     return ar, cons, student
+
+
+def adapter_off_logits(peft_model, model, inputs: dict) -> torch.Tensor:
+    """Logits (B, T, V) of the same packed forward through `model` (the possibly wrapped `peft_model`) with the
+    LoRA adapter switched off, i.e. the base model's, without gradient. At the AR positions the packed masks make
+    them the base's plain causal logits of the clean text."""
+    with torch.no_grad(), peft_model.disable_adapter():
+        return model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
+                     position_ids=inputs["position_ids"], use_cache=False).logits
+
+
+def base_kl_loss(logits: torch.Tensor, base_logits: torch.Tensor, inputs: dict, ar_norm=None) -> torch.Tensor:
+    """KL(p_base || p_model) at the AR positions (`ar_idx` (B, A), `ar_mask`) from the packed logits (B, T, V) of
+    the model and of the base. The AR loss pins only the argmax of the model's own greedy text and pushes the
+    model towards one-hot on it; this term keeps the whole next-token distribution near the base's instead."""
+    vocab = logits.shape[-1]
+    idx = inputs["ar_idx"].unsqueeze(-1).expand(-1, -1, vocab)
+    return consistency_loss(logits.gather(1, idx), base_logits.gather(1, idx), inputs["ar_mask"], "forward_kl",
+                            normalizer=ar_norm)
 
 
 class CllmTrainer(Trainer):
@@ -84,6 +105,12 @@ class CllmTrainer(Trainer):
             ar_norm = self._window["ar"] / self._window["steps"]
         ar, cons, student = packed_losses(logits, inputs, s, block_norm, ar_norm)
         loss = s.ar_weight * ar + s.consistency_weight * cons
+        base_kl = None
+        if s.base_kl_weight > 0:
+            base_logits = adapter_off_logits(self.accelerator.unwrap_model(model), model, inputs)
+            base_kl = base_kl_loss(logits, base_logits, inputs, ar_norm)
+            del base_logits
+            loss = loss + s.base_kl_weight * base_kl
         if not torch.isfinite(loss):
             raise CllmError(f"non-finite loss at step {self.state.global_step + 1}: ar={ar.item()}, "
                             f"consistency={cons.item()} (lower the learning rate or check the data)")
@@ -91,6 +118,8 @@ class CllmTrainer(Trainer):
             with torch.no_grad():
                 self._metrics["loss/ar"].append(ar.item())
                 self._metrics["loss/consistency"].append(cons.item())
+                if base_kl is not None:
+                    self._metrics["loss/base_kl"].append(base_kl.item())
                 # Per block: (B, n) for the CLLM packing, (B, J, n) for Jacobi Forcing (`real_mask` marks the
                 # real slots there; `block_mask` is its consistency mask).
                 fixed = inputs["fixed_point"]

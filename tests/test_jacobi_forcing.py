@@ -20,7 +20,7 @@ from cllm.jacobi_forcing import (
     noise_targets,
     pick_state,
 )
-from cllm.trainer import LossSettings, packed_losses
+from cllm.trainer import LossSettings, adapter_off_logits, base_kl_loss, packed_losses
 from conftest import tiny_model
 
 
@@ -190,6 +190,46 @@ def test_packed_losses_equal_block_by_block_separate_forwards(noisy_context):
                 assert torch.allclose(logits[b, batch["student_idx"][b, idx]], s_logits, atol=1e-10)
 
 
+@torch.no_grad()
+def test_base_kl_equals_kl_to_the_base_model_on_the_clean_text():
+    from peft import LoraConfig, get_peft_model
+
+    from cllm.losses import divergence
+
+    base = tiny_model(3)
+    peft_model = get_peft_model(tiny_model(3), LoraConfig(r=4, lora_alpha=8, target_modules="all-linear",
+                                                          lora_dropout=0.0))
+    examples = _examples()
+    batch = JacobiForcingCollator(0, 3, torch.float64, "clean")(examples)
+
+    def packed(model):
+        return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                     position_ids=batch["position_ids"]).logits
+
+    # LoRA starts as the identity (B = 0): the model is its base, the term is 0
+    fresh = base_kl_loss(packed(peft_model), adapter_off_logits(peft_model, peft_model, batch), batch)
+    assert fresh.item() == pytest.approx(0.0, abs=1e-12)
+    gen = torch.Generator().manual_seed(0)
+    for name, param in peft_model.named_parameters():
+        if "lora_B" in name:
+            param.copy_(0.3 * torch.randn(param.shape, generator=gen, dtype=param.dtype))
+    base_logits = adapter_off_logits(peft_model, peft_model, batch)
+    assert torch.allclose(base_logits, packed(base), atol=1e-10)  # adapter off = the base model
+    got = base_kl_loss(packed(peft_model), base_logits, batch)
+
+    def sep(model, seq, k):  # logits predicting the last k tokens of seq, from a plain causal forward
+        return model(torch.tensor([seq])).logits[0, len(seq) - 1 - k : len(seq) - 1]
+
+    total, count = 0.0, 0
+    for ex in examples:
+        clean = list(ex["prompt_ids"])
+        for fp in ex["fixed_points"]:
+            clean = clean + fp
+            total += divergence(sep(base, clean, len(fp)), sep(peft_model, clean, len(fp))).sum().item()
+            count += len(fp)
+    assert got.item() > 1e-3 and got.item() == pytest.approx(total / count, rel=1e-6)
+
+
 def test_dataset_picks_states_by_schedule(tmp_path):
     p, fps = [5, 6], [[10, 11, 12, 13]] * 3
     st = [[20, 21, 22, 23], [10, 21, 22, 23], [10, 11, 12, 23]]  # ratios 1, 0.75, 0.25
@@ -239,6 +279,21 @@ def test_clean_context_shifted_lora_run_logs_tokens_gained(tiny_model_dir, traj_
     assert len(steps) == 3 and all(torch.isfinite(torch.tensor(h["loss"])) for h in steps)
     # meaningful with a clean context: the state's right prefix is the committed text's
     assert all("tokens_gained" in h and -4 <= h["tokens_gained"] <= 4 for h in steps)
+
+
+def test_base_kl_run_logs_the_term_and_needs_lora(tiny_model_dir, traj_dir, tmp_path):  # noqa: F811
+    from cllm.commands.train import train
+
+    out = tmp_path / "jf_base_kl"
+    train(train_cfg(tiny_model_dir, traj_dir, out, objective="jacobi_forcing", noise_window=3, noisy_context="clean",
+                    use_peft=True, lora_dropout=0.0, learning_rate=1e-2, max_steps=3, base_kl_weight=1.0))
+    steps = [h for h in json.loads((out / "log_history.json").read_text()) if "loss" in h]
+    # step 1 runs before any update (LoRA B = 0: model = base); then the adapter moves the model off its base
+    assert [h["loss/base_kl"] == pytest.approx(0.0, abs=1e-6) for h in steps] == [True, False, False]
+    assert all(h["loss/base_kl"] >= 0 for h in steps)
+    for kw, msg in [({"base_kl_weight": 1.0}, "needs --use-peft"), ({"base_kl_weight": -1.0}, ">= 0")]:
+        with pytest.raises(CllmError, match=msg):
+            train_cfg(tiny_model_dir, traj_dir, out, objective="jacobi_forcing", **kw)
 
 
 def test_first_prompts_keeps_the_first_ids_in_numeric_order():

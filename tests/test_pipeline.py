@@ -233,3 +233,5 @@ def test_ablation_objective_names_the_jacobi_forcing_variant():
     assert _objective({"objective": "jacobi_forcing", "noisy_context": "noisy", "noise_shifts": 1}) == "jacobi_forcing"
     assert _objective({"objective": "jacobi_forcing", "noisy_context": "clean", "noise_shifts": 16}) == (
         "jacobi_forcing (clean context, 16 shifts)")
+    assert _objective({"objective": "cllm", "base_kl_weight": 10.0}) == "cllm (base KL 10)"
+    assert _objective({"objective": "cllm", "base_kl_weight": 0.0}) == "cllm"

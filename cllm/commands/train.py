@@ -47,6 +47,10 @@ class TrainConfig:
     ar_target: str = opt("fixed_point", "AR loss on the block's fixed point, or on ground-truth labels when present",
                          ("fixed_point", "labels"))
     label_smoothing: float = opt(0.0, "label smoothing of the AR loss")
+    base_kl_weight: float = opt(0.0, "weight of KL(base || model) at the AR positions, the base being the model "
+                                     "with its LoRA adapter switched off (one extra forward without gradient): "
+                                     "keeps the next-token distributions near the base's, where the AR loss "
+                                     "pins only their argmax (needs use_peft; 0 = off)")
     state_sampling: str = opt("uniform", "one uniformly drawn state per block and epoch (paper), or all states",
                               ("uniform", "all"))
     use_aug: bool = opt(False, "also train on the records' aug_states")
@@ -99,6 +103,11 @@ class TrainConfig:
                 raise CllmError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         if self.ar_weight < 0 or self.consistency_weight < 0 or self.ar_weight + self.consistency_weight == 0:
             raise CllmError("--ar-weight and --consistency-weight must be >= 0 and not both 0")
+        if self.base_kl_weight < 0:
+            raise CllmError(f"--base-kl-weight must be >= 0, got {self.base_kl_weight}")
+        if self.base_kl_weight > 0 and not self.use_peft:
+            raise CllmError("--base-kl-weight needs --use-peft: the base is the model with its LoRA adapter "
+                            "switched off (full fine-tuning would need a second, frozen copy of the model)")
         if not 0 < self.jsd_beta < 1:
             raise CllmError(f"--jsd-beta must be in (0, 1), got {self.jsd_beta}")
         if self.temperature <= 0:
@@ -241,7 +250,7 @@ def train(cfg: TrainConfig) -> dict:
     trainer = CllmTrainer(
         model=model, args=args, train_dataset=dataset, data_collator=collator, processing_class=tok,
         loss_settings=LossSettings(cfg.ar_weight, cfg.consistency_weight, cfg.divergence, cfg.jsd_beta,
-                                   cfg.temperature, cfg.label_smoothing),
+                                   cfg.temperature, cfg.label_smoothing, cfg.base_kl_weight),
         jacobi_probe=probe,
     )
     step0 = int(Path(resume_from).name.split("-")[-1]) if resume_from else 0
