@@ -42,7 +42,7 @@ def plot_training_log(source: str | Path, png: str | Path) -> Path:
     history = [h for h in read_log_history(source) if "loss" in h and "step" in h]
     if not history:
         raise CllmError(f"{source}: the training log has no loss entries")
-    keys = [("loss", "total"), ("loss/ar", "AR"), ("loss/consistency", "consistency")]
+    keys = [("loss", "total"), ("loss/ar", "AR"), ("loss/consistency", "consistency"), ("loss/base_kl", "base KL")]
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for key, label in keys:
         pts = [(h["step"], h[key]) for h in history if key in h]
