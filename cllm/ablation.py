@@ -14,10 +14,17 @@ from cllm.errors import CllmError
 from cllm.evaluate import per_prompt_speedups, quantile
 
 
+# Loss settings that depart from the released trainers' (TrainConfig's defaults), as the table names them.
+_OLD_SCALES = {"loss_normalization": ("token", "token scale"), "consistency_positions": ("block", "block positions"),
+               "ar_scope": ("answer", "answer-only AR")}
+
+
 def _objective(tc: dict) -> str:
-    """The objective, with the Jacobi Forcing variants that differ from the paper's and the base-KL anchor."""
+    """The objective, with the Jacobi Forcing variants that differ from the paper's, the loss settings that differ
+    from the released code's, and the base-KL anchor."""
     name = tc.get("objective", "cllm")
-    extras = []
+    old = [label for key, (value, label) in _OLD_SCALES.items() if tc.get(key) == value]
+    extras = ["old loss scales"] if len(old) == len(_OLD_SCALES) else old
     if name == "jacobi_forcing" and tc.get("noisy_context", "noisy") != "noisy":
         extras.append(f"{tc['noisy_context']} context")
     if name == "jacobi_forcing" and (tc.get("noise_shifts") or 1) > 1:

@@ -11,18 +11,28 @@ k_j and c_j share position ids (both stand for the same text positions), and the
 - a clean token of block j see the prompt, the clean blocks c_<j and its own block causally.
 Every visible key comes earlier in the packed order, so the mask is the packed causal mask restricted by stream.
 
-`noisy_context="clean"` (not in the paper) lets a noisy token of block j see the CLEAN blocks c_<j instead of
-k_<j: each noisy block then branches off the clean stream, which is the condition single-block Jacobi decoding
-meets (its context is committed text), so one forward gives the CLLM global loss of every block of a response.
-The paper's noisy context trains for multi-block decoding, where earlier blocks are still being refined.
+`noisy_context="clean"` lets a noisy token of block j see the CLEAN blocks c_<j instead of k_<j: each noisy block
+then branches off the clean stream, which is the condition single-block Jacobi decoding meets (its context is
+committed text), so one forward gives the CLLM global loss of every block of a response. It is not in the paper
+but in its released code (`soft_flexattn_cllm_trainer.py`, run by `train_clean_context_conditioned_cllm_*.sh`);
+the paper's noisy context (`soft_flexattn_cllm_trainer_multiblock.py`) trains for multi-block decoding, where
+earlier blocks are still being refined.
 
 Logits: the clean stream is a plain causal pass over prompt + c_0 + c_1 ..., so the logits that predict c_j
 (the last token before c_j, then c_j[0 .. m-2]) give the AR loss and, detached, the consistency teacher. The
 noisy stream is a causal pass over prompt + k_0 + k_1 ...; its logits at the matching places (the last token
-before k_j, then k_j[0 .. m-2]) are the student. Consistency counts the positions from the first mismatch of
-k_j with c_j to the end of the block (earlier positions are already right). With a clean context, block j's
-student is a causal pass over prompt + c_<j + k_j (its first position is then the clean stream's, as in the
-CLLM packing).
+before k_j, then k_j[0 .. m-2]) are the student. With a clean context, block j's student is a causal pass over
+prompt + c_<j + k_j (its first position is then the clean stream's, as in the CLLM packing).
+
+Which logits the consistency term counts (`consistency_positions`):
+- "original", the released trainers' rule: the logits AT k_j[t] against those at c_j[t] for t >= the first
+  mismatch f of k_j with c_j, i.e. the predictions of tokens f+1 .. m, the last one being the next block's first
+  token (the noisy-context trainer); the clean-context trainer drops the last offset (t < m-1, f taken over the
+  first m-1 tokens).
+- "block": the block's own m predictions from the one of token f on (slot i predicts token i), one position
+  earlier than the released rule and without the next block's first token.
+The AR loss is over the clean stream, plus the prompt's next-token pairs with `ar_scope="prompt_and_answer"`
+(the released trainers; "answer" leaves them out, as the paper's L_AR conditions on the prompt).
 """
 
 from __future__ import annotations
@@ -32,7 +42,7 @@ from collections import defaultdict
 import torch
 
 from cllm.errors import CllmError
-from cllm.train_data import additive_mask
+from cllm.train_data import AR_SCOPES, CONSISTENCY_POSITIONS, additive_mask, check_choice, first_mismatch
 
 # Stream ids of the packed sequence.
 PROMPT, NOISY, CLEAN, PAD = 0, 1, 2, -1
@@ -41,8 +51,7 @@ PROMPT, NOISY, CLEAN, PAD = 0, 1, 2, -1
 def noise_ratio(state: list[int], fixed_point: list[int]) -> float:
     """(m - index of the first mismatch with the fixed point) / m: 0 for the fixed point, 1 if token 0 is wrong."""
     m = len(fixed_point)
-    first = next((i for i, (a, b) in enumerate(zip(state, fixed_point)) if a != b), m)
-    return (m - first) / m
+    return (m - first_mismatch(state, fixed_point)) / m
 
 
 def noise_targets(n_blocks: int, window: int, shift: int = 0) -> list[float]:
@@ -131,8 +140,7 @@ NOISY_CONTEXTS = ("noisy", "clean")
 
 
 def check_noisy_context(noisy_context: str) -> None:
-    if noisy_context not in NOISY_CONTEXTS:
-        raise CllmError(f"noisy_context must be one of {', '.join(NOISY_CONTEXTS)}, got {noisy_context!r}")
+    check_choice("noisy_context", noisy_context, NOISY_CONTEXTS)
 
 
 def noise_aware_mask(stream: torch.Tensor, block: torch.Tensor, noisy_context: str = "noisy") -> torch.Tensor:
@@ -162,27 +170,43 @@ class JacobiForcingCollator:
     """Packs responses into a batch with the keys `CllmTrainer` reads. Index tensors hold n slots per block
     (block j at j*n .. j*n+n-1; unused slots masked), so per-block metrics can reshape them to (B, J, n).
 
-    `block_mask` (B, J*n) is the consistency mask (from the first mismatch on), `real_mask` the real slots;
-    `fixed_point`/`state` are (B, J, n). The AR loss is over the clean stream (all real slots)."""
+    `student_idx`/`teacher_idx` (B, J*n): slot i of a block predicts its token i (metrics, AR loss);
+    `cons_student_idx`/`cons_teacher_idx` with `block_mask` (B, J*n) are the consistency term's pairs (see the
+    module docstring), `real_mask` the real slots; `fixed_point`/`state` are (B, J, n); `n_blocks` (B,) the number
+    of blocks of each example (the released trainer divides its consistency mean by it)."""
 
     def __init__(self, pad_token_id: int, block_size: int, mask_dtype: torch.dtype = torch.float32,
-                 noisy_context: str = "noisy"):
+                 noisy_context: str = "noisy", consistency_positions: str = "original",
+                 ar_scope: str = "prompt_and_answer"):
         check_noisy_context(noisy_context)
+        check_choice("consistency_positions", consistency_positions, CONSISTENCY_POSITIONS)
+        check_choice("ar_scope", ar_scope, AR_SCOPES)
         self.pad_token_id, self.n, self.mask_dtype = pad_token_id, block_size, mask_dtype
-        self.noisy_context = noisy_context
+        self.noisy_context, self.consistency_positions, self.ar_scope = noisy_context, consistency_positions, ar_scope
+
+    def _consistency_pairs(self, k_at: int, c_at: int, st: list[int], fp: list[int], student: list[int],
+                           teacher: list[int]):
+        """(student positions, teacher positions, counted) of one block's m slots."""
+        m = len(fp)
+        if self.consistency_positions == "block":
+            first = first_mismatch(st, fp)
+            return student, teacher, [i >= first for i in range(m)]
+        last = m - 1 if self.noisy_context == "clean" else m  # the clean-context trainer drops the last offset
+        first = first_mismatch(st[:last], fp[:last])
+        return ([k_at + t for t in range(m)], [c_at + t for t in range(m)],
+                [first <= t < last for t in range(m)])
 
     def pack(self, ex: dict) -> dict:
         prompt = list(ex["prompt_ids"])
         P = len(prompt)
         ids, stream, block, pos = list(prompt), [PROMPT] * P, [0] * P, list(range(P))
-        student_idx, teacher_idx, cons, real = [], [], [], []
+        student_idx, teacher_idx, cons_s, cons_t, cons, real = [], [], [], [], [], []
         prev_noisy = prev_clean = P - 1  # the packed index whose logits predict the block's first token
         offset = P  # text position of the block's first token
         for j, (fp, st) in enumerate(zip(ex["fixed_points"], ex["states"])):
             m = len(fp)
             if m > self.n or len(st) != m:
                 raise CllmError(f"block {j} has {m} tokens (state {len(st)}) but block_size is {self.n}")
-            first = next((i for i in range(m) if st[i] != fp[i]), m)
             k_at = len(ids)
             ids += list(st)
             c_at = k_at + m
@@ -190,52 +214,64 @@ class JacobiForcingCollator:
             stream += [NOISY] * m + [CLEAN] * m
             block += [j] * (2 * m)
             pos += list(range(offset, offset + m)) * 2
-            pad = self.n - m
-            student_idx += [prev_noisy] + [k_at + i for i in range(m - 1)] + [0] * pad
-            teacher_idx += [prev_clean] + [c_at + i for i in range(m - 1)] + [0] * pad
-            cons += [i >= first for i in range(m)] + [False] * pad
-            real += [True] * m + [False] * pad
+            pad = [0] * (self.n - m)
+            s_slots = [prev_noisy] + [k_at + i for i in range(m - 1)]
+            t_slots = [prev_clean] + [c_at + i for i in range(m - 1)]
+            cs, ct, cm = self._consistency_pairs(k_at, c_at, st, fp, s_slots, t_slots)
+            student_idx += s_slots + pad
+            teacher_idx += t_slots + pad
+            cons_s, cons_t, cons = cons_s + cs + pad, cons_t + ct + pad, cons + cm + [False] * len(pad)
+            real += [True] * m + [False] * len(pad)
             # with a clean context the next noisy block's first token is predicted from the clean stream too
             prev_noisy = c_at + m - 1 if self.noisy_context == "clean" else c_at - 1
             prev_clean = c_at + m - 1
             offset += m
+        lead = P - 1 if self.ar_scope == "prompt_and_answer" else 0  # the prompt's next-token pairs
+        fps = [t for fp in ex["fixed_points"] for t in list(fp) + [0] * (self.n - len(fp))]
         return {"ids": ids, "stream": stream, "block": block, "pos": pos, "student_idx": student_idx,
-                "teacher_idx": teacher_idx, "cons": cons, "real": real,
-                "fixed_points": ex["fixed_points"], "states": ex["states"]}
+                "teacher_idx": teacher_idx, "cons_student_idx": cons_s, "cons_teacher_idx": cons_t, "cons": cons,
+                "real": real, "fixed_points": ex["fixed_points"], "states": ex["states"],
+                "ar_idx": list(range(lead)) + teacher_idx, "ar_target": prompt[1:lead + 1] + fps,
+                "ar_mask": [True] * lead + real}
 
     def __call__(self, examples: list[dict]) -> dict:
         packed = [self.pack(e) for e in examples]
         B, n = len(packed), self.n
         T = max(len(p["ids"]) for p in packed)
         J = max(len(p["fixed_points"]) for p in packed)
+        A = max(len(p["ar_idx"]) for p in packed)
+
+        def pad_rows(key, width, dtype=torch.long):  # (B, width), right-padded with 0 / False
+            out = torch.zeros(B, width, dtype=dtype)
+            for b, p in enumerate(packed):
+                out[b, : len(p[key])] = torch.tensor(p[key], dtype=dtype)
+            return out
+
         input_ids = torch.full((B, T), self.pad_token_id, dtype=torch.long)
         stream = torch.full((B, T), PAD, dtype=torch.long)
         block = torch.zeros(B, T, dtype=torch.long)
         position_ids = torch.zeros(B, T, dtype=torch.long)
-        student_idx = torch.zeros(B, J * n, dtype=torch.long)
-        teacher_idx = torch.zeros(B, J * n, dtype=torch.long)
-        block_mask = torch.zeros(B, J * n, dtype=torch.bool)
-        real_mask = torch.zeros(B, J * n, dtype=torch.bool)
         fixed_point = torch.zeros(B, J, n, dtype=torch.long)
         state = torch.zeros(B, J, n, dtype=torch.long)
         for b, p in enumerate(packed):
-            L, M = len(p["ids"]), len(p["student_idx"])
+            L = len(p["ids"])
             input_ids[b, :L] = torch.tensor(p["ids"])
             stream[b, :L] = torch.tensor(p["stream"])
             block[b, :L] = torch.tensor(p["block"])
             position_ids[b, :L] = torch.tensor(p["pos"])
             position_ids[b, L:] = torch.arange(T - L) + (max(p["pos"]) + 1)
-            student_idx[b, :M] = torch.tensor(p["student_idx"])
-            teacher_idx[b, :M] = torch.tensor(p["teacher_idx"])
-            block_mask[b, :M] = torch.tensor(p["cons"])
-            real_mask[b, :M] = torch.tensor(p["real"])
             for j, (fp, st) in enumerate(zip(p["fixed_points"], p["states"])):
                 fixed_point[b, j, : len(fp)] = torch.tensor(fp)
                 state[b, j, : len(st)] = torch.tensor(st)
         # (B, 1, T, T), built once per batch
         attention_mask = additive_mask(noise_aware_mask(stream, block, self.noisy_context), self.mask_dtype)
         return {"input_ids": input_ids, "position_ids": position_ids, "attention_mask": attention_mask,
-                "student_idx": student_idx, "teacher_idx": teacher_idx, "block_mask": block_mask,
-                "real_mask": real_mask, "fixed_point": fixed_point, "state": state,
-                "ar_idx": teacher_idx, "ar_target": fixed_point.view(B, J * n), "ar_mask": real_mask,
+                "student_idx": pad_rows("student_idx", J * n), "teacher_idx": pad_rows("teacher_idx", J * n),
+                "cons_student_idx": pad_rows("cons_student_idx", J * n),
+                "cons_teacher_idx": pad_rows("cons_teacher_idx", J * n),
+                "block_mask": pad_rows("cons", J * n, torch.bool), "real_mask": pad_rows("real", J * n, torch.bool),
+                "fixed_point": fixed_point, "state": state,
+                "n_blocks": torch.tensor([float(len(p["fixed_points"])) for p in packed]),
+                "ar_idx": pad_rows("ar_idx", A), "ar_target": pad_rows("ar_target", A),
+                "ar_mask": pad_rows("ar_mask", A, torch.bool),
                 "clean_context": torch.tensor(self.noisy_context == "clean")}

@@ -1,9 +1,15 @@
 """CLLM training losses as pure tensor functions.
 
 Shapes: logits (B, n, V) over the n block positions (or (B, T, V) for the AR loss), masks (B, n) or (B, T) with
-True/1 where a position counts. Every loss returns a SUM over counted positions divided by `normalizer` (default:
-the number of counted positions, at least 1), so that callers can pass the token count of a whole gradient-
-accumulation window and get a loss that is correct under accumulation. A fully masked input gives 0, never NaN.
+True/1 where a position counts. Two reductions (`NORMALIZATIONS`):
+- "token": a SUM over counted positions divided by `normalizer` (default: the number of counted positions, at
+  least 1), so that callers can pass the token count of a whole gradient-accumulation window and get a loss that
+  is correct under accumulation;
+- "original": the released CLLM / Jacobi Forcing trainers' scale. They train one example per micro-batch and take
+  the mean over that example's counted positions (Jacobi Forcing then divides its consistency mean by T, the number
+  of blocks packed in the example: `example_scale`); the optimizer step averages the micro-batches. Here each
+  example's mean is taken, scaled, and the batch's examples are averaged, which is the same for any batch size.
+A fully masked input gives 0, never NaN.
 """
 
 from __future__ import annotations
@@ -12,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 DIVERGENCES = ("forward_kl", "reverse_kl", "jsd")
+NORMALIZATIONS = ("original", "token")
 
 
 def divergence(teacher_logits: torch.Tensor, student_logits: torch.Tensor, kind: str = "forward_kl",
@@ -41,8 +48,18 @@ def divergence(teacher_logits: torch.Tensor, student_logits: torch.Tensor, kind:
     return d * temperature**2
 
 
-def _masked_mean(values: torch.Tensor, mask: torch.Tensor, normalizer=None) -> torch.Tensor:
+def _masked_mean(values: torch.Tensor, mask: torch.Tensor, normalizer=None, normalization: str = "token",
+                 example_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """Reduce per-position `values` (B, K) over `mask` (B, K); see the module docstring for the two normalizations
+    (`normalizer` is the token one's, `example_scale` (B,) the original one's)."""
+    if normalization not in NORMALIZATIONS:
+        raise ValueError(f"unknown normalization {normalization!r}; choose one of {NORMALIZATIONS}")
     mask = mask.to(values.dtype)
+    if normalization == "original":
+        per_example = (values * mask).sum(-1) / mask.sum(-1).clamp(min=1)  # (B,)
+        if example_scale is not None:
+            per_example = per_example * example_scale.to(values.dtype)
+        return per_example.mean()
     total = (values * mask).sum()
     if normalizer is None:
         normalizer = mask.sum()
@@ -52,17 +69,22 @@ def _masked_mean(values: torch.Tensor, mask: torch.Tensor, normalizer=None) -> t
 
 def consistency_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: torch.Tensor,
                      kind: str = "forward_kl", beta: float = 0.5, temperature: float = 1.0,
-                     normalizer=None) -> torch.Tensor:
+                     normalizer=None, normalization: str = "token",
+                     example_scale: torch.Tensor | None = None) -> torch.Tensor:
     """Consistency loss over block positions: sum_i D(q(.|ctx, teacher state)_i || q(.|ctx, y(j))_i) / normalizer.
 
     Global consistency: the teacher logits come from the fixed point y*; local consistency: from the successor
     state y(j+1). Either way they come from the same model with gradient stopped (detached here).
+
+    The released trainers use the soft cross-entropy -sum p_t log p_s; forward KL differs from it by the teacher's
+    entropy, a constant for the student: the same gradient, a value lower by that entropy.
     """
-    return _masked_mean(divergence(teacher_logits, student_logits, kind, beta, temperature), mask, normalizer)
+    return _masked_mean(divergence(teacher_logits, student_logits, kind, beta, temperature), mask, normalizer,
+                        normalization, example_scale)
 
 
 def ar_loss(logits: torch.Tensor, target_ids: torch.Tensor, mask: torch.Tensor, label_smoothing: float = 0.0,
-            normalizer=None) -> torch.Tensor:
+            normalizer=None, normalization: str = "token") -> torch.Tensor:
     """Cross-entropy of `target_ids` (B, T) under `logits` (B, T, V) (already aligned: logits[:, t] predicts
     target_ids[:, t]), over positions where `mask` is set (prompt and padding masked)."""
     ce = F.cross_entropy(
@@ -71,7 +93,7 @@ def ar_loss(logits: torch.Tensor, target_ids: torch.Tensor, mask: torch.Tensor, 
         reduction="none",
         label_smoothing=label_smoothing,
     ).view(target_ids.shape)
-    return _masked_mean(ce, mask, normalizer)
+    return _masked_mean(ce, mask, normalizer, normalization)
 
 
 def converged_prefix(student_logits: torch.Tensor, fixed_point: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -154,15 +154,40 @@ def additive_mask(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return mask.masked_fill_(~allowed.unsqueeze(1), torch.finfo(dtype).min)
 
 
+CONSISTENCY_POSITIONS = ("original", "block")
+AR_SCOPES = ("prompt_and_answer", "answer")
+
+
+def check_choice(name: str, value: str, choices: tuple) -> None:
+    if value not in choices:
+        raise CllmError(f"{name} must be one of {', '.join(choices)}, got {value!r}")
+
+
+def first_mismatch(state: list[int], fixed_point: list[int]) -> int:
+    """Index of the first token where the state differs from the fixed point (its length if none)."""
+    return next((i for i, (a, b) in enumerate(zip(state, fixed_point)) if a != b), len(fixed_point))
+
+
 class PackedCollator:
     """Pads packed examples into a batch: input_ids, position_ids, a 4D additive attention mask and the index
-    tensors that pick student, teacher and AR logits. B > 1 is supported (right padding)."""
+    tensors that pick student, teacher and AR logits. B > 1 is supported (right padding).
+
+    `consistency_positions`: "original" (the released CLLM trainer) counts the logits from the one predicting the
+    first mismatched token of the state to the end of the block (the earlier ones see the same context as the
+    teacher's, so their divergence is 0 and they only dilute the mean); "block" counts all n.
+    `ar_scope`: "prompt_and_answer" (both released trainers) adds the next-token pairs of the prompt and of the
+    generated context to the AR loss; "answer" keeps the block's (or the labels') only, the paper's L_AR, which
+    conditions on the prompt. The released CLLM trainer takes the whole answer as AR target; a packed example
+    holds the answer up to the end of its block, so the pairs after it are not in this one."""
 
     def __init__(self, pad_token_id: int, block_size: int, ar_target: str = "fixed_point",
-                 mask_dtype: torch.dtype = torch.float32):
-        if ar_target not in ("fixed_point", "labels"):
-            raise CllmError(f"ar_target must be fixed_point or labels, got {ar_target!r}")
+                 mask_dtype: torch.dtype = torch.float32, consistency_positions: str = "original",
+                 ar_scope: str = "prompt_and_answer"):
+        check_choice("ar_target", ar_target, ("fixed_point", "labels"))
+        check_choice("consistency_positions", consistency_positions, CONSISTENCY_POSITIONS)
+        check_choice("ar_scope", ar_scope, AR_SCOPES)
         self.pad_token_id, self.n, self.ar_target, self.mask_dtype = pad_token_id, block_size, ar_target, mask_dtype
+        self.consistency_positions, self.ar_scope = consistency_positions, ar_scope
 
     def pack(self, ex: dict) -> dict:
         ctx, p_len, fp, st = ex["prompt_ids"], ex["prompt_len"], ex["fixed_point"], ex["state"]
@@ -187,10 +212,16 @@ class PackedCollator:
             seg += [LABELS] * len(labels)
             pos += list(range(p_len, p_len + len(labels)))
             ar_idx, ar_target = [p_len - 1] + [lab_at + i for i in range(len(labels) - 1)], labels
+            lead = p_len  # the labels follow the prompt
         else:
             ar_idx, ar_target = [Lc - 1] + [fixed_at + i for i in range(m - 1)], list(fp)
+            lead = Lc  # the block follows prompt + generated context
+        if self.ar_scope == "prompt_and_answer":  # position t predicts token t + 1 of what precedes the answer
+            ar_idx, ar_target = list(range(lead - 1)) + ar_idx, list(ctx[1:lead]) + ar_target
+        first = first_mismatch(st, fp) if self.consistency_positions == "original" else 0
         return {"ids": ids, "seg": seg, "pos": pos, "teacher_idx": teacher_idx, "student_idx": student_idx,
-                "fixed_point": list(fp), "state": list(st), "ar_idx": ar_idx, "ar_target": ar_target}
+                "fixed_point": list(fp), "state": list(st), "ar_idx": ar_idx, "ar_target": ar_target,
+                "cons": [i >= first for i in range(m)]}
 
     def __call__(self, examples: list[dict]) -> dict:
         packed = [self.pack(e) for e in examples]
@@ -206,6 +237,7 @@ class PackedCollator:
         fixed_point = torch.zeros(B, n, dtype=torch.long)
         state = torch.zeros(B, n, dtype=torch.long)
         block_mask = torch.zeros(B, n, dtype=torch.bool)
+        real_mask = torch.zeros(B, n, dtype=torch.bool)
         ar_idx = torch.zeros(B, A, dtype=torch.long)
         ar_target = torch.zeros(B, A, dtype=torch.long)
         ar_mask = torch.zeros(B, A, dtype=torch.bool)
@@ -219,11 +251,15 @@ class PackedCollator:
             teacher_idx[b, :m] = torch.tensor(p["teacher_idx"])
             fixed_point[b, :m] = torch.tensor(p["fixed_point"])
             state[b, :m] = torch.tensor(p["state"])
-            block_mask[b, :m] = True
+            block_mask[b, :m] = torch.tensor(p["cons"])
+            real_mask[b, :m] = True
             ar_idx[b, :a] = torch.tensor(p["ar_idx"])
             ar_target[b, :a] = torch.tensor(p["ar_target"])
             ar_mask[b, :a] = True
         attention_mask = additive_mask(segment_mask(seg), self.mask_dtype)  # (B, 1, T, T)
+        # One block per example; the consistency term's logits are the student's and teacher's slots.
         return {"input_ids": input_ids, "position_ids": position_ids, "attention_mask": attention_mask,
                 "student_idx": student_idx, "teacher_idx": teacher_idx, "fixed_point": fixed_point, "state": state,
-                "block_mask": block_mask, "ar_idx": ar_idx, "ar_target": ar_target, "ar_mask": ar_mask}
+                "cons_student_idx": student_idx, "cons_teacher_idx": teacher_idx, "block_mask": block_mask,
+                "real_mask": real_mask, "n_blocks": torch.ones(B), "clean_context": torch.tensor(True),
+                "ar_idx": ar_idx, "ar_target": ar_target, "ar_mask": ar_mask}

@@ -29,6 +29,7 @@ class LossSettings:
     temperature: float = 1.0
     label_smoothing: float = 0.0
     base_kl_weight: float = 0.0
+    normalization: str = "original"  # cllm.losses.NORMALIZATIONS
 
 
 def flush_metrics(metrics: dict[str, list[float]], logs: dict) -> None:
@@ -41,17 +42,21 @@ def flush_metrics(metrics: dict[str, list[float]], logs: dict) -> None:
 
 def packed_losses(logits: torch.Tensor, inputs: dict, s: LossSettings, block_norm=None, ar_norm=None):
     """(AR loss, consistency loss, student logits) from the logits (B, T, V) of one packed forward and the
-    collator's index tensors (`student_idx`/`teacher_idx` (B, M), `ar_idx` (B, A) and their masks)."""
+    collator's index tensors: `cons_student_idx`/`cons_teacher_idx` (B, M) with `block_mask` for the consistency
+    term, `ar_idx` (B, A) with `ar_target`/`ar_mask` for the AR term, `student_idx` (B, M) (slot i predicts token
+    i of its block) for the returned student logits, and `n_blocks` (B,) (the original normalization divides an
+    example's consistency mean by it, as the released Jacobi Forcing trainer does)."""
     vocab = logits.shape[-1]
 
     def pick(idx):  # (B, k) positions -> (B, k, V) logits
         return logits.gather(1, idx.unsqueeze(-1).expand(-1, -1, vocab))
 
-    student, teacher, ar_logits = pick(inputs["student_idx"]), pick(inputs["teacher_idx"]), pick(inputs["ar_idx"])
-    cons = consistency_loss(student, teacher, inputs["block_mask"], s.divergence, s.jsd_beta, s.temperature,
-                            block_norm)
-    ar = ar_loss(ar_logits, inputs["ar_target"], inputs["ar_mask"], s.label_smoothing, ar_norm)
-    return ar, cons, student
+    scale = 1.0 / inputs["n_blocks"].clamp(min=1)
+    cons = consistency_loss(pick(inputs["cons_student_idx"]), pick(inputs["cons_teacher_idx"]), inputs["block_mask"],
+                            s.divergence, s.jsd_beta, s.temperature, block_norm, s.normalization, scale)
+    ar = ar_loss(pick(inputs["ar_idx"]), inputs["ar_target"], inputs["ar_mask"], s.label_smoothing, ar_norm,
+                 s.normalization)
+    return ar, cons, pick(inputs["student_idx"])
 
 
 def adapter_off_logits(peft_model, model, inputs: dict) -> torch.Tensor:
@@ -63,14 +68,15 @@ def adapter_off_logits(peft_model, model, inputs: dict) -> torch.Tensor:
                      position_ids=inputs["position_ids"], use_cache=False).logits
 
 
-def base_kl_loss(logits: torch.Tensor, base_logits: torch.Tensor, inputs: dict, ar_norm=None) -> torch.Tensor:
+def base_kl_loss(logits: torch.Tensor, base_logits: torch.Tensor, inputs: dict, ar_norm=None,
+                 normalization: str = "token") -> torch.Tensor:
     """KL(p_base || p_model) at the AR positions (`ar_idx` (B, A), `ar_mask`) from the packed logits (B, T, V) of
     the model and of the base. The AR loss pins only the argmax of the model's own greedy text and pushes the
     model towards one-hot on it; this term keeps the whole next-token distribution near the base's instead."""
     vocab = logits.shape[-1]
     idx = inputs["ar_idx"].unsqueeze(-1).expand(-1, -1, vocab)
     return consistency_loss(logits.gather(1, idx), base_logits.gather(1, idx), inputs["ar_mask"], "forward_kl",
-                            normalizer=ar_norm)
+                            normalizer=ar_norm, normalization=normalization)
 
 
 class CllmTrainer(Trainer):
@@ -98,7 +104,7 @@ class CllmTrainer(Trainer):
         logits = out.logits  # (B, T, V)
         vocab = logits.shape[-1]
         block_norm = ar_norm = None
-        if model.training and self._window:
+        if model.training and self._window and s.normalization == "token":
             # Trainer divides the returned loss by the number of micro-batches; these normalizers undo that so the
             # window's loss is sum(tokens) / count(tokens).
             block_norm = self._window["block"] / self._window["steps"]
@@ -108,7 +114,7 @@ class CllmTrainer(Trainer):
         base_kl = None
         if s.base_kl_weight > 0:
             base_logits = adapter_off_logits(self.accelerator.unwrap_model(model), model, inputs)
-            base_kl = base_kl_loss(logits, base_logits, inputs, ar_norm)
+            base_kl = base_kl_loss(logits, base_logits, inputs, ar_norm, s.normalization)
             del base_logits
             loss = loss + s.base_kl_weight * base_kl
         if not torch.isfinite(loss):
@@ -120,14 +126,14 @@ class CllmTrainer(Trainer):
                 self._metrics["loss/consistency"].append(cons.item())
                 if base_kl is not None:
                     self._metrics["loss/base_kl"].append(base_kl.item())
-                # Per block: (B, n) for the CLLM packing, (B, J, n) for Jacobi Forcing (`real_mask` marks the
-                # real slots there; `block_mask` is its consistency mask).
+                # Per block: (B, n) for the CLLM packing, (B, J, n) for Jacobi Forcing; `real_mask` marks the
+                # real slots (`block_mask` is the consistency mask, which may skip a block's first slots).
                 fixed = inputs["fixed_point"]
-                real = inputs.get("real_mask", inputs["block_mask"]).view(fixed.shape)
+                real = inputs["real_mask"].view(fixed.shape)
                 conv = converged_prefix(student.view(*fixed.shape, vocab), fixed, real).float()
                 blocks = real.any(-1)
                 self._metrics["tokens_converged"].append(conv[blocks].mean().item())
-                if "real_mask" not in inputs or bool(inputs.get("clean_context", False)):
+                if bool(inputs["clean_context"]):
                     # What the state already had right at its start (a committed prefix is not progress). Not
                     # logged for the paper's Jacobi Forcing: there a noisy block's context is the earlier *noisy*
                     # blocks, so even its right prefix need not be reproduced and the difference would read as

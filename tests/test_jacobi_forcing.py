@@ -118,8 +118,11 @@ def test_noise_aware_mask_equals_brute_force(noisy_context):
         noise_aware_mask(stream, block, "dirty")
 
 
+LEGACY = {"consistency_positions": "block", "ar_scope": "answer"}  # this project's rule before the faithful defaults
+
+
 def test_collator_positions_indices_and_masks():
-    batch = JacobiForcingCollator(0, 3)(_examples())
+    batch = JacobiForcingCollator(0, 3, **LEGACY)(_examples())
     # example 0: prompt 3, blocks of 3, 3, 2 -> packed [p p p k0 k0 k0 c0 c0 c0 k1 k1 k1 c1 c1 c1 k2 k2 c2 c2]
     assert batch["position_ids"][0].tolist() == [0, 1, 2, 3, 4, 5, 3, 4, 5, 6, 7, 8, 6, 7, 8, 9, 10, 9, 10]
     assert batch["student_idx"][0].tolist() == [2, 3, 4, 5, 9, 10, 11, 15, 0]
@@ -133,7 +136,7 @@ def test_collator_positions_indices_and_masks():
     with pytest.raises(CllmError, match="block_size"):
         JacobiForcingCollator(0, 2)(_examples())
     # clean context: a noisy block's first token is predicted from the last CLEAN token before it
-    clean = JacobiForcingCollator(0, 3, noisy_context="clean")(_examples())
+    clean = JacobiForcingCollator(0, 3, noisy_context="clean", **LEGACY)(_examples())
     assert clean["student_idx"][0].tolist() == [2, 3, 4, 8, 9, 10, 14, 15, 0]
     assert torch.equal(clean["teacher_idx"], batch["teacher_idx"])
     assert bool(clean["clean_context"]) and not bool(batch["clean_context"])
@@ -146,11 +149,11 @@ def test_collator_positions_indices_and_masks():
 def test_packed_losses_equal_block_by_block_separate_forwards(noisy_context):
     model = tiny_model(3)
     examples = _examples()
-    batch = JacobiForcingCollator(0, 3, torch.float64, noisy_context)(examples)
+    batch = JacobiForcingCollator(0, 3, torch.float64, noisy_context, **LEGACY)(examples)
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                    position_ids=batch["position_ids"]).logits
     for kind in ("forward_kl", "jsd"):
-        s = LossSettings(divergence=kind)
+        s = LossSettings(divergence=kind, normalization="token")
         ar, cons, _ = packed_losses(logits, batch, s)
 
         def sep(seq, k):  # logits predicting the last k tokens of seq, from a plain causal forward
@@ -200,7 +203,7 @@ def test_base_kl_equals_kl_to_the_base_model_on_the_clean_text():
     peft_model = get_peft_model(tiny_model(3), LoraConfig(r=4, lora_alpha=8, target_modules="all-linear",
                                                           lora_dropout=0.0))
     examples = _examples()
-    batch = JacobiForcingCollator(0, 3, torch.float64, "clean")(examples)
+    batch = JacobiForcingCollator(0, 3, torch.float64, "clean", ar_scope="answer")(examples)
 
     def packed(model):
         return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],

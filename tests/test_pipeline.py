@@ -235,3 +235,7 @@ def test_ablation_objective_names_the_jacobi_forcing_variant():
         "jacobi_forcing (clean context, 16 shifts)")
     assert _objective({"objective": "cllm", "base_kl_weight": 10.0}) == "cllm (base KL 10)"
     assert _objective({"objective": "cllm", "base_kl_weight": 0.0}) == "cllm"
+    old = {"loss_normalization": "token", "consistency_positions": "block", "ar_scope": "answer"}
+    assert _objective({"objective": "jacobi_forcing", "noisy_context": "clean", **old}) == (
+        "jacobi_forcing (old loss scales, clean context)")
+    assert _objective({"objective": "cllm", "loss_normalization": "token"}) == "cllm (token scale)"

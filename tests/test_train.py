@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import json
 import os
 import subprocess
@@ -58,12 +60,13 @@ def test_packed_forward_equals_separate_forwards():
     model = tiny_model(5)
     ctx, p_len = [5, 6, 7, 8, 9, 10], 4
     fp, st, nxt, labels = [11, 12, 13, 14], [20, 21, 22, 23], [11, 30, 31, 32], [40, 41, 42]
-    for local, ar_target in [(False, "fixed_point"), (True, "labels")]:
+    for (local, ar_target), scope in itertools.product([(False, "fixed_point"), (True, "labels")],
+                                                       ["answer", "prompt_and_answer"]):
         ex = {"prompt_ids": ctx, "prompt_len": p_len, "fixed_point": fp, "state": st,
               "next_state": nxt if local else None, "label_ids": labels}
         short = {"prompt_ids": ctx[:5], "prompt_len": 3, "fixed_point": fp[:2], "state": st[:2],
                  "next_state": nxt[:2] if local else None, "label_ids": labels[:2]}
-        batch = PackedCollator(0, 4, ar_target, torch.float64)([ex, short])
+        batch = PackedCollator(0, 4, ar_target, torch.float64, ar_scope=scope)([ex, short])
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                        position_ids=batch["position_ids"]).logits
 
@@ -78,12 +81,13 @@ def test_packed_forward_equals_separate_forwards():
             assert torch.allclose(pick("teacher_idx"), sep(c + teacher, len(c), m), atol=1e-10)
             a = int(batch["ar_mask"][b].sum())
             ar_logits = logits[b, batch["ar_idx"][b, :a]]
-            if ar_target == "labels":
-                p = c[: e["prompt_len"]]
-                assert torch.allclose(ar_logits, sep(p + e["label_ids"], len(p), a), atol=1e-10)
-                assert batch["ar_target"][b, :a].tolist() == e["label_ids"]
-            else:
-                assert torch.allclose(ar_logits, sep(c + e["fixed_point"], len(c), a), atol=1e-10)
+            # the AR text: prompt + labels, or prompt + generated context + block
+            lead = c[: e["prompt_len"]] if ar_target == "labels" else c
+            answer = e["label_ids"] if ar_target == "labels" else e["fixed_point"]
+            start = 1 if scope == "prompt_and_answer" else len(lead)  # with the prompt: every next-token pair
+            assert a == len(lead) + len(answer) - start
+            assert torch.allclose(ar_logits, sep(lead + answer, start, a), atol=1e-10)
+            assert batch["ar_target"][b, :a].tolist() == (lead + answer)[start:]
 
 
 def train_cfg(model_dir, data, out, **kw):

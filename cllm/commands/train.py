@@ -46,7 +46,22 @@ class TrainConfig:
     consistency_weight: float = opt(1.0, "weight of the consistency loss (paper: 1)")
     ar_target: str = opt("fixed_point", "AR loss on the block's fixed point, or on ground-truth labels when present",
                          ("fixed_point", "labels"))
-    label_smoothing: float = opt(0.0, "label smoothing of the AR loss")
+    label_smoothing: float | None = opt(None, "label smoothing of the AR loss (default: the released trainers': "
+                                              "0.1 for cllm, 0 for jacobi_forcing)")
+    loss_normalization: str = opt("original", "original: the released trainers' scales (per example, the mean over "
+                                              "its counted positions, the Jacobi Forcing consistency mean divided "
+                                              "by the number of blocks packed; examples averaged); token: every "
+                                              "loss a sum over the accumulation window's positions divided by "
+                                              "their number", ("original", "token"))
+    consistency_positions: str = opt("original", "logits the consistency loss counts: original (the released "
+                                                 "trainers': from the first mismatch of the state on; Jacobi "
+                                                 "Forcing: the logits at the noisy tokens from the first "
+                                                 "mismatched one) or block (the block's n predictions; Jacobi "
+                                                 "Forcing from the one of the first mismatched token)",
+                                     ("original", "block"))
+    ar_scope: str = opt("prompt_and_answer", "AR loss pairs: prompt_and_answer (the released trainers: the "
+                                             "prompt's next-token pairs too) or answer (the paper's L_AR, "
+                                             "conditioned on the prompt)", ("prompt_and_answer", "answer"))
     base_kl_weight: float = opt(0.0, "weight of KL(base || model) at the AR positions, the base being the model "
                                      "with its LoRA adapter switched off (one extra forward without gradient): "
                                      "keeps the next-token distributions near the base's, where the AR loss "
@@ -112,6 +127,10 @@ class TrainConfig:
             raise CllmError(f"--jsd-beta must be in (0, 1), got {self.jsd_beta}")
         if self.temperature <= 0:
             raise CllmError(f"--temperature must be > 0, got {self.temperature}")
+        if self.label_smoothing is None:
+            self.label_smoothing = 0.1 if self.objective == "cllm" else 0.0
+        if not 0 <= self.label_smoothing < 1:
+            raise CllmError(f"--label-smoothing must be in [0, 1), got {self.label_smoothing}")
         if self.objective == "jacobi_forcing":
             if self.ar_target != "fixed_point" or self.consistency != "global" or self.use_aug:
                 raise CllmError("--objective jacobi_forcing trains AR on the clean stream against the fixed points: "
@@ -192,7 +211,8 @@ def train(cfg: TrainConfig) -> dict:
     if cfg.objective == "jacobi_forcing":
         dataset = JacobiForcingDataset(records, cfg.noise_window, cfg.max_blocks or None, cfg.max_context_tokens,
                                        cfg.noise_shifts)
-        collator = JacobiForcingCollator(tok.pad_token_id, cfg.block_size, noisy_context=cfg.noisy_context)
+        collator = JacobiForcingCollator(tok.pad_token_id, cfg.block_size, noisy_context=cfg.noisy_context,
+                                         consistency_positions=cfg.consistency_positions, ar_scope=cfg.ar_scope)
     else:
         for r in records:  # bound the memory of long contexts: keep the context's end
             if len(r["prompt_ids"]) > cfg.max_context_tokens:
@@ -200,7 +220,8 @@ def train(cfg: TrainConfig) -> dict:
                 r["prompt_ids"] = r["prompt_ids"][cut:]
                 r["prompt_len"] = max(1, r["prompt_len"] - cut)
         dataset = TrajectoryDataset(records, cfg.state_sampling, cfg.consistency, cfg.use_aug)
-        collator = PackedCollator(tok.pad_token_id, cfg.block_size, cfg.ar_target)
+        collator = PackedCollator(tok.pad_token_id, cfg.block_size, cfg.ar_target,
+                                  consistency_positions=cfg.consistency_positions, ar_scope=cfg.ar_scope)
 
     if cfg.use_peft and cfg.init_adapter:
         from peft import PeftModel
@@ -250,7 +271,8 @@ def train(cfg: TrainConfig) -> dict:
     trainer = CllmTrainer(
         model=model, args=args, train_dataset=dataset, data_collator=collator, processing_class=tok,
         loss_settings=LossSettings(cfg.ar_weight, cfg.consistency_weight, cfg.divergence, cfg.jsd_beta,
-                                   cfg.temperature, cfg.label_smoothing, cfg.base_kl_weight),
+                                   cfg.temperature, cfg.label_smoothing, cfg.base_kl_weight,
+                                   cfg.loss_normalization),
         jacobi_probe=probe,
     )
     step0 = int(Path(resume_from).name.split("-")[-1]) if resume_from else 0
