@@ -123,24 +123,36 @@ def _load_gguf(gguf_path: Path, dtype: torch.dtype):
 
 
 def convert_alias(name: str) -> Path:
-    """Convert an alias's GGUF to a safetensors folder once; later calls return the cached folder."""
+    """Convert an alias's GGUF to a safetensors folder once; later calls return the cached folder.
+
+    Processes that start together (torchrun ranks) take a file lock: one converts, the others wait and then load
+    its folder, so no process ever reads a folder another one is replacing."""
+    import fcntl
+
     alias = ALIASES[name]
     target = cllm_home() / "models" / name
     if (target / _DONE_MARKER).is_file():
         return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with open(target.parent / f".{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (target / _DONE_MARKER).is_file():  # converted while this process waited for the lock
+            _convert(alias, name, target)
+    return target
+
+
+def _convert(alias: GgufAlias, name: str, target: Path) -> None:
     gguf_path = _find_alias_gguf(alias)
     print(f"[cllm] converting {gguf_path} to {target} (once)", file=sys.stderr)
     model, tokenizer = _load_gguf(gguf_path, torch.float32)
-    target.parent.mkdir(parents=True, exist_ok=True)
     # Write to a temporary sibling and rename, so that a killed conversion never leaves a half folder behind.
     tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
     (tmp / _DONE_MARKER).write_text(json.dumps({"source": str(gguf_path), "alias": name, "note": alias.description}))
-    if target.exists():
+    if target.exists():  # a half folder from before the marker existed, or a killed copy
         shutil.rmtree(target)
     os.replace(tmp, target)
-    return target
 
 
 def resolve_model_path(spec: str) -> str:

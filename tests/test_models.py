@@ -6,6 +6,8 @@ import importlib.util
 import subprocess
 from types import SimpleNamespace
 
+from pathlib import Path
+
 import pytest
 from transformers import DistilBertConfig, DistilBertModel
 
@@ -70,6 +72,36 @@ def test_converted_alias_is_reused(tmp_path, monkeypatch):
     (done / models._DONE_MARKER).write_text("{}")
     monkeypatch.setattr(models, "_find_alias_gguf", lambda alias: pytest.fail("must not look for the GGUF again"))
     assert models.resolve_model_path("smollm2-135m") == str(done)
+
+
+def test_concurrent_first_use_converts_once_and_never_exposes_a_half_folder(tmp_path, monkeypatch):
+    """torchrun ranks resolving the alias together: one converts, the others wait for its complete folder (two
+    ranks converting at once used to replace the folder one of them was already loading)."""
+    import threading
+    import time
+
+    monkeypatch.setenv("CLLM_HOME", str(tmp_path))
+    calls, seen = [], []
+
+    def slow_convert(alias, name, target):
+        calls.append(name)
+        time.sleep(0.3)  # a conversion takes a while; the other caller arrives meanwhile
+        target.mkdir(parents=True)
+        (target / models._DONE_MARKER).write_text("{}")
+
+    monkeypatch.setattr(models, "_convert", slow_convert)
+
+    def rank():
+        path = models.resolve_model_path("smollm2-135m")
+        seen.append((path, (Path(path) / models._DONE_MARKER).is_file()))
+
+    threads = [threading.Thread(target=rank) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert calls == ["smollm2-135m"]
+    assert seen == [(str(tmp_path / "models" / "smollm2-135m"), True)] * 3
 
 
 def test_plain_prompt_without_chat_template():
