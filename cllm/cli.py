@@ -48,9 +48,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def console_main() -> None:
+    code = main()  # first: `--help` and bad flags exit here, before torch is imported below
     from cllm.distributed import exit_process
 
-    exit_process(main())
+    exit_process(code)
 
 
 if __name__ == "__main__":

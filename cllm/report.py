@@ -78,6 +78,26 @@ def build_report(model: str, dtype: str, rows: dict[str, list[dict]], seconds: d
     return {"model": model, "dtype": dtype, "n_prompts": n_prompts, "settings": settings, "methods": methods}
 
 
+def result_row(index: int, rec, res) -> dict:
+    """One prompt's row of a decode or eval run, from its prompt record and `DecodeResult`."""
+    return {
+        "index": index,
+        "id": rec.id,
+        "category": rec.category,
+        "dataset": rec.dataset,
+        "token_ids": res.token_ids,
+        "text": res.text,
+        "new_tokens": res.n_new_tokens,
+        "forwards": res.n_forwards,
+        "accept_lengths": res.accept_lengths,
+        "fast_forward": res.n_fast_forward,
+        "stationary": res.n_stationary,
+        "wall_time": res.wall_time_s,
+        "finish_reason": res.finish_reason,
+        **{k: res.extra[k] for k in ("iterations", "drafted", "accepted", "draft_forwards") if k in res.extra},
+    }
+
+
 def answer_line(row: dict, model_id: str) -> dict:
     """One answer in Spec-Bench's format (single turn)."""
     return {

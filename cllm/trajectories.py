@@ -28,8 +28,6 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
 from cllm.config import opt
 from cllm.errors import CllmError
 
@@ -126,13 +124,15 @@ def thin_states(states: list[list[int]], cap: int) -> list[list[int]]:
     return [states[i] for i in idx]
 
 
-def augment_state(state: list[int], fixed_point: list[int], fraction: float, gen: torch.Generator) -> list[int] | None:
+def augment_state(state: list[int], fixed_point: list[int], fraction: float, gen) -> list[int] | None:
     """CLLM augmentation: replace ceil(fraction * k) of the k wrong tokens with fixed-point tokens, keeping at least
     one wrong token (a state equal to y* teaches nothing). None when fewer than two tokens are wrong."""
     wrong = [i for i, (a, b) in enumerate(zip(state, fixed_point)) if a != b]
     if len(wrong) < 2:
         return None
     n_fix = min(len(wrong) - 1, max(1, math.ceil(fraction * len(wrong))))
+    import torch
+
     pick = torch.randperm(len(wrong), generator=gen)[:n_fix].tolist()
     out = list(state)
     for p in pick:
@@ -144,6 +144,8 @@ def block_records(data_id: int, prompt_id: str, prompt: list[int], result, cfg: 
                   label_ids: list[int] | None) -> tuple[list[dict], int]:
     """Records of one decoded prompt and how many blocks the repetition filter dropped."""
     records, dropped = [], 0
+    import torch  # here, not at module level: `cllm gen --help` and config code load no torch
+
     gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + data_id)
     for block in result.trajectory:
         fp = block.fixed_point

@@ -122,3 +122,16 @@ def test_torchrun_two_processes_split_prompts_and_merge(tiny_model_dir, tmp_path
     assert [x["choices"][0]["turns"] for x in two] == [x["choices"][0]["turns"] for x in one]
     rep = json.loads((tmp_path / "two.json").read_text())
     assert rep["n_prompts"] == 5 and rep["settings"]["world_size"] == 2
+
+
+def test_help_of_every_command_loads_no_torch():
+    """`cllm --help` and every `cllm COMMAND --help` build their parsers without importing torch (it costs
+    seconds): config dataclasses and the decoding registry are torch-free."""
+    for command in ([], ["decode"], ["eval"], ["gen"], ["train"], ["pipeline"], ["train-draft"]):
+        code = ("import io, sys, contextlib, cllm.cli as c\n"
+                f"sys.argv = ['cllm', *{command!r}, '--help']\n"
+                "with contextlib.redirect_stdout(io.StringIO()):\n"
+                "    try:\n        c.console_main()\n    except SystemExit:\n        pass\n"
+                "print('torch' in sys.modules, 'transformers' in sys.modules)")
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO)
+        assert out.stdout.split() == ["False", "False"], command

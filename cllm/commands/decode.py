@@ -3,39 +3,23 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import time
 from pathlib import Path
 
+from cllm.decoding import registry
 from cllm.errors import CllmError
 
-METHODS = ("ar", "jacobi", "multiblock", "sps", "mtad")
-DRAFT_METHODS = ("sps", "mtad")
-SINGLE_PROMPT_METHODS = ("multiblock", "sps", "mtad")
-
-
-def add_multiblock_arguments(p: argparse.ArgumentParser) -> None:
-    """Flags of the multi-block Jacobi decoder (shared by `cllm decode` and `cllm eval`)."""
-    p.add_argument("--n-blocks", type=int, default=2, help="multiblock: blocks in flight K (default: %(default)s)")
-    p.add_argument("--spawn-ratio", type=float, default=0.85, help="multiblock: a new block enters once the newest "
-                   "has this share r of its n tokens accepted (default: %(default)s)")
-    p.add_argument("--n-recycle", type=int, default=2, help="multiblock: rejected tails verified as extra rows "
-                   "per forward, 0 = off (default: %(default)s)")
-
-
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    methods = registry.names()
     p.add_argument("--model", default="smollm2-135m", help="alias, local folder, HF id or .gguf file (default: %(default)s)")
     p.add_argument("--adapter", default=None, help="optional PEFT adapter folder merged into --model")
-    p.add_argument("--method", default="jacobi", choices=METHODS, help="decoder to run (default: %(default)s)")
+    p.add_argument("--method", default="jacobi", choices=methods, help="decoder to run (default: %(default)s)")
     p.add_argument("--compare", default=None, metavar="M[,M...]",
-                   help=f"also run these methods ({', '.join(METHODS)}) on the same prompts, interleaved")
+                   help=f"also run these methods ({', '.join(methods)}) on the same prompts, interleaved")
     p.add_argument("--draft", default=None, help="sps/mtad: draft model (same vocabulary), e.g. a train-draft output")
-    p.add_argument("--gamma", type=int, default=4, help="sps/mtad: draft tokens per iteration (default: %(default)s)")
-    p.add_argument("--adaptive-gamma", action="store_true", help="sps: +2 after a fully accepted round, -1 otherwise")
-    p.add_argument("--beam-width", type=int, default=4, help="mtad: beams of the draft's beam sampling (default: %(default)s)")
-    p.add_argument("--beam-replacement", action="store_true", help="mtad: draw beams with replacement")
-    p.add_argument("--tau", type=float, default=0.5, help="mtad: acceptance threshold on P/Q, > 0 (default: %(default)s)")
-    add_multiblock_arguments(p)
+    registry.add_arguments(p)
     src = p.add_argument_group("prompts (one of)")
     src.add_argument("--prompt", action="append", default=None, help="a prompt text (repeatable)")
     src.add_argument("--prompts", default=None, metavar="FILE.jsonl", help="JSONL file, one prompt per line")
@@ -48,13 +32,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     src.add_argument("--data-dir", default=None, help="dataset root (default: $CLLM_DATA_DIR or ../shared/data)")
     src.add_argument("--limit", type=int, default=None, help="number of prompts (per dataset)")
     src.add_argument("--offset", type=int, default=0, help="skip this many prompts first")
-    p.add_argument("--block-size", type=int, default=16, help="Jacobi block size n (default: %(default)s)")
-    p.add_argument("--max-new-tokens", type=int, default=256, help="new tokens per prompt, at most (default: %(default)s)")
-    p.add_argument("--init", default="prompt", choices=("prompt", "repeat", "pad"), help="Jacobi initial guess (default: %(default)s)")
     p.add_argument("--batch-size", type=int, default=1, help="prompts decoded together (default: %(default)s)")
-    p.add_argument("--temperature", type=float, default=0.0, help="ar/sps/mtad: 0 = greedy (default), > 0 samples")
-    p.add_argument("--top-k", type=int, default=None, help="sampling: keep the k most likely tokens")
-    p.add_argument("--top-p", type=float, default=None, help="sampling: nucleus mass in (0, 1]")
     p.add_argument("--seed", type=int, default=0, help="seed for Jacobi initial guesses and sampling")
     p.add_argument("--dtype", default="fp32", choices=("fp32", "bf16", "fp16", "fp64"), help="bf16 for speed, fp32 (or fp64) for exactness checks (default: %(default)s)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available, else cpu)")
@@ -66,36 +44,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", action="store_true", help="no per-prompt output")
 
 
-def validate(args) -> None:
-    if args.block_size < 1:
-        raise CllmError(f"--block-size must be >= 1, got {args.block_size}")
-    if args.max_new_tokens < 1:
-        raise CllmError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+def validate(args) -> "registry.DecodeConfig":
+    """Check the flags before any model is loaded; returns the decoding config."""
     if args.batch_size < 1:
         raise CllmError(f"--batch-size must be >= 1, got {args.batch_size}")
     n_sources = sum(x is not None for x in (args.prompt, args.prompts, args.dataset))
     if n_sources != 1:
         raise CllmError("give exactly one of --prompt, --prompts FILE or --dataset NAME")
-    methods = method_list(args)
-    from cllm.decoding.mtad import check_mtad_args
-    from cllm.decoding.sampling import check_sampling_args
-    from cllm.decoding.speculative import check_draft_args
-
-    check_sampling_args(args.temperature, args.top_k, args.top_p)
-    uses_draft = [m for m in methods if m in DRAFT_METHODS]
-    single = [m for m in methods if m in SINGLE_PROMPT_METHODS]
-    if single and args.batch_size != 1:
-        raise CllmError(f"{single[0]} decodes one prompt at a time: use --batch-size 1")
-    if uses_draft:
-        if not args.draft:
-            raise CllmError(f"--method/--compare {uses_draft[0]} needs --draft MODEL")
-        check_draft_args(args.gamma)
-    if "multiblock" in methods:
-        from cllm.decoding.multiblock import check_multiblock_args
-
-        check_multiblock_args(args.block_size, args.n_blocks, args.spawn_ratio, args.n_recycle)
-    if "mtad" in methods:
-        check_mtad_args(args.tau, args.beam_width, args.temperature)
+    cfg = registry.DecodeConfig.from_args(args)
+    cfg.validate(method_list(args), args.batch_size, has_draft=bool(args.draft))
+    return cfg
 
 
 def load_records(args):
@@ -116,31 +74,13 @@ def method_list(args) -> list[str]:
     """--method first, then the --compare methods (comma-separated), each once."""
     compare = [m.strip() for m in args.compare.split(",") if m.strip()] if args.compare else []
     for m in compare:
-        if m not in METHODS:
-            raise CllmError(f"--compare: unknown method {m!r}; choose from {', '.join(METHODS)}")
+        if m not in registry.names():
+            raise CllmError(f"--compare: unknown method {m!r}; choose from {', '.join(registry.names())}")
         if m == args.method:
             raise CllmError(f"--compare {m} is the method itself")
     if len(set(compare)) != len(compare):
         raise CllmError(f"--compare lists a method twice: {args.compare}")
     return [args.method, *compare]
-
-
-def decode_batch(method: str, model, tokenizer, prompt_ids: list[list[int]], args, seeds: list[int], draft=None):
-    from cllm.decoding import ar_decode, jacobi_decode, mtad_decode, multiblock_decode, speculative_decode
-
-    if method == "ar":
-        return ar_decode(model, tokenizer, prompt_ids, args.max_new_tokens, args.temperature, args.top_k, args.top_p, seeds)
-    if method == "jacobi":
-        return jacobi_decode(model, tokenizer, prompt_ids, args.block_size, args.max_new_tokens, args.init, seeds)
-    if method == "multiblock":
-        return [multiblock_decode(model, tokenizer, p, args.block_size, args.max_new_tokens, args.n_blocks,
-                                  args.spawn_ratio, args.n_recycle, args.init, s) for p, s in zip(prompt_ids, seeds)]
-    if method == "sps":
-        return [speculative_decode(model, draft, tokenizer, p, args.max_new_tokens, args.gamma, args.adaptive_gamma,
-                                   args.temperature, args.top_k, args.top_p, s) for p, s in zip(prompt_ids, seeds)]
-    return [mtad_decode(model, draft, tokenizer, p, args.max_new_tokens, args.gamma, args.beam_width, args.tau,
-                        args.temperature, args.top_k, args.top_p, s, args.beam_replacement)
-            for p, s in zip(prompt_ids, seeds)]
 
 
 def run(args) -> None:
@@ -151,9 +91,9 @@ def run(args) -> None:
     from cllm.metrics import token_logprobs
     from cllm.models import load_model
     from cllm.prompts import format_prompt
-    from cllm.report import answer_line, build_report, format_table
+    from cllm.report import answer_line, build_report, format_table, result_row
 
-    validate(args)
+    cfg = validate(args)
     records = load_records(args)
     ctx = distributed.setup()
     try:
@@ -161,7 +101,7 @@ def run(args) -> None:
         model, tokenizer = load_model(args.model, args.dtype, device, args.device_map, adapter=args.adapter)
         methods = method_list(args)
         draft = None
-        if any(m in DRAFT_METHODS for m in methods):
+        if any(registry.get(m).needs_draft for m in methods):
             from cllm.draft import check_draft_compatible
 
             draft, draft_tokenizer = load_model(args.draft, args.dtype, device, args.device_map)
@@ -171,9 +111,10 @@ def run(args) -> None:
 
         if mine and args.warmup:  # untimed: first calls pay for allocation and kernel selection
             warm = [prompt_ids[mine[0]]]
+            short = dataclasses.replace(cfg, max_new_tokens=min(cfg.max_new_tokens, 2 * cfg.block_size))
             for _ in range(args.warmup):
                 for m in methods:
-                    decode_batch(m, model, tokenizer, warm, _short(args), [args.seed], draft)
+                    registry.decode(m, model, tokenizer, warm, [args.seed], short, draft)
 
         rows: dict[str, list[dict]] = {m: [] for m in methods}
         seconds: dict[str, float] = {m: 0.0 for m in methods}
@@ -186,12 +127,12 @@ def run(args) -> None:
             for m in order:
                 meters[m].start()
                 t0 = time.perf_counter()
-                results = decode_batch(m, model, tokenizer, [prompt_ids[i] for i in idx], args,
-                                       [args.seed + i for i in idx], draft)
+                results = registry.decode(m, model, tokenizer, [prompt_ids[i] for i in idx],
+                                          [args.seed + i for i in idx], cfg, draft)
                 seconds[m] += time.perf_counter() - t0
                 meters[m].stop()
                 for i, res in zip(idx, results):
-                    row = _row(i, records[i], res)
+                    row = result_row(i, records[i], res)
                     if not args.no_perplexity:  # untimed: the output scored under the unwarped target
                         row["logprobs"] = token_logprobs(model, prompt_ids[i], res.token_ids)
                     rows[m].append(row)
@@ -246,30 +187,5 @@ def run(args) -> None:
         distributed.teardown(ctx)
 
 
-def _short(args):
-    short = argparse.Namespace(**vars(args))
-    short.max_new_tokens = min(args.max_new_tokens, 2 * args.block_size)
-    return short
-
-
 def _sibling(path: Path, method: str) -> Path:
     return path.with_name(f"{path.stem}.{method}{path.suffix or '.jsonl'}")
-
-
-def _row(index: int, rec, res) -> dict:
-    return {
-        "index": index,
-        "id": rec.id,
-        "category": rec.category,
-        "dataset": rec.dataset,
-        "token_ids": res.token_ids,
-        "text": res.text,
-        "new_tokens": res.n_new_tokens,
-        "forwards": res.n_forwards,
-        "accept_lengths": res.accept_lengths,
-        "fast_forward": res.n_fast_forward,
-        "stationary": res.n_stationary,
-        "wall_time": res.wall_time_s,
-        "finish_reason": res.finish_reason,
-        **{k: res.extra[k] for k in ("iterations", "drafted", "accepted", "draft_forwards") if k in res.extra},
-    }

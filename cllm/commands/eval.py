@@ -20,6 +20,7 @@ import time
 import uuid
 from pathlib import Path
 
+from cllm.decoding import registry
 from cllm.errors import CllmError
 from cllm.evaluate import REFERENCE
 
@@ -36,13 +37,12 @@ def new_run_id() -> str:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from cllm.commands.decode import METHODS, add_multiblock_arguments
-
+    methods = registry.names()
     p.add_argument("--model", default="smollm2-135m", help="checkpoint to evaluate: alias, folder, HF id, .gguf")
     p.add_argument("--adapter", default=None, help="PEFT adapter folder merged into --model")
     p.add_argument("--base-model", default=None, help="the speed and quality reference (default: --model without "
                    "the adapter); AR greedy of it runs as base_ar")
-    p.add_argument("--methods", default="ar,jacobi", help=f"comma-separated, from {', '.join(METHODS)} "
+    p.add_argument("--methods", default="ar,jacobi", help=f"comma-separated, from {', '.join(methods)} "
                    "(default: %(default)s)")
     p.add_argument("--base-methods", default="", help="also run these methods on the base model (as base_<method>), "
                    "e.g. jacobi for a base-vs-trained table in one run")
@@ -55,21 +55,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     src.add_argument("--limit", type=int, default=None, help="prompts (per dataset)")
     src.add_argument("--offset", type=int, default=0, help="skip this many prompts first")
     src.add_argument("--spread", action="store_true", help="--limit prompts evenly spaced over each dataset")
-    p.add_argument("--block-size", type=int, default=16, help="Jacobi block size n (default: %(default)s)")
-    p.add_argument("--max-new-tokens", type=int, default=256, help="length cap of every method (default: %(default)s)")
-    p.add_argument("--init", default="prompt", choices=("prompt", "repeat", "pad"), help="Jacobi initial guess")
+    registry.add_arguments(p)  # the decoding settings; --temperature applies to the checkpoint's methods
     p.add_argument("--dtype", default="bf16", choices=("fp32", "bf16", "fp16", "fp64"), help="(default: %(default)s)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available, else cpu)")
     p.add_argument("--draft", default=None, help="sps/mtad: draft model")
-    p.add_argument("--gamma", type=int, default=4, help="sps/mtad: draft length (default: %(default)s)")
-    p.add_argument("--adaptive-gamma", action="store_true", help="sps: adaptive draft length")
-    p.add_argument("--beam-width", type=int, default=4, help="mtad: beam width (default: %(default)s)")
-    p.add_argument("--beam-replacement", action="store_true", help="mtad: draw beams with replacement")
-    p.add_argument("--tau", type=float, default=0.5, help="mtad: acceptance threshold (default: %(default)s)")
-    add_multiblock_arguments(p)
-    p.add_argument("--temperature", type=float, default=0.0, help="ar/sps/mtad of the checkpoint: 0 = greedy")
-    p.add_argument("--top-k", type=int, default=None, help="sampling: top-k")
-    p.add_argument("--top-p", type=float, default=None, help="sampling: top-p in (0, 1]")
     p.add_argument("--seed", type=int, default=0, help="seed of initial guesses and sampling")
     p.add_argument("--warmup", type=int, default=1, help="untimed warm-up runs per method (default: %(default)s)")
     p.add_argument("--humaneval-timeout", type=float, default=10.0, help="seconds per HumanEval test run")
@@ -79,22 +68,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--overwrite", action="store_true", help="discard finished rows of a different earlier eval")
 
 
-def _decode_args(args, greedy_ar: bool = False) -> argparse.Namespace:
-    """The attribute set `cllm.commands.decode.decode_batch` reads."""
-    ns = argparse.Namespace(**vars(args))
-    ns.batch_size = 1
-    if greedy_ar:
-        ns.temperature, ns.top_k, ns.top_p = 0.0, None, None
-    return ns
-
-
 def _parse_methods(flag: str, value: str) -> list[str]:
-    from cllm.commands.decode import METHODS
-
     methods = [m.strip() for m in value.split(",") if m.strip()]
     for m in methods:
-        if m not in METHODS:
-            raise CllmError(f"{flag}: unknown method {m!r}; choose from {', '.join(METHODS)}")
+        if m not in registry.names():
+            raise CllmError(f"{flag}: unknown method {m!r}; choose from {', '.join(registry.names())}")
     if len(set(methods)) != len(methods):
         raise CllmError(f"{flag} lists a method twice: {value}")
     return methods
@@ -102,40 +80,22 @@ def _parse_methods(flag: str, value: str) -> list[str]:
 
 def method_names(args) -> list[str]:
     """Every method of the run: base_ar (the reference), base_<m> for --base-methods, then --methods."""
-    from cllm.commands.decode import DRAFT_METHODS
-
     methods = _parse_methods("--methods", args.methods)
     if not methods:
         raise CllmError("--methods is empty")
     base_methods = [m for m in _parse_methods("--base-methods", args.base_methods or "") if m != "ar"]
-    if any(m in DRAFT_METHODS for m in methods + base_methods) and not args.draft:
+    if any(registry.get(m).needs_draft for m in methods + base_methods) and not args.draft:
         raise CllmError("sps/mtad need --draft MODEL")
     return [REFERENCE, *[f"base_{m}" for m in base_methods], *methods]
 
 
 def validate(args) -> list[str]:
-    from cllm.decoding.mtad import check_mtad_args
-    from cllm.decoding.sampling import check_sampling_args
-    from cllm.decoding.speculative import check_draft_args
-
     if not args.out_dir:
         raise CllmError("--out-dir is required")
     if sum(x is not None for x in (args.dataset, args.prompts)) != 1:
         raise CllmError("give exactly one of --dataset NAME or --prompts FILE")
-    if args.block_size < 1:
-        raise CllmError(f"--block-size must be >= 1, got {args.block_size}")
-    if args.max_new_tokens < 1:
-        raise CllmError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
     methods = method_names(args)
-    check_sampling_args(args.temperature, args.top_k, args.top_p)
-    if args.draft:
-        check_draft_args(args.gamma)
-    if "mtad" in methods:
-        check_mtad_args(args.tau, args.beam_width, args.temperature)
-    if any(m.removeprefix("base_") == "multiblock" for m in methods):
-        from cllm.decoding.multiblock import check_multiblock_args
-
-        check_multiblock_args(args.block_size, args.n_blocks, args.spawn_ratio, args.n_recycle)
+    registry.DecodeConfig.from_args(args).validate([m.removeprefix("base_") for m in methods])
     if args.training_log and not Path(args.training_log).exists():
         raise CllmError(f"--training-log: folder not found: {args.training_log}")
     return methods
@@ -262,12 +222,12 @@ def _decode_prompts(args, ctx, records, todo: dict[int, list[str]], all_methods:
     """Decode this rank's unfinished prompts with the methods each still lacks; append one row per (prompt, method)."""
     from tqdm import tqdm
 
-    from cllm.commands.decode import _row, decode_batch
     from cllm.evaluate import score
     from cllm.metrics import token_logprobs
     from cllm.models import load_model
     from cllm.prompts import format_prompt
     from cllm.quality import is_degenerate
+    from cllm.report import result_row
 
     device = args.device or ctx.device()
     model, tok = load_model(args.model, args.dtype, device, adapter=args.adapter)
@@ -284,18 +244,17 @@ def _decode_prompts(args, ctx, records, todo: dict[int, list[str]], all_methods:
         check_draft_compatible(model, tok, draft, draft_tok)
     spider_tables = _spider_tables(args, records)
 
-    def run_method(m: str, ids: list[int], seed: int, opts=args):
+    def run_method(m: str, ids: list[int], seed: int, cfg=registry.DecodeConfig.from_args(args)):
         if m.startswith("base_"):  # the base model; its AR is greedy (the reference)
             inner = m[len("base_"):]
-            return decode_batch(inner, base, tok, [ids], _decode_args(opts, greedy_ar=inner == "ar"), [seed],
-                                draft)[0]
-        return decode_batch(m, model, tok, [ids], _decode_args(opts), [seed], draft)[0]
+            return registry.decode(inner, base, tok, [ids], [seed], cfg.greedy() if inner == "ar" else cfg,
+                                   draft)[0]
+        return registry.decode(m, model, tok, [ids], [seed], cfg, draft)[0]
 
     running = [m for m in all_methods if any(m in ms for ms in todo.values())]
     if args.warmup:  # untimed
         warm = format_prompt(tok, records[next(iter(todo))].prompt)
-        short = argparse.Namespace(**vars(args))
-        short.max_new_tokens = min(args.max_new_tokens, 2 * args.block_size)
+        short = registry.DecodeConfig.from_args(args, max_new_tokens=min(args.max_new_tokens, 2 * args.block_size))
         for _ in range(args.warmup):
             for m in running:
                 run_method(m, warm, args.seed, short)
@@ -318,7 +277,7 @@ def _decode_prompts(args, ctx, records, todo: dict[int, list[str]], all_methods:
                 t0, c0 = time.perf_counter(), time.process_time()
                 res = run_method(m, ids, args.seed + i)
                 seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
-                row = _row(i, rec, res)
+                row = result_row(i, rec, res)
                 row.update(method=m, seconds=seconds, cpu_seconds=cpu, machine=machine, run=run_id)
                 prompt_rows.append(row)
             for row in prompt_rows:  # untimed quality checks

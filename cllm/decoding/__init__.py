@@ -1,10 +1,23 @@
-"""Decoders: one file each, one public function each, all returning `DecodeResult`s."""
+"""Decoders: one file each, one public function each, all returning `DecodeResult`s; `registry` names them.
 
-from cllm.decoding.ar import ar_decode
-from cllm.decoding.common import BlockTrajectory, DecodeResult
-from cllm.decoding.jacobi import jacobi_decode
-from cllm.decoding.mtad import mtad_decode
-from cllm.decoding.multiblock import multiblock_decode
-from cllm.decoding.speculative import speculative_decode
+The decoders are imported on first access (PEP 562), so importing `cllm.decoding.registry` loads no torch.
+"""
 
-__all__ = ["ar_decode", "jacobi_decode", "speculative_decode", "mtad_decode", "multiblock_decode", "DecodeResult", "BlockTrajectory"]
+_EXPORTS = {
+    "ar_decode": "cllm.decoding.ar",
+    "jacobi_decode": "cllm.decoding.jacobi",
+    "speculative_decode": "cllm.decoding.speculative",
+    "mtad_decode": "cllm.decoding.mtad",
+    "multiblock_decode": "cllm.decoding.multiblock",
+    "DecodeResult": "cllm.decoding.common",
+    "BlockTrajectory": "cllm.decoding.common",
+}
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        import importlib
+
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'cllm.decoding' has no attribute {name!r}")

@@ -1,0 +1,189 @@
+"""One registry of decoding methods, and the one config they read.
+
+Each method is registered once: `name -> Method(fn, needs_draft, supports_batch, sampling, check)`. `cllm decode`,
+`cllm eval` and the pipeline build a `DecodeConfig` (flags or YAML) and call `decode(name, ...)` with keywords, so
+a new method is one decoder file plus one `register` call (tests/test_registry.py registers a toy one).
+
+Importing this module imports no torch: the built-in methods import their decoder when first called, so `--help`
+stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from dataclasses import dataclass
+from typing import Callable
+
+from cllm.config import opt as _opt
+from cllm.errors import CllmError
+
+
+@dataclass
+class DecodeConfig:
+    """What every method reads; a method ignores the fields that are not its own."""
+
+    block_size: int = _opt(16, "Jacobi block size n")
+    max_new_tokens: int = _opt(256, "new tokens per prompt, at most")
+    init: str = _opt("prompt", "Jacobi initial guess", ("prompt", "repeat", "pad"))
+    temperature: float = _opt(0.0, "ar/sps/mtad: 0 = greedy, > 0 samples")
+    top_k: int | None = _opt(None, "sampling: keep the k most likely tokens")
+    top_p: float | None = _opt(None, "sampling: nucleus mass in (0, 1]")
+    gamma: int = _opt(4, "sps/mtad: draft tokens per iteration")
+    adaptive_gamma: bool = _opt(False, "sps: +2 after a fully accepted round, -1 otherwise")
+    beam_width: int = _opt(4, "mtad: beams of the draft's beam sampling")
+    beam_replacement: bool = _opt(False, "mtad: draw beams with replacement")
+    tau: float = _opt(0.5, "mtad: acceptance threshold on P/Q, > 0")
+    n_blocks: int = _opt(2, "multiblock: blocks in flight K")
+    spawn_ratio: float = _opt(0.85, "multiblock: a new block enters once the newest has this share r of its n "
+                                    "tokens accepted")
+    n_recycle: int = _opt(2, "multiblock: rejected tails verified as extra rows per forward, 0 = off")
+
+    @classmethod
+    def from_args(cls, args, **changes) -> "DecodeConfig":
+        """The config from an argparse namespace (or any object with these attributes), with `changes` applied."""
+        values = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if hasattr(args, f.name)}
+        return cls(**{**values, **changes})
+
+    def greedy(self) -> "DecodeConfig":
+        return dataclasses.replace(self, temperature=0.0, top_k=None, top_p=None)
+
+    def validate(self, methods: list[str], batch_size: int = 1, has_draft: bool = True) -> None:
+        """Check the settings for these methods before any model is loaded."""
+        from cllm.decoding.sampling import check_sampling_args
+
+        if self.block_size < 1:
+            raise CllmError(f"--block-size must be >= 1, got {self.block_size}")
+        if self.max_new_tokens < 1:
+            raise CllmError(f"--max-new-tokens must be >= 1, got {self.max_new_tokens}")
+        check_sampling_args(self.temperature, self.top_k, self.top_p)
+        for name in methods:
+            m = get(name)
+            if not m.supports_batch and batch_size != 1:
+                raise CllmError(f"{name} decodes one prompt at a time: use --batch-size 1")
+            if m.needs_draft and not has_draft:
+                raise CllmError(f"{name} needs --draft MODEL")
+            if m.check is not None:
+                m.check(self)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """One flag per `DecodeConfig` field, with its default and help (shared by `cllm decode` and `cllm eval`)."""
+    for f in dataclasses.fields(DecodeConfig):
+        flag = "--" + f.name.replace("_", "-")
+        help_text = f.metadata["help"] + " (default: %(default)s)"
+        if f.default is False:
+            p.add_argument(flag, action="store_true", help=f.metadata["help"])
+            continue
+        kind = {"block_size": int, "max_new_tokens": int, "top_k": int, "gamma": int, "beam_width": int,
+                "n_blocks": int, "n_recycle": int, "init": str}.get(f.name, float)
+        p.add_argument(flag, type=kind, default=f.default, choices=f.metadata["choices"], help=help_text)
+
+
+# fn(model, tokenizer, prompt_ids (B lists of ids), seeds (B ints), cfg, draft) -> B DecodeResults
+DecodeFn = Callable[..., list]
+
+
+@dataclass(frozen=True)
+class Method:
+    fn: DecodeFn
+    needs_draft: bool = False
+    supports_batch: bool = False  # False: `decode` calls fn one prompt at a time
+    sampling: bool = False  # honours temperature / top-k / top-p (greedy-only otherwise)
+    check: Callable[[DecodeConfig], None] | None = None  # extra validation of the config
+    help: str = ""
+
+
+_METHODS: dict[str, Method] = {}
+
+
+def register(name: str, method: Method) -> None:
+    if name in _METHODS:
+        raise CllmError(f"decoding method {name!r} is registered twice")
+    _METHODS[name] = method
+
+
+def unregister(name: str) -> None:
+    _METHODS.pop(name, None)
+
+
+def get(name: str) -> Method:
+    if name not in _METHODS:
+        raise CllmError(f"unknown method {name!r}; choose from {', '.join(_METHODS)}")
+    return _METHODS[name]
+
+
+def names() -> tuple[str, ...]:
+    return tuple(_METHODS)
+
+
+def decode(name: str, model, tokenizer, prompt_ids: list[list[int]], seeds: list[int], cfg: DecodeConfig,
+           draft=None) -> list:
+    """Decode a batch of prompts with the named method; one `DecodeResult` per prompt, in order."""
+    m = get(name)
+    if m.supports_batch or len(prompt_ids) == 1:
+        return m.fn(model, tokenizer, prompt_ids, seeds, cfg, draft)
+    return [m.fn(model, tokenizer, [p], [s], cfg, draft)[0] for p, s in zip(prompt_ids, seeds)]
+
+
+# The built-in methods. Each wrapper imports its decoder when called (this module stays torch-free).
+
+def _ar(model, tok, prompts, seeds, c, draft):
+    from cllm.decoding.ar import ar_decode
+
+    return ar_decode(model, tok, prompts, c.max_new_tokens, c.temperature, c.top_k, c.top_p, seeds)
+
+
+def _jacobi(model, tok, prompts, seeds, c, draft):
+    from cllm.decoding.jacobi import jacobi_decode
+
+    return jacobi_decode(model, tok, prompts, c.block_size, c.max_new_tokens, c.init, seeds)
+
+
+def _multiblock(model, tok, prompts, seeds, c, draft):
+    from cllm.decoding.multiblock import multiblock_decode
+
+    return [multiblock_decode(model, tok, prompts[0], c.block_size, c.max_new_tokens, c.n_blocks, c.spawn_ratio,
+                              c.n_recycle, c.init, seeds[0])]
+
+
+def _sps(model, tok, prompts, seeds, c, draft):
+    from cllm.decoding.speculative import speculative_decode
+
+    return [speculative_decode(model, draft, tok, prompts[0], c.max_new_tokens, c.gamma, c.adaptive_gamma,
+                               c.temperature, c.top_k, c.top_p, seeds[0])]
+
+
+def _mtad(model, tok, prompts, seeds, c, draft):
+    from cllm.decoding.mtad import mtad_decode
+
+    return [mtad_decode(model, draft, tok, prompts[0], c.max_new_tokens, c.gamma, c.beam_width, c.tau,
+                        c.temperature, c.top_k, c.top_p, seeds[0], c.beam_replacement)]
+
+
+def _check_multiblock(c: DecodeConfig) -> None:
+    from cllm.decoding.multiblock import check_multiblock_args
+
+    check_multiblock_args(c.block_size, c.n_blocks, c.spawn_ratio, c.n_recycle)
+
+
+def _check_sps(c: DecodeConfig) -> None:
+    from cllm.decoding.speculative import check_draft_args
+
+    check_draft_args(c.gamma)
+
+
+def _check_mtad(c: DecodeConfig) -> None:
+    from cllm.decoding.mtad import check_mtad_args
+
+    _check_sps(c)
+    check_mtad_args(c.tau, c.beam_width, c.temperature)
+
+
+register("ar", Method(_ar, supports_batch=True, sampling=True, help="autoregressive, one token per forward"))
+register("jacobi", Method(_jacobi, supports_batch=True, help="Jacobi decoding of blocks of n guesses"))
+register("multiblock", Method(_multiblock, check=_check_multiblock,
+                              help="multi-block Jacobi decoding with rejection recycling"))
+register("sps", Method(_sps, needs_draft=True, sampling=True, check=_check_sps, help="speculative sampling"))
+register("mtad", Method(_mtad, needs_draft=True, sampling=True, check=_check_mtad,
+                        help="multi-token assisted decoding"))
