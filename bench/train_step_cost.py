@@ -23,7 +23,8 @@ def main(argv=None) -> int:
     from cllm.losses import ar_loss
     from cllm.models import load_model
     from cllm.train_data import PackedCollator, TrajectoryDataset, read_records
-    from cllm.trainer import CllmTrainer, LossSettings
+    from cllm.losses import LossSettings
+    from cllm.trainer import CllmTrainer
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="smollm2-135m")

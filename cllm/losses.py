@@ -1,4 +1,4 @@
-"""CLLM training losses as pure tensor functions.
+"""CLLM training losses as pure tensor functions, and the packed-batch losses the trainer computes from them.
 
 Shapes: logits (B, n, V) over the n block positions (or (B, T, V) for the AR loss), masks (B, n) or (B, T) with
 True/1 where a position counts. Two reductions (`NORMALIZATIONS`):
@@ -13,6 +13,8 @@ A fully masked input gives 0, never NaN.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -100,3 +102,48 @@ def converged_prefix(student_logits: torch.Tensor, fixed_point: torch.Tensor, ma
     """Tokens one Jacobi step from the state would commit: the leading run where argmax == y* (B,) (a metric)."""
     hit = (student_logits.argmax(-1) == fixed_point) & mask.bool()
     return hit.long().cumprod(dim=-1).sum(-1)
+
+
+@dataclass
+class LossSettings:
+    """The objective's weights and options, as `CllmTrainer` applies them: ar_weight * AR + consistency_weight *
+    consistency (+ base_kl_weight * KL(base || model))."""
+
+    ar_weight: float = 10.0
+    consistency_weight: float = 1.0
+    divergence: str = "forward_kl"
+    jsd_beta: float = 0.5
+    temperature: float = 1.0
+    label_smoothing: float = 0.0
+    base_kl_weight: float = 0.0
+    normalization: str = "original"  # NORMALIZATIONS
+
+
+def packed_losses(logits: torch.Tensor, inputs: dict, s: LossSettings, block_norm=None, ar_norm=None):
+    """(AR loss, consistency loss, student logits) from the logits (B, T, V) of one packed forward and the
+    collator's index tensors: `cons_student_idx`/`cons_teacher_idx` (B, M) with `block_mask` for the consistency
+    term, `ar_idx` (B, A) with `ar_target`/`ar_mask` for the AR term, `student_idx` (B, M) (slot i predicts token
+    i of its block) for the returned student logits, and `n_blocks` (B,) (the original normalization divides an
+    example's consistency mean by it, as the released Jacobi Forcing trainer does)."""
+    vocab = logits.shape[-1]
+
+    def pick(idx):  # (B, k) positions -> (B, k, V) logits
+        return logits.gather(1, idx.unsqueeze(-1).expand(-1, -1, vocab))
+
+    scale = 1.0 / inputs["n_blocks"].clamp(min=1)
+    cons = consistency_loss(pick(inputs["cons_student_idx"]), pick(inputs["cons_teacher_idx"]), inputs["block_mask"],
+                            s.divergence, s.jsd_beta, s.temperature, block_norm, s.normalization, scale)
+    ar = ar_loss(pick(inputs["ar_idx"]), inputs["ar_target"], inputs["ar_mask"], s.label_smoothing, ar_norm,
+                 s.normalization)
+    return ar, cons, pick(inputs["student_idx"])
+
+
+def base_kl_loss(logits: torch.Tensor, base_logits: torch.Tensor, inputs: dict, ar_norm=None,
+                 normalization: str = "token") -> torch.Tensor:
+    """KL(p_base || p_model) at the AR positions (`ar_idx` (B, A), `ar_mask`) from the packed logits (B, T, V) of
+    the model and of the base. The AR loss pins only the argmax of the model's own greedy text and pushes the
+    model towards one-hot on it; this term keeps the whole next-token distribution near the base's instead."""
+    vocab = logits.shape[-1]
+    idx = inputs["ar_idx"].unsqueeze(-1).expand(-1, -1, vocab)
+    return consistency_loss(logits.gather(1, idx), base_logits.gather(1, idx), inputs["ar_mask"], "forward_kl",
+                            normalizer=ar_norm, normalization=normalization)

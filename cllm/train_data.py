@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from cllm.errors import CllmError
+from cllm.trajectories import first_ids, load_trajectories
 
 # Segment ids of the packed sequence.
 PROMPT, CONTEXT, FIXED, STATE, NEXT, LABELS, PAD = 0, 1, 2, 3, 4, 5, -1
@@ -28,8 +29,6 @@ REQUIRED_KEYS = ("data_id", "block_index", "prompt_ids", "prompt_len", "states",
 
 def read_records(source: str | Path | list) -> list[dict]:
     """Records from a `cllm gen` folder (all committed shards), or from JSONL files / folders of part files."""
-    from cllm.trajectories import load_trajectories
-
     sources = source if isinstance(source, (list, tuple)) else [source]
     records: list[dict] = []
     for s in sources:
@@ -49,16 +48,6 @@ def read_records(source: str | Path | list) -> list[dict]:
     if not records:
         raise CllmError(f"no trajectory records in {source}")
     return records
-
-
-def data_id_order(i) -> tuple:
-    """Sort key of data_ids: numeric ids in numeric order, then the others as text."""
-    return (0, i, "") if isinstance(i, int) else (1, 0, str(i))
-
-
-def first_ids(ids, n: int) -> set:
-    """The n first data_ids (by `data_id_order`): what --max-prompts keeps."""
-    return set(sorted(set(ids), key=data_id_order)[:n])
 
 
 def first_prompts(records: list[dict], n: int) -> list[dict]:

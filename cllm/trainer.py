@@ -3,33 +3,21 @@
 
 Only public hooks are overridden: `compute_loss` (the objective), `log` (per-term metrics and the optional Jacobi
 tokens-per-forward probe) and `get_batch_samples` (token counts of the whole gradient-accumulation window, so
-that each loss is a sum over the window's tokens divided by their number, whatever the micro-batch split).
-The objective itself (CLLM or Jacobi Forcing) lives in the collator: both pack an example so that one forward
-gives the student, teacher and AR logits, and name their positions with the same index tensors.
+that with `normalization="token"` each loss is a sum over the window's tokens divided by their number, whatever
+the micro-batch split). The objective itself (CLLM or Jacobi Forcing) lives in the collator: both pack an example
+so that one forward gives the student, teacher and AR logits, and name their positions with the same index
+tensors; the losses over them are `cllm.losses.packed_losses`.
 """
 
 from __future__ import annotations
 
 from collections import defaultdict
-from dataclasses import dataclass
 
 import torch
 from transformers import Trainer
 
 from cllm.errors import CllmError
-from cllm.losses import ar_loss, consistency_loss, converged_prefix
-
-
-@dataclass
-class LossSettings:
-    ar_weight: float = 10.0
-    consistency_weight: float = 1.0
-    divergence: str = "forward_kl"
-    jsd_beta: float = 0.5
-    temperature: float = 1.0
-    label_smoothing: float = 0.0
-    base_kl_weight: float = 0.0
-    normalization: str = "original"  # cllm.losses.NORMALIZATIONS
+from cllm.losses import LossSettings, base_kl_loss, converged_prefix, packed_losses
 
 
 def flush_metrics(metrics: dict[str, list[float]], logs: dict) -> None:
@@ -40,25 +28,6 @@ def flush_metrics(metrics: dict[str, list[float]], logs: dict) -> None:
         metrics.clear()
 
 
-def packed_losses(logits: torch.Tensor, inputs: dict, s: LossSettings, block_norm=None, ar_norm=None):
-    """(AR loss, consistency loss, student logits) from the logits (B, T, V) of one packed forward and the
-    collator's index tensors: `cons_student_idx`/`cons_teacher_idx` (B, M) with `block_mask` for the consistency
-    term, `ar_idx` (B, A) with `ar_target`/`ar_mask` for the AR term, `student_idx` (B, M) (slot i predicts token
-    i of its block) for the returned student logits, and `n_blocks` (B,) (the original normalization divides an
-    example's consistency mean by it, as the released Jacobi Forcing trainer does)."""
-    vocab = logits.shape[-1]
-
-    def pick(idx):  # (B, k) positions -> (B, k, V) logits
-        return logits.gather(1, idx.unsqueeze(-1).expand(-1, -1, vocab))
-
-    scale = 1.0 / inputs["n_blocks"].clamp(min=1)
-    cons = consistency_loss(pick(inputs["cons_student_idx"]), pick(inputs["cons_teacher_idx"]), inputs["block_mask"],
-                            s.divergence, s.jsd_beta, s.temperature, block_norm, s.normalization, scale)
-    ar = ar_loss(pick(inputs["ar_idx"]), inputs["ar_target"], inputs["ar_mask"], s.label_smoothing, ar_norm,
-                 s.normalization)
-    return ar, cons, pick(inputs["student_idx"])
-
-
 def adapter_off_logits(peft_model, model, inputs: dict) -> torch.Tensor:
     """Logits (B, T, V) of the same packed forward through `model` (the possibly wrapped `peft_model`) with the
     LoRA adapter switched off, i.e. the base model's, without gradient. At the AR positions the packed masks make
@@ -66,17 +35,6 @@ def adapter_off_logits(peft_model, model, inputs: dict) -> torch.Tensor:
     with torch.no_grad(), peft_model.disable_adapter():
         return model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
                      position_ids=inputs["position_ids"], use_cache=False).logits
-
-
-def base_kl_loss(logits: torch.Tensor, base_logits: torch.Tensor, inputs: dict, ar_norm=None,
-                 normalization: str = "token") -> torch.Tensor:
-    """KL(p_base || p_model) at the AR positions (`ar_idx` (B, A), `ar_mask`) from the packed logits (B, T, V) of
-    the model and of the base. The AR loss pins only the argmax of the model's own greedy text and pushes the
-    model towards one-hot on it; this term keeps the whole next-token distribution near the base's instead."""
-    vocab = logits.shape[-1]
-    idx = inputs["ar_idx"].unsqueeze(-1).expand(-1, -1, vocab)
-    return consistency_loss(logits.gather(1, idx), base_logits.gather(1, idx), inputs["ar_mask"], "forward_kl",
-                            normalizer=ar_norm, normalization=normalization)
 
 
 class CllmTrainer(Trainer):

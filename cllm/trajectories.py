@@ -326,8 +326,6 @@ def first_prompts_cpu_seconds(out: str | Path, n: int) -> float:
     Each committed batch counts in proportion to its prompts among them: exact when no batch straddles the cut
     (the folder was first collected with --limit n and extended later), an even split of that batch otherwise.
     """
-    from cllm.train_data import first_ids
-
     entries = [e for prog in sorted(Path(out).glob("progress-*.jsonl")) for e in _read_progress(prog)[0]]
     keep = first_ids((i for e in entries for i in e["data_ids"]), n)
     return sum(e.get("cpu_seconds", 0.0) * sum(i in keep for i in e["data_ids"]) / len(e["data_ids"])
@@ -355,3 +353,13 @@ def summarize(out: str | Path) -> dict:
     totals["seconds"] = round(totals["seconds"], 2)
     totals["cpu_seconds"] = round(totals["cpu_seconds"], 2)  # process CPU time (all threads) of every batch
     return totals
+
+
+def data_id_order(i) -> tuple:
+    """Sort key of data_ids: numeric ids in numeric order, then the others as text."""
+    return (0, i, "") if isinstance(i, int) else (1, 0, str(i))
+
+
+def first_ids(ids, n: int) -> set:
+    """The n first data_ids (by `data_id_order`): what --max-prompts keeps."""
+    return set(sorted(set(ids), key=data_id_order)[:n])

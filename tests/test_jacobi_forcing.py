@@ -20,7 +20,8 @@ from cllm.jacobi_forcing import (
     noise_targets,
     pick_state,
 )
-from cllm.trainer import LossSettings, adapter_off_logits, base_kl_loss, packed_losses
+from cllm.losses import LossSettings, base_kl_loss, packed_losses
+from cllm.trainer import adapter_off_logits
 from conftest import tiny_model
 
 

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from cllm.jacobi_forcing import JacobiForcingCollator
 from cllm.train_data import PackedCollator
-from cllm.trainer import LossSettings, packed_losses
+from cllm.losses import LossSettings, packed_losses
 from conftest import tiny_model
 
 N = 3  # block size of the hand-made examples
