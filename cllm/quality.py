@@ -14,11 +14,7 @@
 
 from __future__ import annotations
 
-import os
 import re
-import subprocess
-import sys
-import tempfile
 
 # ------------------------------------------------------------------------------------------------------- GSM8K
 
@@ -71,15 +67,6 @@ def repeat_rate(answers: list[list[int]], **kwargs) -> float | None:
 
 # -------------------------------------------------------------------------------------------------- HumanEval
 
-_NO_NETWORK = """import socket as _socket
-def _blocked(*args, **kwargs):
-    raise OSError("network disabled by cllm's HumanEval runner")
-_socket.socket = _blocked
-_socket.create_connection = _blocked
-del _blocked
-"""
-
-
 def extract_code(text: str) -> str:
     """The first fenced code block of a chat answer (```python ... ```), else the whole text."""
     m = re.search(r"```(?:python|py)?\s*\n(.*?)(?:```|$)", text, flags=re.S)
@@ -94,25 +81,16 @@ def humaneval_program(code_prompt: str, test: str, entry_point: str, answer: str
         body = code_prompt + "\n    pass\n\n" + code
     else:
         body = code_prompt + code
-    return f"{_NO_NETWORK}\n{body}\n\n{test}\n\ncheck({entry_point})\n"
+    return f"{body}\n\n{test}\n\ncheck({entry_point})\n"
 
 
 def run_python(program: str, timeout: float = 10.0) -> tuple[bool, str]:
-    """Run a program in a fresh interpreter (isolated mode, temp cwd); returns (passed, 'passed'|'failed: ...'|'timeout')."""
-    with tempfile.TemporaryDirectory(prefix="cllm-exec-") as tmp:
-        path = os.path.join(tmp, "program.py")
-        with open(path, "w", encoding="utf-8") as f:
-            f.write(program)
-        env = {"PATH": os.environ.get("PATH", ""), "PYTHONHASHSEED": "0", "HOME": tmp}
-        try:
-            proc = subprocess.run([sys.executable, "-I", path], cwd=tmp, env=env, capture_output=True, text=True,
-                                  timeout=timeout)
-        except subprocess.TimeoutExpired:
-            return False, "timeout"
-    if proc.returncode == 0:
-        return True, "passed"
-    last = (proc.stderr.strip().splitlines() or ["exit code %d" % proc.returncode])[-1]
-    return False, f"failed: {last[:200]}"
+    """Run a program in the sandbox (`cllm.sandbox`); returns (passed, 'passed'|'failed: ...'|'timeout'), a pass
+    being decided by the harness after the program's tests return, not by the exit code."""
+    from cllm.sandbox import run_python as sandboxed
+
+    res = sandboxed(program, timeout)
+    return res.passed, res.status
 
 
 # ----------------------------------------------------------------------------------------------------- Spider
