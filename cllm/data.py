@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import re
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -136,13 +137,80 @@ def _humaneval(root: Path, split: str) -> list[PromptRecord]:
 
 
 def _code(root: Path, split: str) -> list[PromptRecord]:
-    """CoSQA queries (functions from the CodeSearchNet Python corpus), the stand-in for CodeSearchNet-Python."""
-    out = []
+    """CoSQA queries (functions from the CodeSearchNet Python corpus), the stand-in for CodeSearchNet-Python: the
+    313 queries whose function answers them (with that function as the reference), or with split "all" every
+    distinct query of the 604 (prompts for trajectory collection, where the model's own answers are the targets)."""
+    if split not in ("", "all"):
+        raise CllmError(f"dataset code has the splits '' (default: queries with a matching function) and 'all', "
+                        f"got {split!r}")
+    out, seen = [], set()
     for rec in _read_json(root / "codesearchnet_cosqa" / "cosqa-dev.json"):
-        if rec.get("label") != 1:
+        if (split != "all" and rec.get("label") != 1) or rec["doc"] in seen:
             continue
+        seen.add(rec["doc"])
         out.append(PromptRecord(id=rec["idx"], prompt=f"Write a Python function for: {rec['doc']}", dataset="code",
-                                category="code", answer=rec["code"]))
+                                category="code", answer=rec["code"] if rec.get("label") == 1 else None))
+    return out
+
+
+# Pure-Python and C modules of the standard library whose functions make self-contained coding tasks.
+STDLIB_MODULES = (
+    "abc", "argparse", "ast", "base64", "bisect", "calendar", "codecs", "collections", "colorsys", "configparser",
+    "contextlib", "copy", "csv", "dataclasses", "datetime", "decimal", "difflib", "email.utils", "enum", "filecmp",
+    "fnmatch", "fractions", "functools", "getopt", "glob", "graphlib", "gzip", "hashlib", "heapq", "hmac", "html",
+    "http.cookies", "inspect", "ipaddress", "itertools", "json", "keyword", "linecache", "locale", "logging", "math",
+    "mimetypes", "operator", "os", "os.path", "pathlib", "pickle", "platform", "plistlib", "pprint", "quopri",
+    "random", "re", "reprlib", "secrets", "shlex", "shutil", "statistics", "string", "struct", "tarfile", "tempfile",
+    "textwrap", "tokenize", "traceback", "types", "typing", "unicodedata", "urllib.parse", "uuid", "warnings",
+    "wave", "zipfile", "zlib",
+)
+
+
+def _first_sentence(doc: str) -> str | None:
+    """The first sentence of a docstring that is not a signature line, if it reads as a task (15-160 chars)."""
+    for para in doc.split("\n\n"):
+        line = para.split("\n")[0].strip()
+        if re.fullmatch(r"[\w.]+\(.*\)( -> .*)?|--", line):
+            continue
+        sentence = para.replace("\n", " ").split(". ")[0].strip()
+        if sentence.endswith(("...", ",", ", .")) or not 15 <= len(sentence) <= 160 or not sentence[0].isupper():
+            return None
+        return sentence.rstrip(".")
+    return None
+
+
+def _defined_in(obj, mod_name: str) -> bool:
+    """Whether obj comes from this module (or its C accelerator `_name`; `posix` for os), not an import of it."""
+    base = mod_name.split(".")[0]
+    return (getattr(obj, "__module__", None) or "").lstrip("_").split(".")[0] in ({base, "posix"} if base == "os"
+                                                                                 else {base})
+
+
+def _code_stdlib(root: Path, split: str) -> list[PromptRecord]:
+    """Coding prompts made offline from this interpreter's standard library: for each public function or method
+    (of a public class) of `STDLIB_MODULES` with a docstring, "Write a Python function `name`: <its first
+    sentence>." Deterministic for one Python version; one prompt per distinct sentence. No references."""
+    import importlib
+    import inspect
+
+    out, seen = [], set()
+    for mod_name in STDLIB_MODULES:
+        module = importlib.import_module(mod_name)
+        for name, obj in sorted(vars(module).items()):
+            if name.startswith("_") or not _defined_in(obj, mod_name):
+                continue
+            members = [(name, obj)]
+            if inspect.isclass(obj):
+                members = [(f"{name}.{m}", f) for m, f in sorted(vars(obj).items()) if not m.startswith("_")]
+            for qual, fn in members:
+                if not (inspect.isfunction(fn) or inspect.isbuiltin(fn) or inspect.ismethoddescriptor(fn)):
+                    continue
+                sentence = _first_sentence(inspect.getdoc(fn) or "")
+                if sentence and sentence not in seen:
+                    seen.add(sentence)
+                    task = qual.split(".")[-1]
+                    out.append(PromptRecord(id=f"stdlib-{mod_name}.{qual}", dataset="code_stdlib", category=mod_name,
+                                            prompt=f"Write a Python function `{task}`: {sentence}."))
     return out
 
 
@@ -155,6 +223,7 @@ DATASETS = {
     "spider": _spider,
     "humaneval": _humaneval,
     "code": _code,
+    "code_stdlib": _code_stdlib,
 }
 
 

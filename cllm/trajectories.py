@@ -47,7 +47,8 @@ class GenConfig:
     dtype: str = opt("fp32", "fp32 gives the model's exact greedy fixed points; bf16 is faster (its own fixed points)",
                      ("fp32", "bf16", "fp16", "fp64"))
     device: str | None = opt(None, "cpu, cuda, cuda:1 (default: cuda if available)")
-    dataset: str | None = opt(None, "gsm8k, spider, sharegpt, code, spec_bench, mt_bench, vicuna_bench, humaneval")
+    dataset: str | None = opt(None, "gsm8k, spider, sharegpt, code, code_stdlib, spec_bench, mt_bench, vicuna_bench, "
+                                    "humaneval")
     split: str | None = opt(None, "dataset split (gsm8k: train|test)")
     data_dir: str | None = opt(None, "dataset root (default: $CLLM_DATA_DIR or ../shared/data)")
     prompts: str | None = opt(None, "JSONL prompt file instead of --dataset")

@@ -27,6 +27,24 @@ def test_dataset_specifics():
     assert len(spec) == 480 and {r.category for r in spec} >= {"writing", "translation", "math_reasoning", "rag"}
 
 
+def test_code_prompts_for_collection():
+    """Issue 30's code domain: all 604 CoSQA queries (the reference only where the function answers the query),
+    and prompts made offline from the standard library's documented functions."""
+    everything, matched = load_dataset_prompts("code", split="all"), load_dataset_prompts("code")
+    assert (len(everything), len(matched)) == (604, 313)
+    assert sum(r.answer is not None for r in everything) == 313 and all(r.answer for r in matched)
+    with pytest.raises(CllmError, match="splits"):
+        load_dataset_prompts("code", split="test")
+    stdlib = load_dataset_prompts("code_stdlib")
+    assert len(stdlib) > 1000 and len({r.id for r in stdlib}) == len(stdlib)
+    assert len({r.prompt.split(": ", 1)[1] for r in stdlib}) == len(stdlib)  # one prompt per sentence
+    assert [r.prompt for r in stdlib] == [r.prompt for r in load_dataset_prompts("code_stdlib")]  # deterministic
+    by_id = {r.id: r.prompt for r in stdlib}
+    assert by_id["stdlib-math.floor"] == "Write a Python function `floor`: Return the floor of x as an Integral."
+    assert "stdlib-pickle.pack" not in by_id  # struct.pack imported into pickle is not pickle's
+    assert not any(r.prompt.endswith((",.", "...")) for r in stdlib)
+
+
 def test_unknown_dataset_and_missing_folder(tmp_path):
     with pytest.raises(CllmError, match="unknown dataset"):
         load_dataset_prompts("imagenet")
