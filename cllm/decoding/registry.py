@@ -38,6 +38,7 @@ class DecodeConfig:
     spawn_ratio: float = _opt(0.85, "multiblock: a new block enters once the newest has this share r of its n "
                                     "tokens accepted")
     n_recycle: int = _opt(2, "multiblock: rejected tails verified as extra rows per forward, 0 = off")
+    lookup_tokens: int = _opt(10, "hf_prompt_lookup: candidate tokens copied from the prompt per forward")
 
     @classmethod
     def from_args(cls, args, **changes) -> "DecodeConfig":
@@ -76,7 +77,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
             p.add_argument(flag, action="store_true", help=f.metadata["help"])
             continue
         kind = {"block_size": int, "max_new_tokens": int, "top_k": int, "gamma": int, "beam_width": int,
-                "n_blocks": int, "n_recycle": int, "init": str}.get(f.name, float)
+                "n_blocks": int, "n_recycle": int, "lookup_tokens": int, "init": str}.get(f.name, float)
         p.add_argument(flag, type=kind, default=f.default, choices=f.metadata["choices"], help=help_text)
 
 
@@ -161,6 +162,23 @@ def _mtad(model, tok, prompts, seeds, c, draft):
                         c.temperature, c.top_k, c.top_p, seeds[0], c.beam_replacement)]
 
 
+def _hf(mode: str):
+    def run(model, tok, prompts, seeds, c, draft):
+        from cllm.decoding.hf import hf_generate
+
+        return [hf_generate(model, tok, prompts[0], c.max_new_tokens, mode, c.temperature, c.top_k, c.top_p,
+                            seeds[0], c.lookup_tokens, draft, c.gamma)]
+
+    return run
+
+
+def _check_prompt_lookup(c: DecodeConfig) -> None:
+    if c.temperature > 0:
+        raise CllmError("hf_prompt_lookup is greedy here: drop --temperature (or use hf, sps, mtad)")
+    if c.lookup_tokens < 1:
+        raise CllmError(f"--lookup-tokens must be >= 1, got {c.lookup_tokens}")
+
+
 def _check_multiblock(c: DecodeConfig) -> None:
     from cllm.decoding.multiblock import check_multiblock_args
 
@@ -187,3 +205,8 @@ register("multiblock", Method(_multiblock, check=_check_multiblock,
 register("sps", Method(_sps, needs_draft=True, sampling=True, check=_check_sps, help="speculative sampling"))
 register("mtad", Method(_mtad, needs_draft=True, sampling=True, check=_check_mtad,
                         help="multi-token assisted decoding"))
+register("hf", Method(_hf("greedy"), sampling=True, help="Hugging Face generate with its own cache (the yardstick)"))
+register("hf_prompt_lookup", Method(_hf("prompt_lookup"), check=_check_prompt_lookup,
+                                    help="Hugging Face generate with prompt lookup decoding"))
+register("hf_assisted", Method(_hf("assisted"), needs_draft=True, sampling=True, check=_check_sps,
+                               help="Hugging Face assisted generation with the draft model"))

@@ -1,0 +1,59 @@
+"""Hugging Face `generate` in the harness (issue 32): `hf`, `hf_prompt_lookup` and `hf_assisted` give the greedy
+output, their per-forward accounting adds up, and they run through `cllm decode` like any method."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from cllm.cli import main
+from cllm.decoding import registry
+from cllm.decoding.hf import accept_lengths_from_starts
+from cllm.errors import CllmError
+from conftest import tiny_model, tiny_tokenizer
+from test_eval import write_scored_prompts
+
+PROMPTS = [[5, 6, 7, 8, 9, 5, 6, 7], [12, 30, 31, 12, 30], [40]]
+
+
+def test_accept_lengths_from_forward_starts_by_hand():
+    # prompt of 8: prefill starts at 0 and commits token 8; the next forward starts at 8 (feeds it back) ...
+    assert accept_lengths_from_starts([0, 8, 9, 10], 8, 4) == [1, 1, 1, 1]
+    # a verify forward at 9 that commits 3 tokens (positions 10, 11, 12): the next one starts at 12
+    assert accept_lengths_from_starts([0, 8, 9, 12], 8, 6) == [1, 1, 3, 1]
+    with pytest.raises(CllmError, match="do not add up"):
+        accept_lengths_from_starts([0, 9, 8], 8, 3)  # a forward that starts before the previous one
+
+
+@pytest.mark.parametrize("method", ["hf", "hf_prompt_lookup", "hf_assisted"])
+def test_hf_methods_equal_greedy_ar(method):
+    model, tok = tiny_model(1), tiny_tokenizer()
+    cfg = registry.DecodeConfig(max_new_tokens=14, gamma=3, lookup_tokens=4)
+    draft = tiny_model(2) if method == "hf_assisted" else None
+    for i, p in enumerate(PROMPTS):
+        want = registry.decode("ar", model, tok, [p], [i], cfg)[0]
+        got = registry.decode(method, model, tok, [p], [i], cfg, draft)[0]
+        assert got.token_ids == want.token_ids and got.finish_reason == want.finish_reason
+        assert sum(got.accept_lengths) == got.n_new_tokens and len(got.accept_lengths) == got.n_forwards
+
+
+def test_assisted_with_an_identical_draft_commits_several_tokens_per_forward():
+    model, tok = tiny_model(1), tiny_tokenizer()
+    cfg = registry.DecodeConfig(max_new_tokens=12, gamma=3)
+    want = registry.decode("ar", model, tok, [PROMPTS[0]], [0], cfg)[0]
+    got = registry.decode("hf_assisted", model, tok, [PROMPTS[0]], [0], cfg, tiny_model(1))[0]
+    assert got.token_ids == want.token_ids
+    assert got.n_forwards < got.n_new_tokens and max(got.accept_lengths) > 1 and got.extra["draft_forwards"] > 0
+
+
+def test_prompt_lookup_is_greedy_only_and_hf_runs_through_decode(tiny_model_dir, tmp_path):
+    with pytest.raises(CllmError, match="greedy"):
+        registry.DecodeConfig(temperature=0.7).validate(["hf_prompt_lookup"])
+    prompts = write_scored_prompts(tmp_path / "p.jsonl", n=2)
+    report = tmp_path / "r.json"
+    assert main(["decode", "--model", str(tiny_model_dir), "--prompts", str(prompts), "--method", "hf",
+                 "--compare", "ar,hf_prompt_lookup", "--max-new-tokens", "10", "--dtype", "fp64",
+                 "--report", str(report), "--quiet"]) == 0
+    methods = json.loads(report.read_text())["methods"]
+    assert methods["hf"]["identical_to_ar"] == 1.0 and methods["hf_prompt_lookup"]["identical_to_ar"] == 1.0
