@@ -155,7 +155,20 @@ def build_eval_report(rows: dict[str, list[dict]], settings: dict) -> dict:
                 # differs once training moved the model).
                 same = [r["token_ids"] == own_tokens.get(r["index"]) for r in rows[m]]
                 s["exact_match_own_ar"] = sum(same) / len(same) if same else None
+    _add_hf_yardstick(report, rows)
     return report
+
+
+def _add_hf_yardstick(report: dict, rows: dict[str, list[dict]]) -> None:
+    """Speed of every method against Hugging Face `generate` of the base model (`base_hf`, from --base-methods hf;
+    or `hf` when the evaluated model is its own base), the reference a user already has."""
+    ref = "base_hf" if "base_hf" in rows else "hf" if "hf" in rows and "hf" in report["methods"] else None
+    report["hf_reference"] = ref
+    if ref is None:
+        return
+    hf_rate = report["methods"][ref]["tokens_per_second"]
+    for s in report["methods"].values():
+        s["speedup_vs_hf"] = s["tokens_per_second"] / hf_rate if s["tokens_per_second"] and hf_rate else None
 
 
 def _fmt(x, spec):
@@ -189,16 +202,19 @@ def summary_markdown(report: dict) -> str:
                       f"{r['n_prompts']} prompts (added to a finished eval): its speed-ups compare two runs, not "
                       "interleaved timings.**", ""]
     own = any("exact_match_own_ar" in r for r in report["methods"].values())
+    hf = report.get("hf_reference")
     lines += [
-        "| method | accuracy | tokens/forward | tokens/s | speed-up (per-prompt median [p10, p90]) | same as base AR | "
+        "| method | accuracy | tokens/forward | tokens/s | speed-up (per-prompt median [p10, p90]) | "
+        + (f"vs {hf} | " if hf else "") + "same as base AR | "
         + ("same as own AR | " if own else "") + "repeat rate | ppl (base) | CPU s/token |",
-        "|---|---|---|---|---|---|---|---|---|" + ("---|" if own else ""),
+        "|---|---|---|---|---|---|---|---|---|" + ("---|" if own else "") + ("---|" if hf else ""),
     ]
     for m, r in report["methods"].items():
         lines.append(
             f"| {m} | {_fmt(r['accuracy'], '.3f')} | {_fmt(r['tokens_per_forward'], '.3f')} | "
             f"{_fmt(r['tokens_per_second'], '.2f')} | {_fmt(r.get('speedup_vs_base_ar'), '.3f')}x{_spread(r)} | "
-            f"{_fmt(r.get('exact_match_base_ar'), '.2f')} | "
+            + (f"{_fmt(r.get('speedup_vs_hf'), '.3f')}x | " if hf else "")
+            + f"{_fmt(r.get('exact_match_base_ar'), '.2f')} | "
             + (f"{_fmt(r.get('exact_match_own_ar'), '.2f')} | " if own else "")
             + f"{_fmt(r['repeat_rate'], '.3f')} | {_fmt(r['perplexity_base'], '.3f')} | "
             f"{_fmt(r['cpu_s_per_token'], '.4f')} |"

@@ -57,3 +57,18 @@ def test_prompt_lookup_is_greedy_only_and_hf_runs_through_decode(tiny_model_dir,
                  "--report", str(report), "--quiet"]) == 0
     methods = json.loads(report.read_text())["methods"]
     assert methods["hf"]["identical_to_ar"] == 1.0 and methods["hf_prompt_lookup"]["identical_to_ar"] == 1.0
+
+
+def test_eval_reports_every_method_against_hf_generate_of_the_base(tiny_model_dir, tmp_path):
+    prompts = write_scored_prompts(tmp_path / "p.jsonl", n=2)
+    out = tmp_path / "eval"
+    assert main(["eval", "--model", str(tiny_model_dir), "--prompts", str(prompts), "--methods", "ar,jacobi",
+                 "--base-methods", "hf", "--max-new-tokens", "10", "--dtype", "fp64", "--out-dir", str(out)]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["hf_reference"] == "base_hf"
+    m = report["methods"]
+    assert m["base_hf"]["exact_match_base_ar"] == 1.0 and m["base_hf"]["speedup_vs_hf"] == pytest.approx(1.0)
+    for name in ("base_ar", "ar", "jacobi"):
+        assert m[name]["speedup_vs_hf"] == pytest.approx(m[name]["tokens_per_second"]
+                                                         / m["base_hf"]["tokens_per_second"])
+    assert "vs base_hf" in (out / "summary.md").read_text()
