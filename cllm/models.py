@@ -167,6 +167,20 @@ def _looks_like_path(spec: str) -> bool:
     return spec.startswith((".", "/", "~")) or spec.count("/") > 1 or spec.endswith("/")
 
 
+def check_model_spec(spec: str, flag: str = "--model", adapter: str | None = None) -> None:
+    """The cheap checks `load_model` would fail on, made before a command writes anything: a local path or .gguf
+    that does not exist, a folder without config.json, an adapter folder without adapter_config.json."""
+    spec = str(spec)
+    if spec not in ALIASES and (spec.endswith(".gguf") or _looks_like_path(spec)):
+        p = Path(spec).expanduser()
+        if not p.exists():
+            raise CllmError(f"{flag}: model path not found: {spec}")
+        if p.is_dir() and not (p / "config.json").is_file():
+            raise CllmError(f"{flag}: {spec} has no config.json (not a model folder)")
+    if adapter and not Path(adapter, "adapter_config.json").is_file():
+        raise CllmError(f"--adapter: {adapter} has no adapter_config.json (not a PEFT adapter folder)")
+
+
 def load_model(
     spec: str,
     dtype: str | torch.dtype | None = "fp32",

@@ -60,12 +60,15 @@ def test_decode_with_compare_writes_consistent_report(tiny_model_dir, tmp_path, 
         (["--dataset", "imagenet"], "unknown dataset"),
         (["--prompt", "w3", "--dataset", "gsm8k"], "exactly one of"),
         (["--prompt", "w3", "--top-p", "1.5", "--method", "ar"], "top_p"),
+        (["--prompt", "w3", "--out", "{tmp}"], "is a folder"),
+        (["--prompt", "w3", "--report", "{empty}/r.json"], "is a file, so"),
+        (["--prompt", "w3", "--adapter", "{tmp}"], "adapter_config.json"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(args, message, tiny_model_dir, tmp_path, capsys):
     (tmp_path / "empty.jsonl").write_text("")
     (tmp_path / "nofield.jsonl").write_text('{"prompt": "w3"}\n{"text": "w4"}\n')
-    args = [a.format(empty=tmp_path / "empty.jsonl", nofield=tmp_path / "nofield.jsonl") for a in args]
+    args = [a.format(empty=tmp_path / "empty.jsonl", nofield=tmp_path / "nofield.jsonl", tmp=tmp_path) for a in args]
     if "--model" not in args:
         args = ["--model", str(tiny_model_dir), *args]
     code = main(["decode", *args])

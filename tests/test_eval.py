@@ -212,6 +212,14 @@ def test_eval_bad_input(tiny_model_dir, tmp_path, capsys):
     assert main(["eval", "--model", str(tiny_model_dir), "--prompts", str(prompts), "--methods", "sps",
                  "--out-dir", str(tmp_path / "x")]) == 2
     assert "--draft" in capsys.readouterr().err
+    # A typo in --model or --adapter is refused before the eval folder is made, so the corrected command runs as is
+    fresh = tmp_path / "fresh"
+    for flags, msg in ((["--model", str(tmp_path / "typo")], "model path not found"),
+                       (["--model", str(tiny_model_dir), "--adapter", str(tmp_path)], "adapter_config.json"),
+                       (["--model", str(tmp_path)], "no config.json")):
+        assert main(["eval", *flags, "--prompts", str(prompts), "--out-dir", str(fresh)]) == 2
+        assert msg in capsys.readouterr().err and not fresh.exists()
+    assert _eval(tiny_model_dir, prompts, fresh) == 0
 
 
 def test_eval_training_log_plot(tiny_model_dir, tmp_path):

@@ -258,3 +258,15 @@ def test_config_mismatch_and_other_bad_input(reference, tiny_model_dir, tmp_path
     cfg.write_text("block_size: 4\nblok_size: 8\n")
     code, err = run_cli(["--config", str(cfg), "--dataset", "gsm8k", "--out", str(tmp_path / "z")], capsys)
     assert code == 2 and "unknown key 'blok_size'" in err[0]
+
+
+def test_a_bad_model_writes_nothing_and_the_corrected_rerun_needs_no_overwrite(tiny_model_dir, tmp_path, capsys):
+    prompts = prompt_file(tmp_path / "p.jsonl", n=2)
+    out = tmp_path / "o"
+    common = ["--prompts", str(prompts), "--dtype", "fp64", "--block-size", "4", "--max-new-tokens", "8",
+              "--out", str(out)]
+    code, err = run_cli(["--model", str(tmp_path / "no-such-model"), *common], capsys)
+    assert code == 2 and "no-such-model" in err[0]
+    assert not out.exists()  # no manifest that would refuse the corrected command
+    code, _ = run_cli(["--model", str(tiny_model_dir), *common], capsys)
+    assert code == 0 and summarize(out)["prompts_done"] == 2

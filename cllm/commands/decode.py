@@ -53,7 +53,30 @@ def validate(args) -> "registry.DecodeConfig":
         raise CllmError("give exactly one of --prompt, --prompts FILE or --dataset NAME")
     cfg = registry.DecodeConfig.from_args(args)
     cfg.validate(method_list(args), args.batch_size, has_draft=bool(args.draft))
+    from cllm.models import check_model_spec
+
+    check_model_spec(args.model, "--model", args.adapter)
+    if args.draft:
+        check_model_spec(args.draft, "--draft")
+    for flag, path in (("--out", args.out), ("--report", args.report)):
+        if path:
+            check_output_file(path, flag)
     return cfg
+
+
+def check_output_file(path: str, flag: str) -> None:
+    """Refuse, before any decoding, an output path that could not be written at the end: a folder, a parent that
+    is a file, or a folder this user cannot write to."""
+    import os
+
+    p = Path(path)
+    if p.is_dir():
+        raise CllmError(f"{flag}: {path} is a folder; give a file name")
+    parent = next((q for q in [p.parent, *p.parent.parents] if q.exists()), Path("."))
+    if not parent.is_dir():
+        raise CllmError(f"{flag}: {parent} is a file, so {path} cannot be created")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise CllmError(f"{flag}: cannot write under {parent} (permission denied)")
 
 
 def load_records(args):

@@ -96,6 +96,12 @@ def validate(args) -> list[str]:
         raise CllmError("give exactly one of --dataset NAME or --prompts FILE")
     methods = method_names(args)
     registry.DecodeConfig.from_args(args).validate([m.removeprefix("base_") for m in methods])
+    from cllm.models import check_model_spec  # before the manifest: a typo must not block the corrected rerun
+
+    check_model_spec(args.model, "--model", args.adapter)
+    for flag, spec in (("--base-model", args.base_model), ("--draft", args.draft)):
+        if spec:
+            check_model_spec(spec, flag)
     if args.training_log and not Path(args.training_log).exists():
         raise CllmError(f"--training-log: folder not found: {args.training_log}")
     return methods
