@@ -308,7 +308,9 @@ def _parse_prompt_line(line: str, field_name: str, template: str | None):
         raise ValueError(f"no field '{field_name}'")
     else:
         text = rec[field_name]
-    if not isinstance(text, str) or not text.strip():
+    if not isinstance(text, str):
+        raise ValueError(f"field '{field_name}' is {type(text).__name__} {text!r:.40}, not text")
+    if not text.strip():
         raise ValueError(f"field '{field_name}' is empty")
     return rec, text
 
@@ -324,7 +326,15 @@ def window(records: list[PromptRecord], limit: int | None, offset: int) -> list[
         raise CllmError(f"offset must be >= 0, got {offset}")
     if limit is not None and limit < 1:
         raise CllmError(f"limit must be >= 1, got {limit}")
-    return records[offset : None if limit is None else offset + limit]
+    if records and offset >= len(records):
+        raise CllmError(f"offset {offset} is past the end: there are {len(records)} prompts")
+    out = records[offset : None if limit is None else offset + limit]
+    if limit is not None and len(out) < limit:
+        import sys
+
+        print(f"[cllm] limit {limit}: only {len(out)} prompts from offset {offset} ({len(records)} in all); "
+              f"using {len(out)}", file=sys.stderr)
+    return out
 
 
 def _read_jsonl(path: Path) -> list[dict]:

@@ -20,3 +20,16 @@ def format_prompt(tokenizer, text: str, system: str | None = None) -> list[int]:
             ids = ids["input_ids"]
         return list(ids)
     return list(tokenizer(text if system is None else f"{system}\n\n{text}")["input_ids"])
+
+
+def check_fits_context(model, prompts: dict, max_new_tokens: int) -> None:
+    """Refuse, before decoding, a prompt that leaves no room for `max_new_tokens` in the model's context
+    (`max_position_embeddings`): positions past it are undefined for most models. `prompts` maps a prompt's id
+    (named in the error) to its token ids."""
+    context = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    if not context:
+        return
+    for pid, ids in prompts.items():
+        if len(ids) + max_new_tokens > context:
+            raise CllmError(f"prompt {pid}: {len(ids)} tokens + --max-new-tokens {max_new_tokens} exceed the model's "
+                            f"context of {context} tokens (shorten the prompt or lower --max-new-tokens)")

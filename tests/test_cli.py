@@ -63,6 +63,7 @@ def test_decode_with_compare_writes_consistent_report(tiny_model_dir, tmp_path, 
         (["--prompt", "w3", "--out", "{tmp}"], "is a folder"),
         (["--prompt", "w3", "--report", "{empty}/r.json"], "is a file, so"),
         (["--prompt", "w3", "--adapter", "{tmp}"], "adapter_config.json"),
+        (["--prompt", "w3 w4", "--max-new-tokens", "1023"], "prompt 0: 2 tokens + --max-new-tokens 1023 exceed"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(args, message, tiny_model_dir, tmp_path, capsys):

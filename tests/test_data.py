@@ -66,6 +66,18 @@ def test_prompt_file_errors_name_file_and_line(tmp_path):
     f.write_text('{"prompt": "  "}\n')
     with pytest.raises(CllmError, match=r"p\.jsonl:1: field 'prompt' is empty"):
         load_prompt_file(f)
+    f.write_text('{"prompt": "a"}\n{"prompt": 123}\n')
+    with pytest.raises(CllmError, match=r"p\.jsonl:2: field 'prompt' is int 123, not text"):
+        load_prompt_file(f)
+
+
+def test_window_past_the_end_is_an_error_and_a_short_one_is_said(tmp_path, capsys):
+    f = tmp_path / "p.jsonl"
+    f.write_text("".join(f'{{"prompt": "q{i}"}}\n' for i in range(3)))
+    with pytest.raises(CllmError, match="offset 3 is past the end: there are 3 prompts"):
+        load_prompt_file(f, offset=3)
+    assert [r.prompt for r in load_prompt_file(f, limit=5, offset=1)] == ["q1", "q2"]
+    assert "limit 5: only 2 prompts from offset 1 (3 in all)" in capsys.readouterr().err
 
 
 def test_prompt_file_fields_and_window(tmp_path):

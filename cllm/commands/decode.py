@@ -113,7 +113,7 @@ def run(args) -> None:
     from cllm.energy import EnergyMeter
     from cllm.metrics import token_logprobs
     from cllm.models import load_model
-    from cllm.prompts import format_prompt
+    from cllm.prompts import check_fits_context, format_prompt
     from cllm.report import answer_line, build_report, format_table, result_row
 
     cfg = validate(args)
@@ -131,6 +131,7 @@ def run(args) -> None:
             check_draft_compatible(model, tokenizer, draft, draft_tokenizer)
         mine = ctx.shard(list(range(len(records))))
         prompt_ids = {i: format_prompt(tokenizer, records[i].prompt) for i in mine}
+        check_fits_context(model, {records[i].id: ids for i, ids in prompt_ids.items()}, cfg.max_new_tokens)
 
         if mine and args.warmup:  # untimed: first calls pay for allocation and kernel selection
             warm = [prompt_ids[mine[0]]]

@@ -231,7 +231,7 @@ def _decode_prompts(args, ctx, records, todo: dict[int, list[str]], all_methods:
     from cllm.evaluate import score
     from cllm.metrics import token_logprobs
     from cllm.models import load_model
-    from cllm.prompts import format_prompt
+    from cllm.prompts import check_fits_context, format_prompt
     from cllm.quality import is_degenerate
     from cllm.report import result_row
 
@@ -249,6 +249,8 @@ def _decode_prompts(args, ctx, records, todo: dict[int, list[str]], all_methods:
         draft, draft_tok = load_model(args.draft, args.dtype, device)
         check_draft_compatible(model, tok, draft, draft_tok)
     spider_tables = _spider_tables(args, records)
+    check_fits_context(model, {records[i].id: format_prompt(tok, records[i].prompt) for i in todo},
+                       args.max_new_tokens)
 
     def run_method(m: str, ids: list[int], seed: int, cfg=registry.DecodeConfig.from_args(args)):
         if m.startswith("base_"):  # the base model; its AR is greedy (the reference)
