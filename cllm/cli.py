@@ -1,4 +1,4 @@
-"""The `cllm` console script: decode, eval, gen, train, train-draft, pipeline, ablation, export-adapter."""
+"""The `cllm` console script: decode, eval, gen, train, train-draft, pipeline, ablation, export-adapter, serve, chat."""
 
 from __future__ import annotations
 
@@ -10,11 +10,13 @@ from cllm.errors import CllmError
 
 SUBCOMMANDS = {
     "ablation": ("cllm.commands.ablation", "the ablation table of finished `cllm pipeline` folders"),
+    "chat": ("cllm.commands.chat", "an interactive terminal chat, answers streamed as tokens are committed"),
     "decode": ("cllm.commands.decode", "decode prompts with AR or Jacobi decoding and compare them"),
     "eval": ("cllm.commands.eval", "evaluate a checkpoint: speed-up vs the base model's AR, quality, plots"),
     "export-adapter": ("cllm.commands.export_adapter", "a trained LoRA adapter in bf16 safetensors, to publish"),
     "gen": ("cllm.commands.gen", "collect Jacobi trajectories (resumable, sharded, batched)"),
     "pipeline": ("cllm.commands.pipeline", "trajectories -> training -> base-vs-trained evaluation, one config"),
+    "serve": ("cllm.commands.serve", "an OpenAI-compatible HTTP server (streaming) over any decoding method"),
     "train": ("cllm.commands.train", "train a consistency LLM on Jacobi trajectories (CLLM or Jacobi Forcing)"),
     "train-draft": ("cllm.commands.draft", "cut a small draft out of the target and distil it (for SpS / MTAD)"),
 }

@@ -83,7 +83,7 @@ def test_console_script_exit_code(tmp_path):
     proc = subprocess.run([exe, "decode", "--model", str(tmp_path / "missing"), "--prompt", "hi"],
                           capture_output=True, text=True)
     assert proc.returncode == 2
-    assert proc.stderr.strip().splitlines()[-1] == f"cllm decode: error: model path not found: {tmp_path / 'missing'}"
+    assert proc.stderr.strip().splitlines()[-1] == f"cllm decode: error: --model: model path not found: {tmp_path / 'missing'}"
 
 
 @pytest.mark.parametrize("world_size", ["1", "2"])

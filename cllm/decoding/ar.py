@@ -24,11 +24,13 @@ def ar_decode(
     top_p: float | None = None,
     seed: int | list[int] = 0,
     eos_token_id: int | list[int] | None = None,
+    on_commit=None,
 ) -> list[DecodeResult] | DecodeResult:
     """Decode one prompt (list of ids) or a batch (list of lists). `temperature=0` is greedy.
 
     Each row of a batch gets its own random generator (`seed + row` or the given list), so a row's sample does
-    not depend on the batch it ran in.
+    not depend on the batch it ran in. `on_commit(row, [token])`, if given, is called with every token (streaming);
+    an exception it raises stops the decode.
     """
     batch, single = as_batch(prompt_ids)
     check_lengths(max_new_tokens)
@@ -60,6 +62,8 @@ def ar_decode(
         still = []
         for r, (row, tok) in enumerate(zip(active, next_ids)):
             generated[row].append(tok)
+            if on_commit is not None:
+                on_commit(row, [tok])
             done = tok in stop or len(generated[row]) >= max_new_tokens
             if done:
                 n = len(generated[row])

@@ -95,11 +95,14 @@ def jacobi_decode(
     seed: int | list[int] = 0,
     eos_token_id: int | list[int] | None = None,
     record_trajectory: bool = False,
+    on_commit=None,
 ) -> list[DecodeResult] | DecodeResult:
     """Greedy Jacobi decoding of one prompt (list of ids) or a batch (list of lists).
 
     Rows of a batch commit at their own pace (see `RaggedCache`); finished rows leave the batch. Each row's
-    initial guesses come from its own generator (`seed + row`, or the given list of seeds).
+    initial guesses come from its own generator (`seed + row`, or the given list of seeds). `on_commit(row,
+    token_ids)`, if given, is called with the tokens each iteration commits (streaming); an exception it raises
+    stops the decode.
     """
     batch, single = as_batch(prompt_ids)
     check_lengths(max_new_tokens, block_size)
@@ -130,7 +133,10 @@ def jacobi_decode(
             n_open = len(row.y) - row.c
             # The input position of y[c+j-1] (or the last head token for j = 0) predicts y[c+j].
             pred = pred_ids[r][n_head - 1 : n_head - 1 + n_open]
-            n_keep.append(n_head + _commit(row, pred, stop) - 1)
+            n_new = _commit(row, pred, stop)
+            n_keep.append(n_head + n_new - 1)
+            if on_commit is not None:
+                on_commit(i, row.generated[-n_new:])
             if row.c == len(row.y) or row.finish_reason is not None:  # block converged, or EOS ended it
                 _finish_block(row, record_trajectory)
                 if row.finish_reason is None and len(row.generated) >= max_new_tokens:

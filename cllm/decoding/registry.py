@@ -92,6 +92,7 @@ class Method:
     supports_batch: bool = False  # False: `decode` calls fn one prompt at a time
     sampling: bool = False  # honours temperature / top-k / top-p (greedy-only otherwise)
     check: Callable[[DecodeConfig], None] | None = None  # extra validation of the config
+    streams: bool = False  # fn takes on_commit(row, token_ids), called as tokens are committed
     help: str = ""
 
 
@@ -119,26 +120,36 @@ def names() -> tuple[str, ...]:
 
 
 def decode(name: str, model, tokenizer, prompt_ids: list[list[int]], seeds: list[int], cfg: DecodeConfig,
-           draft=None) -> list:
-    """Decode a batch of prompts with the named method; one `DecodeResult` per prompt, in order."""
+           draft=None, on_commit=None) -> list:
+    """Decode a batch of prompts with the named method; one `DecodeResult` per prompt, in order.
+
+    `on_commit(row, token_ids)` streams the tokens as they are committed where the method `streams`; for the
+    others it is called once per prompt with all of its tokens when that prompt is done."""
     m = get(name)
+    extra = {"on_commit": on_commit} if m.streams and on_commit is not None else {}
     if m.supports_batch or len(prompt_ids) == 1:
-        return m.fn(model, tokenizer, prompt_ids, seeds, cfg, draft)
-    return [m.fn(model, tokenizer, [p], [s], cfg, draft)[0] for p, s in zip(prompt_ids, seeds)]
+        results = m.fn(model, tokenizer, prompt_ids, seeds, cfg, draft, **extra)
+    else:
+        results = [m.fn(model, tokenizer, [p], [s], cfg, draft)[0] for p, s in zip(prompt_ids, seeds)]
+    if on_commit is not None and not extra:
+        for row, res in enumerate(results):
+            on_commit(row, res.token_ids)
+    return results
 
 
 # The built-in methods. Each wrapper imports its decoder when called (this module stays torch-free).
 
-def _ar(model, tok, prompts, seeds, c, draft):
+def _ar(model, tok, prompts, seeds, c, draft, on_commit=None):
     from cllm.decoding.ar import ar_decode
 
-    return ar_decode(model, tok, prompts, c.max_new_tokens, c.temperature, c.top_k, c.top_p, seeds)
+    return ar_decode(model, tok, prompts, c.max_new_tokens, c.temperature, c.top_k, c.top_p, seeds,
+                     on_commit=on_commit)
 
 
-def _jacobi(model, tok, prompts, seeds, c, draft):
+def _jacobi(model, tok, prompts, seeds, c, draft, on_commit=None):
     from cllm.decoding.jacobi import jacobi_decode
 
-    return jacobi_decode(model, tok, prompts, c.block_size, c.max_new_tokens, c.init, seeds)
+    return jacobi_decode(model, tok, prompts, c.block_size, c.max_new_tokens, c.init, seeds, on_commit=on_commit)
 
 
 def _multiblock(model, tok, prompts, seeds, c, draft):
@@ -198,8 +209,9 @@ def _check_mtad(c: DecodeConfig) -> None:
     check_mtad_args(c.tau, c.beam_width, c.temperature)
 
 
-register("ar", Method(_ar, supports_batch=True, sampling=True, help="autoregressive, one token per forward"))
-register("jacobi", Method(_jacobi, supports_batch=True, help="Jacobi decoding of blocks of n guesses"))
+register("ar", Method(_ar, supports_batch=True, sampling=True, streams=True,
+                      help="autoregressive, one token per forward"))
+register("jacobi", Method(_jacobi, supports_batch=True, streams=True, help="Jacobi decoding of blocks of n guesses"))
 register("multiblock", Method(_multiblock, check=_check_multiblock,
                               help="multi-block Jacobi decoding with rejection recycling"))
 register("sps", Method(_sps, needs_draft=True, sampling=True, check=_check_sps, help="speculative sampling"))
