@@ -174,7 +174,7 @@ def check_model_spec(spec: str, flag: str = "--model", adapter: str | None = Non
     if spec not in ALIASES and (spec.endswith(".gguf") or _looks_like_path(spec)):
         p = Path(spec).expanduser()
         if not p.exists():
-            raise CllmError(f"{flag}: model path not found: {spec}")
+            raise CllmError(f"{flag}: model {'file' if spec.endswith('.gguf') else 'path'} not found: {spec}")
         if p.is_dir() and not (p / "config.json").is_file():
             raise CllmError(f"{flag}: {spec} has no config.json (not a model folder)")
     if adapter and not Path(adapter, "adapter_config.json").is_file():
@@ -201,14 +201,10 @@ def load_model(
     hf_logging.disable_progress_bar()
     spec = str(spec)
     torch_dtype = parse_dtype(dtype)
+    check_model_spec(spec, "model", adapter)
     if spec.endswith(".gguf"):
-        p = Path(spec).expanduser()
-        if not p.is_file():
-            raise CllmError(f"model file not found: {spec}")
-        model, tokenizer = _load_gguf(p, torch_dtype)
+        model, tokenizer = _load_gguf(Path(spec).expanduser(), torch_dtype)
     else:
-        if spec not in ALIASES and _looks_like_path(spec) and not Path(spec).expanduser().exists():
-            raise CllmError(f"model path not found: {spec}")
         path = resolve_model_path(spec)
         local = Path(path).expanduser().is_dir()
         try:
@@ -231,8 +227,6 @@ def load_model(
     if adapter:
         from peft import PeftModel
 
-        if not Path(adapter).is_dir():
-            raise CllmError(f"adapter folder not found: {adapter}")
         model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
     if not device_map and device is not None:
         model.to(device)
