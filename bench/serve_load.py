@@ -41,7 +41,7 @@ def _wait_up(url: str, proc: subprocess.Popen, timeout: float = 300) -> None:
 def _references(args, prompts: list[str]) -> dict[str, str]:
     from cllm.decoding import registry
     from cllm.models import load_model
-    from cllm.prompts import format_prompt
+    from cllm.data.prompts import format_prompt
 
     model, tok = load_model(args.model, args.dtype, "cpu")
     cfg = registry.DecodeConfig(block_size=args.block_size, max_new_tokens=args.max_tokens)
@@ -60,7 +60,7 @@ def main() -> None:
     args = ap.parse_args()
     import openai
 
-    from cllm.data import load_dataset_prompts
+    from cllm.data.datasets import load_dataset_prompts
 
     prompts = [r.prompt for r in load_dataset_prompts("gsm8k", "test", limit=args.clients)]
     want = _references(args, prompts)

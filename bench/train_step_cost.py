@@ -20,11 +20,11 @@ import torch
 
 
 def main(argv=None) -> int:
-    from cllm.losses import ar_loss
+    from cllm.training.losses import ar_loss
     from cllm.models import load_model
-    from cllm.train_data import PackedCollator, TrajectoryDataset, read_records
-    from cllm.losses import LossSettings
-    from cllm.trainer import CllmTrainer
+    from cllm.training.train_data import PackedCollator, TrajectoryDataset, read_records
+    from cllm.training.losses import LossSettings
+    from cllm.training.trainer import CllmTrainer
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="smollm2-135m")

@@ -43,10 +43,10 @@ def naive_trajectories(model, prompt: list[int], n: int, max_new_tokens: int, eo
 
 
 def main(argv=None) -> int:
-    from cllm.data import load_dataset_prompts
+    from cllm.data.datasets import load_dataset_prompts
     from cllm.decoding import jacobi_decode
     from cllm.models import load_model
-    from cllm.prompts import format_prompt
+    from cllm.data.prompts import format_prompt
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="smollm2-135m")

@@ -1,4 +1,4 @@
-"""The `cllm` console script: decode, eval, gen, train, train-draft, pipeline, ablation, export-adapter, serve, chat."""
+"""The `cllm` console script: decode, eval, gen, train, train-draft, pipeline, export-adapter, serve, chat."""
 
 from __future__ import annotations
 
@@ -9,7 +9,6 @@ import sys
 from cllm.errors import CllmError
 
 SUBCOMMANDS = {
-    "ablation": ("cllm.commands.ablation", "the ablation table of finished `cllm pipeline` folders"),
     "chat": ("cllm.commands.chat", "an interactive terminal chat, answers streamed as tokens are committed"),
     "decode": ("cllm.commands.decode", "decode prompts with AR or Jacobi decoding and compare them"),
     "eval": ("cllm.commands.eval", "evaluate a checkpoint: speed-up vs the base model's AR, quality, plots"),

@@ -263,3 +263,23 @@ def export_adapter(src: str | Path, dst: str | Path, dtype: str = "bf16", max_mb
     shutil.copy2(src / "adapter_config.json", dst / "adapter_config.json")
     return {"tensors": len(tensors), "parameters": sum(v.numel() for v in tensors.values()),
             "bytes": (dst / "adapter_model.safetensors").stat().st_size}
+
+
+def check_draft_compatible(target, target_tokenizer, draft, draft_tokenizer) -> None:
+    """Raise `CllmError` naming the first difference if `draft` cannot propose tokens for `target`."""
+    t_vocab, d_vocab = target_tokenizer.get_vocab(), draft_tokenizer.get_vocab()
+    if t_vocab != d_vocab:
+        only_t = sorted(set(t_vocab) - set(d_vocab))[:3]
+        only_d = sorted(set(d_vocab) - set(t_vocab))[:3]
+        moved = [t for t in t_vocab if t in d_vocab and t_vocab[t] != d_vocab[t]][:3]
+        raise CllmError(
+            f"the draft's tokenizer vocabulary differs from the target's ({len(d_vocab)} vs {len(t_vocab)} tokens; "
+            f"only in target: {only_t}, only in draft: {only_d}, different ids: {moved})"
+        )
+    for name in ("eos_token_id", "bos_token_id", "pad_token_id", "unk_token_id"):
+        a, b = getattr(target_tokenizer, name, None), getattr(draft_tokenizer, name, None)
+        if a != b:
+            raise CllmError(f"the draft's {name} is {b}, the target's is {a}")
+    t_width, d_width = target.get_output_embeddings().weight.shape[0], draft.get_output_embeddings().weight.shape[0]
+    if t_width != d_width:
+        raise CllmError(f"the draft's LM head has {d_width} outputs, the target's {t_width}")

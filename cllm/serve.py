@@ -131,7 +131,7 @@ class Engine:
 
 
 def chat_prompt_ids(tokenizer, body: dict) -> list[int]:
-    from cllm.prompts import format_chat
+    from cllm.data.prompts import format_chat
 
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages or not all(

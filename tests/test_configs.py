@@ -1,4 +1,4 @@
-"""Every YAML under configs/ opens with the command that runs it and resolves with its config class."""
+"""Every YAML under configs/ and experiments/ opens with the command that runs it and resolves with its config class."""
 
 from __future__ import annotations
 
@@ -10,27 +10,28 @@ from cllm import config
 from cllm.commands.draft import DraftConfig
 from cllm.commands.pipeline import PipelineConfig, _eval_argv, plan
 from cllm.commands.train import TrainConfig
-from cllm.trajectories import GenConfig
+from cllm.data.trajectories import GenConfig
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
-YAMLS = sorted(CONFIGS.rglob("*.yaml"))
+ROOT = Path(__file__).resolve().parents[1]
+YAMLS = sorted(ROOT.glob("configs/**/*.yaml")) + sorted(ROOT.glob("experiments/**/*.yaml"))
 
 
 def config_class(path: Path):
     if path.parent.name == "data_gen" or path.name.startswith("data_"):
         return GenConfig
-    return {"train": TrainConfig, "draft": DraftConfig, "pipeline": PipelineConfig,
-            "ablation": PipelineConfig}[path.parent.name]
+    if path.parts[-3:-1] == ("ablation", "configs"):
+        return PipelineConfig
+    return {"train": TrainConfig, "draft": DraftConfig, "pipeline": PipelineConfig}[path.parent.name]
 
 
 def test_there_are_configs():
     assert len(YAMLS) >= 15
 
 
-@pytest.mark.parametrize("path", YAMLS, ids=lambda p: str(p.relative_to(CONFIGS)))
+@pytest.mark.parametrize("path", YAMLS, ids=lambda p: str(p.relative_to(ROOT)))
 def test_config_opens_with_its_command_and_resolves(path, tmp_path):
     first = path.read_text().splitlines()[0]
-    assert first.startswith("# ") and str(path.relative_to(CONFIGS.parent)) in first, first
+    assert first.startswith("# ") and str(path.relative_to(ROOT)) in first, first
     cls = config_class(path)
     data = config.read_yaml(cls, path)  # unknown keys and wrong types are errors
     if cls is PipelineConfig:

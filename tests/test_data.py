@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from cllm.data import DATASETS, load_dataset_prompts, load_prompt_file
+from cllm.data.datasets import DATASETS, load_dataset_prompts, load_prompt_file
 from cllm.errors import CllmError
 
 

@@ -12,10 +12,11 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
 from cllm.cli import main
-from cllm.draft import build_draft, check_draft_compatible, spread_layers
-from cllm.energy import EnergyMeter
+from cllm.models import check_draft_compatible
+from cllm.training.draft import build_draft, spread_layers
+from cllm.eval.energy import EnergyMeter
 from cllm.errors import CllmError
-from cllm.metrics import perplexity, token_logprobs
+from cllm.eval.metrics import perplexity, token_logprobs
 from conftest import VOCAB, save_tiny_model, tiny_model, tiny_tokenizer
 from test_cli import write_prompts
 

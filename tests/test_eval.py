@@ -10,7 +10,7 @@ import sys
 import pytest
 
 from cllm.cli import main
-from cllm.evaluate import REFERENCE
+from cllm.eval.harness import REFERENCE
 from conftest import save_tiny_model
 from test_cli import REPO
 

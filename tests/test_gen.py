@@ -18,8 +18,8 @@ from cllm.commands.gen import generate
 from cllm.config import resolve
 from cllm.decoding import ar_decode
 from cllm.models import load_model
-from cllm.prompts import format_prompt
-from cllm.trajectories import (
+from cllm.data.prompts import format_prompt
+from cllm.data.trajectories import (
     GenConfig,
     augment_state,
     first_prompts_cpu_seconds,

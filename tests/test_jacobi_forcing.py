@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from cllm.errors import CllmError
-from cllm.jacobi_forcing import (
+from cllm.training.jacobi_forcing import (
     CLEAN,
     NOISY,
     JacobiForcingCollator,
@@ -20,8 +20,8 @@ from cllm.jacobi_forcing import (
     noise_targets,
     pick_state,
 )
-from cllm.losses import LossSettings, base_kl_loss, packed_losses
-from cllm.trainer import adapter_off_logits
+from cllm.training.losses import LossSettings, base_kl_loss, packed_losses
+from cllm.training.trainer import adapter_off_logits
 from conftest import tiny_model
 
 
@@ -160,7 +160,7 @@ def test_packed_losses_equal_block_by_block_separate_forwards(noisy_context):
         def sep(seq, k):  # logits predicting the last k tokens of seq, from a plain causal forward
             return model(torch.tensor([seq])).logits[0, len(seq) - 1 - k : len(seq) - 1]
 
-        from cllm.losses import divergence
+        from cllm.training.losses import divergence
 
         ce_sum = cons_sum = 0.0
         n_ar = n_cons = 0
@@ -198,7 +198,7 @@ def test_packed_losses_equal_block_by_block_separate_forwards(noisy_context):
 def test_base_kl_equals_kl_to_the_base_model_on_the_clean_text():
     from peft import LoraConfig, get_peft_model
 
-    from cllm.losses import divergence
+    from cllm.training.losses import divergence
 
     base = tiny_model(3)
     peft_model = get_peft_model(tiny_model(3), LoraConfig(r=4, lora_alpha=8, target_modules="all-linear",
@@ -301,7 +301,7 @@ def test_base_kl_run_logs_the_term_and_needs_lora(tiny_model_dir, traj_dir, tmp_
 
 
 def test_first_prompts_keeps_the_first_ids_in_numeric_order():
-    from cllm.train_data import first_prompts
+    from cllm.training.train_data import first_prompts
 
     recs = [{"data_id": i, "block_index": b} for i in (10, 2, 33, 2, 9) for b in (0,)]
     assert sorted({r["data_id"] for r in first_prompts(recs, 2)}) == [2, 9]

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from cllm.losses import ar_loss, consistency_loss, converged_prefix, divergence
+from cllm.training.losses import ar_loss, consistency_loss, converged_prefix, divergence
 
 
 def test_forward_kl_hand_computed():
@@ -87,7 +87,7 @@ def test_converged_prefix_counts_leading_hits():
 
 
 def test_training_log_plot_is_a_png(tmp_path):
-    from cllm.plots import plot_training_log
+    from cllm.eval.plots import plot_training_log
 
     log = [{"step": s, "loss": 5.0 / s, "loss/ar": 0.4 / s, "loss/consistency": 1.0 / s, "tokens_converged": s / 10}
            for s in range(1, 6)] + [{"step": 5, "jacobi/tokens_per_forward": 1.2}]

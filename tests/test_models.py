@@ -13,7 +13,7 @@ from transformers import DistilBertConfig, DistilBertModel
 
 from cllm import models
 from cllm.errors import CllmError
-from cllm.prompts import format_prompt
+from cllm.data.prompts import format_prompt
 from conftest import tiny_tokenizer
 
 

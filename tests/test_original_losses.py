@@ -18,9 +18,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from cllm.jacobi_forcing import JacobiForcingCollator
-from cllm.train_data import PackedCollator
-from cllm.losses import LossSettings, packed_losses
+from cllm.training.jacobi_forcing import JacobiForcingCollator
+from cllm.training.train_data import PackedCollator
+from cllm.training.losses import LossSettings, packed_losses
 from conftest import tiny_model
 
 N = 3  # block size of the hand-made examples

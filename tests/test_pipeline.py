@@ -8,13 +8,14 @@ import math
 import pytest
 import yaml
 
-from cllm.ablation import ablation_markdown, ablation_row
+from experiments.ablation.table import ablation_markdown, ablation_row
 from cllm.cli import main
 from cllm.errors import CllmError
-from cllm.evaluate import per_prompt_speedups, quantile
-from cllm.evaluate import summarize as summarize_method
-from cllm.plots import plot_ablation, speedup_heights
-from cllm.trajectories import summarize
+from cllm.eval.harness import per_prompt_speedups, quantile
+from cllm.eval.harness import summarize as summarize_method
+from experiments.ablation.plot import plot_ablation, speedup_heights
+from experiments.ablation.table import main as ablation_main
+from cllm.data.trajectories import summarize
 from test_eval import write_scored_prompts
 
 
@@ -113,7 +114,7 @@ def test_two_round_jacobi_forcing_pipeline_keeps_one_adapter(tiny_model_dir, tmp
     assert main(["export-adapter", str(adapter), str(tmp_path / "big"), "--max-mb", "0.0001"]) == 2
     assert main(["export-adapter", str(tmp_path), str(tmp_path / "x")]) == 2
     # The ablation row of this folder.
-    assert main(["ablation", str(run), "--out", str(tmp_path / "table.md")]) == 0
+    assert ablation_main([str(run), "--out", str(tmp_path / "table.md")]) == 0
     row = json.loads((tmp_path / "table.json").read_text())[0]
     assert (row["objective"], row["tuning"], row["rounds"], row["steps"], row["train_prompts"]) == (
         "jacobi_forcing", "LoRA r=2", 2, 5, 4)
@@ -128,18 +129,18 @@ def test_two_round_jacobi_forcing_pipeline_keeps_one_adapter(tiny_model_dir, tmp
     heights = speedup_heights([row, no_ar])
     assert heights[0] == row["speedup"] and math.isnan(heights[1])
     assert plot_ablation([row, no_ar], tmp_path / "no_ar.png").read_bytes()[:4] == b"\x89PNG"
-    assert main(["ablation", str(tmp_path)]) == 2  # not a pipeline folder: a clear error
+    assert ablation_main([str(tmp_path)]) == 2  # not a pipeline folder: a clear error
     # --append keeps rows whose folders are gone: an older row stays first, this folder's row replaces its namesake.
     older = {**row, "name": "gone_row", "tokens_per_forward": 9.0}
     stale = {**row, "tokens_per_forward": -1.0}
     (tmp_path / "table.json").write_text(json.dumps([older, stale]))
-    assert main(["ablation", str(run), "--out", str(tmp_path / "table.md"), "--append"]) == 0
+    assert ablation_main([str(run), "--out", str(tmp_path / "table.md"), "--append"]) == 0
     appended = json.loads((tmp_path / "table.json").read_text())
     assert [r["name"] for r in appended] == ["gone_row", row["name"]]
     assert appended[0] == older and appended[1]["tokens_per_forward"] == row["tokens_per_forward"]
     assert "gone_row" in (tmp_path / "table.md").read_text()
-    assert main(["ablation", str(run), "--append"]) == 2  # no --out: nothing to append to
-    assert main(["ablation", str(run), "--out", str(tmp_path / "none.md"), "--append"]) == 2  # no none.json
+    assert ablation_main([str(run), "--append"]) == 2  # no --out: nothing to append to
+    assert ablation_main([str(run), "--out", str(tmp_path / "none.md"), "--append"]) == 2  # no none.json
     # A second pipeline that trains on round 1's trajectories instead of collecting its own.
     cfg2 = {**cfg, "out_dir": str(tmp_path / "shared"), "trajectories": str(run / "trajectories"), "rounds": []}
     path.write_text(yaml.safe_dump(cfg2))
@@ -227,7 +228,7 @@ def test_summarize_splits_tokens_per_forward_by_degenerate_answers():
 
 
 def test_ablation_objective_names_the_jacobi_forcing_variant():
-    from cllm.ablation import _objective
+    from experiments.ablation.table import _objective
 
     assert _objective({}) == "cllm"
     assert _objective({"objective": "jacobi_forcing", "noisy_context": "noisy", "noise_shifts": 1}) == "jacobi_forcing"

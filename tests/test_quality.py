@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from cllm.data import default_data_dir
-from cllm.quality import (extract_number, extract_sql, gsm8k_correct, humaneval_program, is_degenerate, repeat_rate,
+from cllm.data.datasets import default_data_dir
+from cllm.eval.quality import (extract_number, extract_sql, gsm8k_correct, humaneval_program, is_degenerate, repeat_rate,
                           run_python, spider_exact_match)
 
 

@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from cllm.data import load_dataset_prompts
+from cllm.data.datasets import load_dataset_prompts
 from cllm.decoding import ar_decode, jacobi_decode
 from cllm.models import load_model
-from cllm.prompts import format_prompt
+from cllm.data.prompts import format_prompt
 
 pytestmark = pytest.mark.real_model
 
@@ -68,7 +68,8 @@ def test_sps_and_mtad_with_a_cut_draft_of_smollm(smollm):
     """A 3-layer draft cut out of SmolLM2 (untrained): greedy SpS reproduces AR exactly in fp32, and MTAD with the
     target as its own draft accepts every drafted token (cache handling on a real tied-embedding model)."""
     from cllm.decoding import mtad_decode, speculative_decode
-    from cllm.draft import build_draft, check_draft_compatible, spread_layers
+    from cllm.models import check_draft_compatible
+from cllm.training.draft import build_draft, spread_layers
 
     model, tok, _ = smollm
     draft = build_draft(model, spread_layers(model.config.num_hidden_layers, 3))

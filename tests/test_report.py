@@ -1,6 +1,6 @@
 """Report arithmetic on literal rows."""
 
-from cllm.report import answer_line, build_report
+from cllm.eval.report import answer_line, build_report
 
 
 def row(i, tokens, forwards, accepts, ff=0, st=0):

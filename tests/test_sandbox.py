@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from cllm.quality import humaneval_program
-from cllm.sandbox import LEVELS, isolation_level, run_python
+from cllm.eval.quality import humaneval_program
+from cllm.eval.sandbox import LEVELS, isolation_level, run_python
 
 HUMANEVAL = Path(__file__).resolve().parents[2] / "shared" / "data" / "humaneval" / "HumanEval.jsonl.gz"
 STRONG = isolation_level() == "namespaces"

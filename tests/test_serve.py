@@ -20,7 +20,7 @@ import pytest
 
 from cllm.decoding import registry
 from cllm.models import load_model
-from cllm.prompts import format_prompt
+from cllm.data.prompts import format_prompt
 from cllm.serve import Engine, build_app
 
 PROMPTS = ["w3 w4 w5", "w10 w11", "w20 w21 w22 w23", "w7"]

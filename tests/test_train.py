@@ -18,8 +18,8 @@ from cllm.cli import main
 from cllm.commands.gen import generate
 from cllm.commands.train import TrainConfig, train
 from cllm.config import resolve
-from cllm.train_data import CONTEXT, FIXED, LABELS, NEXT, PAD, PROMPT, STATE, PackedCollator, segment_mask
-from cllm.trajectories import GenConfig
+from cllm.training.train_data import CONTEXT, FIXED, LABELS, NEXT, PAD, PROMPT, STATE, PackedCollator, segment_mask
+from cllm.data.trajectories import GenConfig
 from conftest import tiny_model
 
 REPO = Path(__file__).resolve().parents[1]
@@ -140,7 +140,7 @@ def test_short_run_trains_checkpoints_resumes_and_decodes(peft, tiny_model_dir, 
 def test_held_out_probe_decodes_only_prompts_training_leaves_out(tiny_model_dir, traj_dir, tmp_path, monkeypatch):
     import cllm.decoding
 
-    from cllm.trajectories import load_trajectories
+    from cllm.data.trajectories import load_trajectories
 
     seen = []  # the prompts of each probe decode, as token-id tuples
 
@@ -179,7 +179,7 @@ def test_nan_loss_stops_with_the_step(tiny_model_dir, traj_dir, tmp_path, capsys
 
 
 def test_bad_data_and_config_are_refused(tiny_model_dir, traj_dir, tmp_path, capsys):
-    from cllm.trajectories import load_trajectories
+    from cllm.data.trajectories import load_trajectories
 
     recs = load_trajectories(traj_dir)
     wrong_format = tmp_path / "w.jsonl"

@@ -39,7 +39,7 @@ def _command(line: str, engine, history: list[dict], system) -> str | None:
 
 
 def run(args) -> None:
-    from cllm.prompts import format_chat
+    from cllm.data.prompts import format_chat
     from cllm.serve import RequestError
 
     engine = load_engine(args)

@@ -80,7 +80,7 @@ def check_output_file(path: str, flag: str) -> None:
 
 
 def load_records(args):
-    from cllm.data import PromptRecord, load_dataset_mix, load_prompt_file
+    from cllm.data.datasets import PromptRecord, load_dataset_mix, load_prompt_file
 
     if args.prompt is not None:
         recs = [PromptRecord(id=str(i), prompt=t, dataset="cli") for i, t in enumerate(args.prompt)]
@@ -110,11 +110,11 @@ def run(args) -> None:
     from tqdm import tqdm
 
     from cllm import distributed
-    from cllm.energy import EnergyMeter
-    from cllm.metrics import token_logprobs
+    from cllm.eval.energy import EnergyMeter
+    from cllm.eval.metrics import token_logprobs
     from cllm.models import load_model
-    from cllm.prompts import check_fits_context, format_prompt
-    from cllm.report import answer_line, build_report, format_table, result_row
+    from cllm.data.prompts import check_fits_context, format_prompt
+    from cllm.eval.report import answer_line, build_report, format_table, result_row
 
     cfg = validate(args)
     records = load_records(args)
@@ -125,7 +125,7 @@ def run(args) -> None:
         methods = method_list(args)
         draft = None
         if any(registry.get(m).needs_draft for m in methods):
-            from cllm.draft import check_draft_compatible
+            from cllm.models import check_draft_compatible
 
             draft, draft_tokenizer = load_model(args.draft, args.dtype, device, args.device_map)
             check_draft_compatible(model, tokenizer, draft, draft_tokenizer)

@@ -77,9 +77,9 @@ def train_draft(cfg: DraftConfig) -> dict:
     from transformers import TrainingArguments
     from transformers.trainer_utils import get_last_checkpoint
 
-    from cllm.draft import (DistillTrainer, PadCollator, SequenceDataset, build_draft, check_draft_compatible,
-                            dataset_sequences, freeze_shared, spread_layers, trajectory_sequences)
-    from cllm.models import load_model
+    from cllm.models import check_draft_compatible, load_model
+    from cllm.training.draft import (DistillTrainer, PadCollator, SequenceDataset, build_draft, dataset_sequences,
+                                     freeze_shared, spread_layers, trajectory_sequences)
 
     target, tok = load_model(cfg.model, dtype="fp32", device="cpu")
     sequences = dataset_sequences(tok, cfg.datasets, cfg.split, cfg.data_dir, cfg.limit) if cfg.datasets else []

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from cllm.decoding import registry
 from cllm.errors import CllmError
-from cllm.evaluate import REFERENCE
+from cllm.eval.harness import REFERENCE
 
 SETTINGS_KEYS = ("model", "adapter", "base_model", "methods", "base_methods", "dataset", "prompts", "prompt_field", "split", "limit",
                  "offset", "spread", "block_size", "max_new_tokens", "init", "dtype", "temperature", "top_k", "top_p",
@@ -217,7 +217,7 @@ def run(args) -> None:
             dist.barrier()
         if ctx.is_main:
             report = finish(out_dir, settings, all_methods, len(records), args.training_log)
-            from cllm.evaluate import summary_markdown
+            from cllm.eval.harness import summary_markdown
 
             print(summary_markdown(report))
     finally:
@@ -228,12 +228,12 @@ def _decode_prompts(args, ctx, records, todo: dict[int, list[str]], all_methods:
     """Decode this rank's unfinished prompts with the methods each still lacks; append one row per (prompt, method)."""
     from tqdm import tqdm
 
-    from cllm.evaluate import score
-    from cllm.metrics import token_logprobs
+    from cllm.eval.harness import score
+    from cllm.eval.metrics import token_logprobs
     from cllm.models import load_model
-    from cllm.prompts import check_fits_context, format_prompt
-    from cllm.quality import is_degenerate
-    from cllm.report import result_row
+    from cllm.data.prompts import check_fits_context, format_prompt
+    from cllm.eval.quality import is_degenerate
+    from cllm.eval.report import result_row
 
     device = args.device or ctx.device()
     model, tok = load_model(args.model, args.dtype, device, adapter=args.adapter)
@@ -244,7 +244,7 @@ def _decode_prompts(args, ctx, records, todo: dict[int, list[str]], all_methods:
         base, _ = load_model(base_spec, args.dtype, device)
     draft = None
     if args.draft:
-        from cllm.draft import check_draft_compatible
+        from cllm.models import check_draft_compatible
 
         draft, draft_tok = load_model(args.draft, args.dtype, device)
         check_draft_compatible(model, tok, draft, draft_tok)
@@ -303,7 +303,7 @@ def _decode_prompts(args, ctx, records, todo: dict[int, list[str]], all_methods:
 def _spider_tables(args, records) -> dict:
     if not any(r.dataset == "spider" for r in records):
         return {}
-    from cllm.data import default_data_dir
+    from cllm.data.datasets import default_data_dir
 
     root = Path(args.data_dir) if args.data_dir else default_data_dir()
     return {t["db_id"]: t for t in json.loads((root / "spider" / "tables.json").read_text())}
@@ -311,8 +311,8 @@ def _spider_tables(args, records) -> dict:
 
 def finish(out_dir: Path, settings: dict, all_methods: list[str], n_prompts: int, training_log: str | None) -> dict:
     """Merge every rank's rows into report.json, summary.md, answers/<method>.jsonl and the plots."""
-    from cllm.evaluate import build_eval_report, summary_markdown, write_plots
-    from cllm.report import answer_line
+    from cllm.eval.harness import build_eval_report, summary_markdown, write_plots
+    from cllm.eval.report import answer_line
 
     rows: dict[str, dict[int, dict]] = {m: {} for m in all_methods}
     for r in read_rows(out_dir):
@@ -337,7 +337,7 @@ def finish(out_dir: Path, settings: dict, all_methods: list[str], n_prompts: int
                 f.write(json.dumps(line) + "\n")
     write_plots(report, out_dir)
     if training_log:
-        from cllm.plots import plot_training_log
+        from cllm.eval.plots import plot_training_log
 
         plot_training_log(training_log, out_dir / "training_loss.png")
     return report

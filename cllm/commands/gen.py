@@ -1,4 +1,4 @@
-"""`cllm gen`: collect Jacobi trajectories of a model over a prompt set (see `cllm.trajectories`)."""
+"""`cllm gen`: collect Jacobi trajectories of a model over a prompt set (see `cllm.data.trajectories`)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from pathlib import Path
 
 from cllm import config
 from cllm.errors import CllmError
-from cllm.trajectories import GenConfig
+from cllm.data.trajectories import GenConfig
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -24,7 +24,7 @@ def run(args) -> dict:
 
 def load_source(cfg: GenConfig):
     """All prompts of the source with `offset`/`limit` applied, and the bad lines skipped (prompt files only)."""
-    from cllm.data import window, load_dataset_prompts, read_prompt_file
+    from cllm.data.datasets import window, load_dataset_prompts, read_prompt_file
 
     if cfg.dataset:
         return load_dataset_prompts(cfg.dataset, cfg.split, cfg.data_dir, cfg.limit, cfg.offset), []
@@ -47,7 +47,7 @@ def generate(cfg: GenConfig, after_commit=None) -> dict:
     from tqdm import tqdm
 
     from cllm import distributed
-    from cllm.trajectories import summarize
+    from cllm.data.trajectories import summarize
 
     records, bad = load_source(cfg)
     ctx = distributed.setup()
@@ -107,7 +107,7 @@ def _load(cfg: GenConfig, ctx):
 
 def _open_store(cfg: GenConfig, ctx, n_workers: int, tag: str):
     """Write (rank 0) or check (the other ranks, after it) the manifest, then open this worker's shard store."""
-    from cllm.trajectories import ShardStore, check_or_write_manifest, fingerprint
+    from cllm.data.trajectories import ShardStore, check_or_write_manifest, fingerprint
 
     out = Path(cfg.out)
     fp = fingerprint(cfg, n_workers)
@@ -125,7 +125,7 @@ def _open_store(cfg: GenConfig, ctx, n_workers: int, tag: str):
 
 def _prompt_ids(cfg: GenConfig, tok, max_prompt: int, batch) -> tuple[list, dict]:
     """The batch's (record, prompt ids) pairs to decode, and {index: reason} of the prompts skipped."""
-    from cllm.prompts import format_prompt
+    from cllm.data.prompts import format_prompt
 
     skipped, ready = {}, []
     for rec in batch:
@@ -146,7 +146,7 @@ def _prompt_ids(cfg: GenConfig, tok, max_prompt: int, batch) -> tuple[list, dict
 def _collect_batch(cfg: GenConfig, model, tok, max_prompt: int, batch, store) -> dict:
     """Decode one batch with trajectories recorded and commit its records; returns the batch's statistics."""
     from cllm.decoding import jacobi_decode
-    from cllm.trajectories import block_records
+    from cllm.data.trajectories import block_records
 
     t0, c0 = time.perf_counter(), time.process_time()
     ready, skipped = _prompt_ids(cfg, tok, max_prompt, batch)

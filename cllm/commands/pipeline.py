@@ -108,7 +108,7 @@ def plan(cfg: PipelineConfig) -> list[tuple]:
     """Every round's (gen config or None when given `trajectories`, gen folder, train config, train folder), resolved
     and so checked before any work starts."""
     from cllm.commands.train import TrainConfig
-    from cllm.trajectories import GenConfig
+    from cllm.data.trajectories import GenConfig
 
     out = Path(cfg.out_dir)
     rounds = [(cfg.gen, cfg.train)] + [({**cfg.gen, **(r.get("gen") or {})}, {**cfg.train, **(r.get("train") or {})})
@@ -147,7 +147,7 @@ def run_pipeline(cfg: PipelineConfig) -> str:
     stages = plan(cfg)
     n_rounds = len(stages)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "pipeline.json").write_text(json.dumps(config.to_dict(cfg), indent=1) + "\n")  # for `cllm ablation`
+    (out / "pipeline.json").write_text(json.dumps(config.to_dict(cfg), indent=1) + "\n")  # for the ablation table (experiments/ablation)
 
     for i, (gen_cfg, gen_dir, train_cfg, train_dir) in enumerate(stages, 1):
         tag = f"round {i}/{n_rounds}: " if n_rounds > 1 else ""

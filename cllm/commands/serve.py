@@ -34,7 +34,7 @@ def load_engine(args):
     model, tok = load_model(args.model, args.dtype, device, adapter=args.adapter)
     draft = None
     if args.draft:
-        from cllm.draft import check_draft_compatible
+        from cllm.models import check_draft_compatible
 
         draft, draft_tok = load_model(args.draft, args.dtype, device)
         check_draft_compatible(model, tok, draft, draft_tok)

@@ -189,11 +189,11 @@ def train(cfg: TrainConfig) -> dict:
     import torch.distributed as dist
     from transformers import TrainingArguments
 
-    from cllm.jacobi_forcing import JacobiForcingCollator, JacobiForcingDataset
+    from cllm.training.jacobi_forcing import JacobiForcingCollator, JacobiForcingDataset
     from cllm.models import load_model
-    from cllm.train_data import PackedCollator, TrajectoryDataset, check_records, first_prompts, read_records
-    from cllm.losses import LossSettings
-    from cllm.trainer import CllmTrainer
+    from cllm.training.train_data import PackedCollator, TrajectoryDataset, check_records, first_prompts, read_records
+    from cllm.training.losses import LossSettings
+    from cllm.training.trainer import CllmTrainer
 
     records = read_records(cfg.data)
     held_out = []
@@ -386,7 +386,7 @@ def _jacobi_probe(cfg: TrainConfig, records: list[dict], tok, held_out: list[dic
 def _first_prompt_ids(records: list[dict], n: int) -> list[list[int]]:
     """The prompt token ids of the n first prompts of `records` by data_id (the order --max-prompts keeps), so the
     held-out probe decodes the data_ids right after the training ones whatever order the files list them in."""
-    from cllm.trajectories import data_id_order, first_ids
+    from cllm.data.trajectories import data_id_order, first_ids
 
     keep, prompts = first_ids((r["data_id"] for r in records), n), {}
     for r in records:

@@ -1,0 +1,1 @@
+"""Data: datasets and prompt files, chat formatting, the Jacobi trajectory store (`cllm gen` output)."""

@@ -1,0 +1,2 @@
+"""Evaluation: the harness (speed-up in one interleaved run), quality scores, the code sandbox, metrics, reports,
+plots, energy."""

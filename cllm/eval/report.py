@@ -1,0 +1,135 @@
+"""Reports and answer files of decoding runs: pure functions of per-prompt rows, testable without a model."""
+
+from __future__ import annotations
+
+import time
+
+
+def method_summary(rows: list[dict], seconds: float, joules: float | None = None) -> dict:
+    """Totals for one method. `seconds` is the wall-clock time spent in its decode calls, `joules` the CPU
+    package energy over them (None where no energy counter is readable).
+
+    Draft-then-verify rows (SpS, MTAD) carry `drafted`/`accepted`/`iterations`: acceptance_rate = accepted /
+    drafted (= accepted / (iterations x gamma) with a fixed gamma, except where the length cap shortened the last
+    drafts), block_efficiency = 1 + accepted / iterations. Rows with `logprobs` (the output's token log-probs
+    under the unwarped target) give the perplexity exp(- mean over prompts of the mean log-prob).
+    """
+    from cllm.eval.metrics import perplexity
+
+    new_tokens = sum(r["new_tokens"] for r in rows)
+    forwards = sum(r["forwards"] for r in rows)
+    accepts = [a for r in rows for a in r["accept_lengths"]]
+    drafted = sum(r.get("drafted", 0) for r in rows)
+    accepted = sum(r.get("accepted", 0) for r in rows)
+    iterations = sum(r.get("iterations", 0) for r in rows)
+    has_draft = any("drafted" in r for r in rows)
+    return {
+        "n_prompts": len(rows),
+        "new_tokens": new_tokens,
+        "wall_time_s": round(seconds, 4),
+        "forwards": forwards,
+        "tokens_per_second": new_tokens / seconds if seconds > 0 else None,
+        "ms_per_token": 1000 * seconds / new_tokens if new_tokens else None,
+        "tokens_per_forward": new_tokens / forwards if forwards else None,
+        "acceptance_rate": (accepted / drafted if drafted else 0.0) if has_draft else None,
+        "block_efficiency": (1 + accepted / iterations if iterations else None) if has_draft else None,
+        "perplexity": perplexity([r["logprobs"] for r in rows]) if rows and all("logprobs" in r for r in rows) else None,
+        "energy_j_per_token": joules / new_tokens if joules is not None and new_tokens else None,
+        "mean_accept_length": sum(accepts) / len(accepts) if accepts else None,
+        "max_accept_length": max(accepts) if accepts else None,
+        "fast_forward_tokens": sum(r["fast_forward"] for r in rows),
+        "stationary_tokens": sum(r["stationary"] for r in rows),
+        "finished_by_eos": sum(r["finish_reason"] == "eos" for r in rows),
+        "per_prompt": [
+            {
+                "id": r["id"],
+                "new_tokens": r["new_tokens"],
+                "forwards": r["forwards"],
+                "tokens_per_forward": r["new_tokens"] / r["forwards"] if r["forwards"] else None,
+                "fast_forward": r["fast_forward"],
+                "stationary": r["stationary"],
+            }
+            for r in rows
+        ],
+    }
+
+
+def build_report(model: str, dtype: str, rows: dict[str, list[dict]], seconds: dict[str, float], settings: dict,
+                 baseline: str = "ar", joules: dict[str, float | None] | None = None) -> dict:
+    """`{"model", "dtype", "n_prompts", "settings", "methods": {name: summary}}`; methods other than the baseline
+    get `speedup_vs_ar` (ratio of tokens per second) and `identical_to_ar` (share of token-identical outputs),
+    when the baseline ran greedy on the same prompts."""
+    joules = joules or {}
+    methods = {m: method_summary(rows[m], seconds[m], joules.get(m)) for m in rows}
+    n_prompts = max((len(v) for v in rows.values()), default=0)
+    if baseline in rows:
+        base = methods[baseline]
+        base_tokens = {r["index"]: r["token_ids"] for r in rows[baseline]}
+        greedy = settings.get("temperature", 0.0) == 0.0
+        for m, summary in methods.items():
+            if m == baseline:
+                continue
+            rate, base_rate = summary["tokens_per_second"], base["tokens_per_second"]
+            summary["speedup_vs_ar"] = rate / base_rate if rate and base_rate else None
+            if greedy:
+                same = [r["token_ids"] == base_tokens.get(r["index"]) for r in rows[m]]
+                summary["identical_to_ar"] = sum(same) / len(same) if same else None
+                summary["not_identical_ids"] = [r["id"] for r, s in zip(rows[m], same) if not s]
+    return {"model": model, "dtype": dtype, "n_prompts": n_prompts, "settings": settings, "methods": methods}
+
+
+def result_row(index: int, rec, res) -> dict:
+    """One prompt's row of a decode or eval run, from its prompt record and `DecodeResult`."""
+    return {
+        "index": index,
+        "id": rec.id,
+        "category": rec.category,
+        "dataset": rec.dataset,
+        "token_ids": res.token_ids,
+        "text": res.text,
+        "new_tokens": res.n_new_tokens,
+        "forwards": res.n_forwards,
+        "accept_lengths": res.accept_lengths,
+        "fast_forward": res.n_fast_forward,
+        "stationary": res.n_stationary,
+        "wall_time": res.wall_time_s,
+        "finish_reason": res.finish_reason,
+        **{k: res.extra[k] for k in ("iterations", "drafted", "accepted", "draft_forwards") if k in res.extra},
+    }
+
+
+def answer_line(row: dict, model_id: str) -> dict:
+    """One answer in Spec-Bench's format (single turn)."""
+    return {
+        "question_id": row["id"],
+        "category": row["category"],
+        "model_id": model_id,
+        "choices": [
+            {
+                "index": 0,
+                "turns": [row["text"]],
+                "decoding_steps": [row["forwards"]],
+                "new_tokens": [row["new_tokens"]],
+                "wall_time": [round(row["wall_time"], 5)],
+                "accept_lengths": row["accept_lengths"],
+            }
+        ],
+        "tstamp": time.time(),
+    }
+
+
+def format_table(report: dict) -> str:
+    def fmt(x, spec):
+        return "-" if x is None else format(x, spec)
+
+    head = (f"{'method':<10} {'tokens':>7} {'fwd':>6} {'tok/fwd':>8} {'tok/s':>7} {'speedup':>8} {'identical':>9} "
+            f"{'accept':>6} {'blk_eff':>7} {'ppl':>7}")
+    lines = [f"model {report['model']}  dtype {report['dtype']}  prompts {report['n_prompts']}", head]
+    for m, s in report["methods"].items():
+        lines.append(
+            f"{m:<10} {s['new_tokens']:>7} {s['forwards']:>6} {fmt(s['tokens_per_forward'], '.3f'):>8} "
+            f"{fmt(s['tokens_per_second'], '.2f'):>7} {fmt(s.get('speedup_vs_ar'), '.3f'):>8} "
+            f"{fmt(s.get('identical_to_ar'), '.2f'):>9} {fmt(s.get('acceptance_rate'), '.3f'):>6} "
+            f"{fmt(s.get('block_efficiency'), '.3f'):>7} {fmt(s.get('perplexity'), '.3f'):>7}"
+        )
+    return "\n".join(lines)
