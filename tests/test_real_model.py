@@ -69,7 +69,7 @@ def test_sps_and_mtad_with_a_cut_draft_of_smollm(smollm):
     target as its own draft accepts every drafted token (cache handling on a real tied-embedding model)."""
     from cllm.decoding import mtad_decode, speculative_decode
     from cllm.models import check_draft_compatible
-from cllm.training.draft import build_draft, spread_layers
+    from cllm.training.draft import build_draft, spread_layers
 
     model, tok, _ = smollm
     draft = build_draft(model, spread_layers(model.config.num_hidden_layers, 3))
