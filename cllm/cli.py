@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import sys
 
 from cllm.errors import CllmError
+
+_ENVIRONMENT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS}
 
 SUBCOMMANDS = {
     "chat": ("cllm.commands.chat", "an interactive terminal chat, answers streamed as tokens are committed"),
@@ -27,7 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cllm", description="Consistency LLMs and multi-token decoding.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (module, help_text) in SUBCOMMANDS.items():
-        p = sub.add_parser(name, help=help_text, description=help_text)
+        p = sub.add_parser(name, help=help_text, description=help_text, allow_abbrev=False)
         importlib.import_module(module).add_arguments(p)
     return parser
 
@@ -38,12 +41,25 @@ def main(argv: list[str] | None = None) -> int:
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, rest = parser.parse_known_args(argv)
     module = importlib.import_module(SUBCOMMANDS[args.command][0])
+    if rest and not hasattr(module, "pass_through"):
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
     try:
+        if rest:  # flags of another library's config (cllm train: transformers' TrainingArguments)
+            module.pass_through(args, rest)
         module.run(args)
     except CllmError as e:
         print(f"cllm {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        if e.errno not in _ENVIRONMENT_ERRNOS:
+            raise
+        # A full disk or a folder this user may not write: the machine's state, not a bug, so one line. What was
+        # committed before (checkpoints, rows, trajectory batches) stays, and the same command resumes.
+        where = f": {e.filename}" if e.filename else ""
+        print(f"cllm {args.command}: error: {e.strerror}{where} (free space or fix permissions, then run the same "
+              "command again)", file=sys.stderr)
         return 2
     return 0
 

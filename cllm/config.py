@@ -3,6 +3,10 @@
 A config class is a dataclass whose fields carry their help text (`opt(default, "help")`) and which may define
 `validate()` raising `CllmError`. `add_arguments(parser, Cls)` makes one `--field-name` flag per field, and
 `resolve(Cls, args)` merges the class defaults, the YAML file given by `--config` and the flags actually given.
+
+A class may forward another library's options instead of re-declaring them: `pass_through()` returns the name of
+its dict field and the dataclass whose fields it accepts (TrainConfig: `trainer`, transformers' TrainingArguments).
+A key the class does not declare then goes into that dict if it is a field there, and is an error otherwise.
 """
 
 from __future__ import annotations
@@ -18,9 +22,10 @@ import yaml
 from cllm.errors import CllmError
 
 
-def opt(default, help: str, choices: tuple | None = None):
-    """A config field with its help text (and allowed values)."""
-    meta = {"help": help, "choices": choices}
+def opt(default, help: str, choices: tuple | None = None, pass_through: bool = False):
+    """A config field with its help text (and allowed values); `pass_through` marks the dict that collects another
+    library's options (see the module doc)."""
+    meta = {"help": help, "choices": choices, "pass_through": pass_through}
     if isinstance(default, (list, dict)):
         return dataclasses.field(default_factory=lambda: type(default)(default), metadata=meta)
     return dataclasses.field(default=default, metadata=meta)
@@ -40,7 +45,10 @@ def _base_type(tp):
 def add_arguments(parser: argparse.ArgumentParser, cls) -> None:
     parser.add_argument("--config", default=None, metavar="FILE.yaml", help="YAML defaults (flags override them)")
     hints = typing.get_type_hints(cls)
+    skip = _pass_through_field(cls)
     for f in dataclasses.fields(cls):
+        if f.name == skip:  # its keys come as the other library's own flags (see `pass_through_flags`)
+            continue
         tp, _ = _base_type(hints[f.name])
         flag = "--" + f.name.replace("_", "-")
         help_text = f.metadata.get("help", "")
@@ -55,6 +63,32 @@ def add_arguments(parser: argparse.ArgumentParser, cls) -> None:
             if f.metadata.get("choices"):
                 kwargs["choices"] = f.metadata["choices"]
             parser.add_argument(flag, type=tp if tp in (int, float) else str, **kwargs)
+
+
+def _pass_through_field(cls) -> str | None:
+    """The name of the dict field that collects passed-through options, without importing their library."""
+    fields = [f.name for f in dataclasses.fields(cls) if f.metadata.get("pass_through")]
+    return fields[0] if fields else None
+
+
+def pass_through_flags(cls, argv: list[str]) -> dict:
+    """Flags the class does not declare, parsed by the other library's own parser (transformers' `HfArgumentParser`
+    for TrainingArguments: its types, its booleans, `--name` or `--name_with_underscores`); only the flags given are
+    returned. A flag it does not know either is an error naming it."""
+    from transformers import HfArgumentParser
+
+    _, target = cls.pass_through()
+    parser = HfArgumentParser(target, add_help=False, exit_on_error=False)
+    for action in parser._actions:  # a flag not given stays out of the namespace (our defaults differ from theirs)
+        action.default = argparse.SUPPRESS
+    try:
+        ns, unknown = parser.parse_known_args(argv)
+    except argparse.ArgumentError as e:
+        raise CllmError(str(e)) from None
+    if unknown:
+        raise CllmError(f"unrecognized arguments: {' '.join(unknown)} (neither an option of this command nor a "
+                        f"{target.__name__} field)")
+    return vars(ns)
 
 
 def _check_type(cls, name: str, value, where: str):
@@ -86,11 +120,36 @@ def read_yaml(cls, path: str | Path) -> dict:
         raise CllmError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
     if not isinstance(data, dict):
         raise CllmError(f"{path}: expected a mapping of keys to values")
+    own, forwarded = _split_keys(cls, data, str(path))
+    values = {k: _check_type(cls, k, v, str(path)) for k, v in own.items()}
+    if forwarded:
+        values[cls.pass_through()[0]] = forwarded
+    return values
+
+
+def _split_keys(cls, data: dict, where: str) -> tuple[dict, dict]:
+    """(the class's own keys, the keys it passes through), the passed-through dict merged with them; an unknown key
+    is an error naming it."""
     known = {f.name for f in dataclasses.fields(cls)}
-    for key in data:
-        if key not in known:
-            raise CllmError(f"{path}: unknown key '{key}' (known keys: {', '.join(sorted(known))})")
-    return {k: _check_type(cls, k, v, str(path)) for k, v in data.items()}
+    target = cls.pass_through() if hasattr(cls, "pass_through") else None
+    accepted = {f.name for f in dataclasses.fields(target[1])} if target else set()
+    own, forwarded = {}, {}
+    for key, value in data.items():
+        if target and key == target[0]:
+            if not isinstance(value, dict):
+                raise CllmError(f"{where}: '{key}' must be a mapping of {target[1].__name__} fields")
+            for k in value:
+                if k not in accepted:
+                    raise CllmError(f"{where}: '{key}.{k}' is not a {target[1].__name__} field")
+            forwarded.update(value)
+        elif key in known:
+            own[key] = value
+        elif key in accepted:
+            forwarded[key] = value
+        else:
+            also = f" or a {target[1].__name__} field" if target else ""
+            raise CllmError(f"{where}: unknown key '{key}' (known keys: {', '.join(sorted(known))}{also})")
+    return own, forwarded
 
 
 def resolve(cls, args: argparse.Namespace | dict | None = None, config_path: str | None = None):
@@ -98,11 +157,12 @@ def resolve(cls, args: argparse.Namespace | dict | None = None, config_path: str
     given = dict(vars(args)) if isinstance(args, argparse.Namespace) else dict(args or {})
     config_path = given.pop("config", None) or config_path
     values = read_yaml(cls, config_path) if config_path else {}
-    known = {f.name for f in dataclasses.fields(cls)}
-    for k, v in given.items():
-        if k not in known:
-            raise CllmError(f"unknown option '{k}'")
+    own, forwarded = _split_keys(cls, given, "options")
+    for k, v in own.items():
         values[k] = _check_type(cls, k, v, f"--{k.replace('_', '-')}")
+    if forwarded:  # flags override the YAML's passed-through keys one by one, not as a whole mapping
+        field = cls.pass_through()[0]
+        values[field] = {**values.get(field, {}), **forwarded}
     cfg = cls(**values)
     if hasattr(cfg, "validate"):
         cfg.validate()

@@ -54,6 +54,12 @@ def gather_to_main(ctx: DistContext, obj):
     return out
 
 
+def barrier(ctx: DistContext) -> None:
+    """Wait for every rank (nothing to wait for in a single process)."""
+    if ctx.world_size > 1:
+        dist.barrier()
+
+
 def teardown(ctx: DistContext) -> None:
     if ctx.world_size > 1 and dist.is_initialized():
         dist.barrier()

@@ -177,8 +177,65 @@ def check_model_spec(spec: str, flag: str = "--model", adapter: str | None = Non
             raise CllmError(f"{flag}: model {'file' if spec.endswith('.gguf') else 'path'} not found: {spec}")
         if p.is_dir() and not (p / "config.json").is_file():
             raise CllmError(f"{flag}: {spec} has no config.json (not a model folder)")
-    if adapter and not Path(adapter, "adapter_config.json").is_file():
-        raise CllmError(f"--adapter: {adapter} has no adapter_config.json (not a PEFT adapter folder)")
+        for weights in sorted(p.glob("*.safetensors")) if p.is_dir() else []:
+            check_safetensors(weights, flag)
+        if p.is_file() and spec.endswith(".gguf"):
+            check_gguf(p, flag)
+    if adapter:
+        if not Path(adapter, "adapter_config.json").is_file():
+            raise CllmError(f"--adapter: {adapter} has no adapter_config.json (not a PEFT adapter folder)")
+        weights = [w for w in ("adapter_model.safetensors", "adapter_model.bin") if Path(adapter, w).is_file()]
+        if not weights:
+            raise CllmError(f"--adapter: {adapter} has no adapter_model.safetensors (or .bin): no weights")
+        if weights[0].endswith(".safetensors"):
+            check_safetensors(Path(adapter, weights[0]), "--adapter")
+
+
+def check_safetensors(path: Path, flag: str = "--model") -> None:
+    """A safetensors file's header parses and its tensors fit in the file: a truncated copy or random bytes is
+    named here instead of failing inside the loader."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        n = int.from_bytes(head, "little") if len(head) == 8 else -1
+        ok = 2 <= n <= min(size - 8, 100_000_000)
+        header = f.read(n) if ok else b""
+    try:
+        meta = json.loads(header) if ok else None
+        ends = [v["data_offsets"][1] for k, v in meta.items() if k != "__metadata__"] if meta else []
+    except (ValueError, TypeError, KeyError, IndexError, AttributeError):
+        meta = None
+    if not isinstance(meta, dict) or 8 + n + max(ends, default=0) > size:
+        raise CllmError(f"{flag}: {path} is truncated or not a safetensors file ({size} bytes)")
+
+
+def check_gguf(path: Path, flag: str = "--model") -> None:
+    """The GGUF magic and a version the reader handles (2 or 3)."""
+    with open(path, "rb") as f:
+        head = f.read(8)
+    if len(head) < 8 or head[:4] != b"GGUF":
+        raise CllmError(f"{flag}: {path} is not a GGUF file (no GGUF magic)")
+    version = int.from_bytes(head[4:8], "little")
+    if version not in (2, 3):
+        raise CllmError(f"{flag}: {path} is GGUF version {version}; versions 2 and 3 are read (a corrupt file?)")
+
+
+def check_device(device: str | None, flag: str = "--device") -> None:
+    """A device string torch knows and this machine has."""
+    if device is None:
+        return
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise CllmError(f"{flag}: {device!r} is not a device ({str(e).splitlines()[0][:80]}...)") from None
+    if dev.type == "cuda":
+        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if n == 0:
+            raise CllmError(f"{flag} {device}: this machine (this torch build) has no CUDA device; use cpu")
+        if dev.index is not None and dev.index >= n:
+            raise CllmError(f"{flag} {device}: there are {n} CUDA devices (0 .. {n - 1})")
+    elif dev.type not in ("cpu", "meta") and not getattr(torch, dev.type, None):
+        raise CllmError(f"{flag} {device}: not available on this machine")
 
 
 def load_model(
@@ -202,8 +259,12 @@ def load_model(
     spec = str(spec)
     torch_dtype = parse_dtype(dtype)
     check_model_spec(spec, "model", adapter)
+    check_device(None if device is None else str(device))
     if spec.endswith(".gguf"):
-        model, tokenizer = _load_gguf(Path(spec).expanduser(), torch_dtype)
+        try:
+            model, tokenizer = _load_gguf(Path(spec).expanduser(), torch_dtype)
+        except (ValueError, OSError, EOFError, KeyError, IndexError) as e:  # a truncated or damaged file
+            raise CllmError(f"cannot read {spec}: {str(e).splitlines()[0][:200]}") from None
     else:
         path = resolve_model_path(spec)
         local = Path(path).expanduser().is_dir()
@@ -225,9 +286,7 @@ def load_model(
             kwargs["device_map"] = device_map
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     if adapter:
-        from peft import PeftModel
-
-        model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
+        model = _merge_adapter(model, adapter, spec)
     if not device_map and device is not None:
         model.to(device)
     if not device_map:
@@ -239,6 +298,17 @@ def load_model(
         # Batched decoding pads prompts on the left; any id works because padded positions are masked.
         tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer
+
+
+def _merge_adapter(model, adapter: str, spec: str):
+    """`model` with the PEFT adapter merged in; an adapter made for another base is a clear error."""
+    from peft import PeftModel
+
+    try:
+        return PeftModel.from_pretrained(model, adapter).merge_and_unload()
+    except (RuntimeError, ValueError, KeyError) as e:  # shapes or module names that are not this model's
+        raise CllmError(f"--adapter: {adapter} does not fit model '{spec}' (made for another base?): "
+                        f"{str(e).strip().splitlines()[-1][:200]}") from None
 
 
 def export_adapter(src: str | Path, dst: str | Path, dtype: str = "bf16", max_mb: float | None = None) -> dict:

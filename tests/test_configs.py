@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 
 from cllm import config
-from cllm.commands.draft import DraftConfig
-from cllm.commands.pipeline import PipelineConfig, _eval_argv, plan
-from cllm.commands.train import TrainConfig
+from cllm.training.config import DraftConfig
+from cllm.commands.pipeline import PipelineConfig, eval_config, plan
+from cllm.training.config import TrainConfig
 from cllm.data.trajectories import GenConfig
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -43,7 +43,7 @@ def test_config_opens_with_its_command_and_resolves(path, tmp_path):
             (tmp_path / "adapter" / "adapter_config.json").write_text("{}")
             data["train"] = {**data["train"], "init_adapter": str(tmp_path / "adapter")}
         cfg = config.resolve(PipelineConfig, data)
-        _eval_argv(cfg.eval)
+        eval_config(cfg, cfg.model)
         stages = plan(cfg)  # every round's gen and train options resolve
         assert len(stages) == 1 + len(cfg.rounds)
     elif cls is TrainConfig:

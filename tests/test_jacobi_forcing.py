@@ -257,7 +257,7 @@ from test_train import traj_dir, train_cfg  # noqa: E402,F401  (shared fixture a
 
 
 def test_full_finetune_run_and_bad_options(tiny_model_dir, traj_dir, tmp_path):  # noqa: F811
-    from cllm.commands.train import train
+    from cllm.training.run import train
 
     out = tmp_path / "jf"
     train(train_cfg(tiny_model_dir, traj_dir, out, objective="jacobi_forcing", noise_window=3, max_steps=3,
@@ -274,7 +274,7 @@ def test_full_finetune_run_and_bad_options(tiny_model_dir, traj_dir, tmp_path): 
 
 
 def test_clean_context_shifted_lora_run_logs_tokens_gained(tiny_model_dir, traj_dir, tmp_path):  # noqa: F811
-    from cllm.commands.train import train
+    from cllm.training.run import train
 
     out = tmp_path / "jf_clean"
     train(train_cfg(tiny_model_dir, traj_dir, out, objective="jacobi_forcing", noise_window=3, noise_shifts=3,
@@ -286,7 +286,7 @@ def test_clean_context_shifted_lora_run_logs_tokens_gained(tiny_model_dir, traj_
 
 
 def test_base_kl_run_logs_the_term_and_needs_lora(tiny_model_dir, traj_dir, tmp_path):  # noqa: F811
-    from cllm.commands.train import train
+    from cllm.training.run import train
 
     out = tmp_path / "jf_base_kl"
     train(train_cfg(tiny_model_dir, traj_dir, out, objective="jacobi_forcing", noise_window=3, noisy_context="clean",

@@ -213,7 +213,7 @@ def test_cllm_defaults_equal_the_released_trainer():
 
 
 def test_label_smoothing_defaults_follow_the_objective(tmp_path):
-    from cllm.commands.train import TrainConfig
+    from cllm.training.config import TrainConfig
     from cllm.config import resolve
 
     base = {"data": ["x"], "output_dir": str(tmp_path)}

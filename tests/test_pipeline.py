@@ -54,7 +54,7 @@ def test_pipeline_runs_end_to_end_and_resumes(tiny_model_dir, tmp_path, capsys):
 
 def test_pipeline_rejects_unknown_and_owned_keys(tiny_model_dir, tmp_path, capsys):
     base = {"model": str(tiny_model_dir), "out_dir": str(tmp_path / "run")}
-    for extra, message in [({"eval": {"metods": "ar"}}, "unknown option(s) --metods"),
+    for extra, message in [({"eval": {"metods": "ar"}}, "pipeline eval: options: unknown key 'metods'"),
                            ({"train": {"output_dir": "x"}}, "train.output_dir is set by the pipeline"),
                            ({"evaluation": {}}, "unknown key 'evaluation'")]:
         path = tmp_path / "bad.yaml"

@@ -16,7 +16,8 @@ from safetensors.torch import load_file
 
 from cllm.cli import main
 from cllm.commands.gen import generate
-from cllm.commands.train import TrainConfig, train
+from cllm.training.config import TrainConfig
+from cllm.training.run import train
 from cllm.config import resolve
 from cllm.training.train_data import CONTEXT, FIXED, LABELS, NEXT, PAD, PROMPT, STATE, PackedCollator, segment_mask
 from cllm.data.trajectories import GenConfig
@@ -227,7 +228,7 @@ def test_deepspeed_two_processes(zero, objective, tiny_model_dir, traj_dir, tmp_
 
 
 def test_cost_log_cuts_a_killed_segment_back_to_the_resumed_checkpoint(tmp_path):
-    from cllm.commands.train import CostLog
+    from cllm.training.run import CostLog
 
     (tmp_path / "train_cost.json").write_text(json.dumps({"segments": [
         {"from_step": 0, "to_step": 4, "wall_seconds": 8.0, "cpu_seconds": 15.0, "world_size": 1},

@@ -79,20 +79,6 @@ def check_output_file(path: str, flag: str) -> None:
         raise CllmError(f"{flag}: cannot write under {parent} (permission denied)")
 
 
-def load_records(args):
-    from cllm.data.datasets import PromptRecord, load_dataset_mix, load_prompt_file
-
-    if args.prompt is not None:
-        recs = [PromptRecord(id=str(i), prompt=t, dataset="cli") for i, t in enumerate(args.prompt)]
-        for i, r in enumerate(recs):
-            if not r.prompt.strip():
-                raise CllmError(f"--prompt number {i + 1} is empty")
-        return recs
-    if args.prompts is not None:
-        return load_prompt_file(args.prompts, args.prompt_field, args.limit, args.offset)
-    return load_dataset_mix(args.dataset, args.split, args.data_dir, args.limit, args.offset, args.spread)
-
-
 def method_list(args) -> list[str]:
     """--method first, then the --compare methods (comma-separated), each once."""
     compare = [m.strip() for m in args.compare.split(",") if m.strip()] if args.compare else []
@@ -107,108 +93,154 @@ def method_list(args) -> list[str]:
 
 
 def run(args) -> None:
-    from tqdm import tqdm
-
     from cllm import distributed
-    from cllm.eval.energy import EnergyMeter
-    from cllm.eval.metrics import token_logprobs
-    from cllm.models import load_model
-    from cllm.data.prompts import check_fits_context, format_prompt
-    from cllm.eval.report import answer_line, build_report, format_table, result_row
+    from cllm.data.datasets import load_records
+    from cllm.eval.report import format_table
 
     cfg = validate(args)
-    records = load_records(args)
+    records = load_records(texts=args.prompt, prompts=args.prompts, prompt_field=args.prompt_field,
+                           dataset=args.dataset, split=args.split, data_dir=args.data_dir, limit=args.limit,
+                           offset=args.offset, spread=args.spread)
     ctx = distributed.setup()
     try:
-        device = args.device or ctx.device()
-        model, tokenizer = load_model(args.model, args.dtype, device, args.device_map, adapter=args.adapter)
         methods = method_list(args)
-        draft = None
-        if any(registry.get(m).needs_draft for m in methods):
-            from cllm.models import check_draft_compatible
-
-            draft, draft_tokenizer = load_model(args.draft, args.dtype, device, args.device_map)
-            check_draft_compatible(model, tokenizer, draft, draft_tokenizer)
+        model, tokenizer, draft = _load_models(args, ctx.device() if args.device is None else args.device, methods)
         mine = ctx.shard(list(range(len(records))))
-        prompt_ids = {i: format_prompt(tokenizer, records[i].prompt) for i in mine}
-        check_fits_context(model, {records[i].id: ids for i, ids in prompt_ids.items()}, cfg.max_new_tokens)
-
+        prompt_ids = _prompt_ids(model, tokenizer, records, mine, cfg.max_new_tokens)
         if mine and args.warmup:  # untimed: first calls pay for allocation and kernel selection
-            warm = [prompt_ids[mine[0]]]
             short = dataclasses.replace(cfg, max_new_tokens=min(cfg.max_new_tokens, 2 * cfg.block_size))
             for _ in range(args.warmup):
                 for m in methods:
-                    registry.decode(m, model, tokenizer, warm, [args.seed], short, draft)
-
-        rows: dict[str, list[dict]] = {m: [] for m in methods}
-        seconds: dict[str, float] = {m: 0.0 for m in methods}
-        meters = {m: EnergyMeter() for m in methods}
-        batches = [mine[i : i + args.batch_size] for i in range(0, len(mine), args.batch_size)]
-        bar = tqdm(total=len(mine), desc=f"decode {'+'.join(methods)}", unit="prompt", disable=not ctx.is_main)
-        for b_no, idx in enumerate(batches):
-            k = b_no % len(methods)
-            order = methods[k:] + methods[:k]  # rotate so that no method always goes first
-            for m in order:
-                meters[m].start()
-                t0 = time.perf_counter()
-                results = registry.decode(m, model, tokenizer, [prompt_ids[i] for i in idx],
-                                          [args.seed + i for i in idx], cfg, draft)
-                seconds[m] += time.perf_counter() - t0
-                meters[m].stop()
-                for i, res in zip(idx, results):
-                    row = result_row(i, records[i], res)
-                    if not args.no_perplexity:  # untimed: the output scored under the unwarped target
-                        row["logprobs"] = token_logprobs(model, prompt_ids[i], res.token_ids)
-                    rows[m].append(row)
-                    if m == args.method and args.prompt is not None and not args.quiet:
-                        tqdm.write(f"--- prompt {records[i].id} ({m}):\n{res.text}")
-            bar.update(len(idx))
-        bar.close()
-
-        joules = {m: meters[m].joules for m in methods}
-        gathered = distributed.gather_to_main(ctx, {"rows": rows, "seconds": seconds, "joules": joules})
+                    registry.decode(m, model, tokenizer, [prompt_ids[mine[0]]], [args.seed], short, draft)
+        # One process streams each answer to --out as it is decoded; ranks send theirs to rank 0 at the end.
+        answers = _AnswerFiles(args, methods) if args.out and ctx.world_size == 1 else None
+        try:
+            measured = _decode_interleaved(args, cfg, ctx, methods, records, prompt_ids, (model, tokenizer, draft),
+                                           answers)
+        finally:
+            if answers:
+                answers.close()
+        gathered = distributed.gather_to_main(ctx, measured)
         if not ctx.is_main:
             return
-        all_rows = {m: sorted((r for g in gathered for r in g["rows"][m]), key=lambda r: r["index"]) for m in methods}
-        all_seconds = {m: sum(g["seconds"][m] for g in gathered) for m in methods}
-        all_joules = {m: None if any(g["joules"][m] is None for g in gathered) else sum(g["joules"][m] for g in gathered)
-                      for m in methods}
-        report = build_report(
-            model=args.model,
-            dtype=args.dtype,
-            rows=all_rows,
-            seconds=all_seconds,
-            settings={
-                "block_size": args.block_size,
-                "max_new_tokens": args.max_new_tokens,
-                "batch_size": args.batch_size,
-                "init": args.init,
-                "temperature": args.temperature,
-                "world_size": ctx.world_size,
-                "adapter": args.adapter,
-                "top_k": args.top_k,
-                "top_p": args.top_p,
-                "seed": args.seed,
-                **({"draft": args.draft, "gamma": args.gamma, "adaptive_gamma": args.adaptive_gamma}
-                   if draft is not None else {}),
-                **({"beam_width": args.beam_width, "tau": args.tau, "beam_replacement": args.beam_replacement}
-                   if "mtad" in methods else {}),
-            },
-            joules=all_joules,
-        )
-        if args.out:
-            for m in methods:
-                path = Path(args.out) if m == args.method else _sibling(Path(args.out), m)
-                path.parent.mkdir(parents=True, exist_ok=True)
-                with open(path, "w", encoding="utf-8") as f:
-                    for r in all_rows[m]:
-                        f.write(json.dumps(answer_line(r, f"{Path(str(args.model)).name}-{m}")) + "\n")
+        report, all_rows = _report(args, ctx, methods, gathered, with_draft=draft is not None)
+        if args.out and answers is None:
+            _AnswerFiles(args, methods).write_all(all_rows)
         if args.report:
             Path(args.report).parent.mkdir(parents=True, exist_ok=True)
             Path(args.report).write_text(json.dumps(report, indent=2) + "\n")
         print(format_table(report))
     finally:
         distributed.teardown(ctx)
+
+
+def _load_models(args, device: str, methods: list[str]):
+    """(model, tokenizer, draft or None), the draft checked against the model."""
+    from cllm.models import check_draft_compatible, load_model
+
+    model, tokenizer = load_model(args.model, args.dtype, device, args.device_map, adapter=args.adapter)
+    draft = None
+    if any(registry.get(m).needs_draft for m in methods):
+        draft, draft_tokenizer = load_model(args.draft, args.dtype, device, args.device_map)
+        check_draft_compatible(model, tokenizer, draft, draft_tokenizer)
+    return model, tokenizer, draft
+
+
+def _prompt_ids(model, tokenizer, records, mine: list[int], max_new_tokens: int) -> dict[int, list[int]]:
+    """This rank's prompts as chat-formatted token ids, each checked to fit the context with its new tokens."""
+    from cllm.data.prompts import check_fits_context, format_prompt
+
+    prompt_ids = {i: format_prompt(tokenizer, records[i].prompt) for i in mine}
+    check_fits_context(model, {records[i].id: ids for i, ids in prompt_ids.items()}, max_new_tokens)
+    return prompt_ids
+
+
+def _decode_interleaved(args, cfg, ctx, methods, records, prompt_ids, models, answers) -> dict:
+    """Every method on every batch of this rank's prompts, the order rotated per batch so that no method always
+    goes first; returns {rows, seconds, joules} per method."""
+    from tqdm import tqdm
+
+    from cllm.eval.energy import EnergyMeter
+    from cllm.eval.metrics import token_logprobs
+    from cllm.eval.report import result_row
+
+    model, tokenizer, draft = models
+    mine = list(prompt_ids)
+    rows: dict[str, list[dict]] = {m: [] for m in methods}
+    seconds = {m: 0.0 for m in methods}
+    meters = {m: EnergyMeter() for m in methods}
+    batches = [mine[i : i + args.batch_size] for i in range(0, len(mine), args.batch_size)]
+    bar = tqdm(total=len(mine), desc=f"decode {'+'.join(methods)}", unit="prompt", disable=not ctx.is_main)
+    for b_no, idx in enumerate(batches):
+        k = b_no % len(methods)
+        for m in methods[k:] + methods[:k]:
+            meters[m].start()
+            t0 = time.perf_counter()
+            results = registry.decode(m, model, tokenizer, [prompt_ids[i] for i in idx],
+                                      [args.seed + i for i in idx], cfg, draft)
+            seconds[m] += time.perf_counter() - t0
+            meters[m].stop()
+            for i, res in zip(idx, results):
+                row = result_row(i, records[i], res)
+                if not args.no_perplexity:  # untimed: the output scored under the unwarped target
+                    row["logprobs"] = token_logprobs(model, prompt_ids[i], res.token_ids)
+                rows[m].append(row)
+                if answers:
+                    answers.write(m, row)
+                if m == args.method and args.prompt is not None and not args.quiet:
+                    tqdm.write(f"--- prompt {records[i].id} ({m}):\n{res.text}")
+        bar.update(len(idx))
+    bar.close()
+    return {"rows": rows, "seconds": seconds, "joules": {m: meters[m].joules for m in methods}}
+
+
+def _report(args, ctx, methods: list[str], gathered: list[dict], with_draft: bool) -> tuple[dict, dict]:
+    """(the summary report, every rank's rows per method in prompt order)."""
+    from cllm.eval.report import build_report
+
+    rows = {m: sorted((r for g in gathered for r in g["rows"][m]), key=lambda r: r["index"]) for m in methods}
+    seconds = {m: sum(g["seconds"][m] for g in gathered) for m in methods}
+    joules = {m: None if any(g["joules"][m] is None for g in gathered) else sum(g["joules"][m] for g in gathered)
+              for m in methods}
+    settings = {"block_size": args.block_size, "max_new_tokens": args.max_new_tokens, "batch_size": args.batch_size,
+                "init": args.init, "temperature": args.temperature, "world_size": ctx.world_size,
+                "adapter": args.adapter, "top_k": args.top_k, "top_p": args.top_p, "seed": args.seed}
+    if with_draft:
+        settings.update(draft=args.draft, gamma=args.gamma, adaptive_gamma=args.adaptive_gamma)
+    if "mtad" in methods:
+        settings.update(beam_width=args.beam_width, tau=args.tau, beam_replacement=args.beam_replacement)
+    report = build_report(model=args.model, dtype=args.dtype, rows=rows, seconds=seconds, settings=settings,
+                          joules=joules)
+    return report, rows
+
+
+class _AnswerFiles:
+    """Answers in Spec-Bench format: --out for --method, answers.<method>.jsonl beside it for each --compare one."""
+
+    def __init__(self, args, methods: list[str]):
+        self.model_id = Path(str(args.model)).name
+        self.paths = {m: Path(args.out) if m == args.method else _sibling(Path(args.out), m) for m in methods}
+        self.files = {}
+
+    def write(self, method: str, row: dict) -> None:
+        from cllm.eval.report import answer_line
+
+        if method not in self.files:
+            self.paths[method].parent.mkdir(parents=True, exist_ok=True)
+            self.files[method] = open(self.paths[method], "w", encoding="utf-8")
+        f = self.files[method]
+        f.write(json.dumps(answer_line(row, f"{self.model_id}-{method}")) + "\n")
+        f.flush()
+
+    def write_all(self, rows: dict[str, list[dict]]) -> None:
+        for m, mrows in rows.items():
+            for r in mrows:
+                self.write(m, r)
+        self.close()
+
+    def close(self) -> None:
+        for f in self.files.values():
+            f.close()
 
 
 def _sibling(path: Path, method: str) -> Path:

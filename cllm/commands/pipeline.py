@@ -69,23 +69,17 @@ def run(args) -> None:
     print(f"[cllm pipeline] done: the table above is in {Path(cfg.out_dir) / 'summary.md'}", flush=True)
 
 
-def _eval_argv(options: dict) -> list[str]:
-    """`cllm eval` flags from a mapping (true booleans become bare flags); unknown keys are errors naming the key."""
-    from cllm.commands import eval as eval_cmd
+def eval_config(cfg: PipelineConfig, model: str, training_log: str | None = None):
+    """The eval stage's `EvalConfig`: the pipeline's eval options with the model, base, folder and log it sets;
+    resolved (so checked) before hours of work, with the base model standing in for the one not trained yet."""
+    from cllm.eval.config import EvalConfig
 
-    argv = []
-    for key, value in options.items():
-        flag = "--" + key.replace("_", "-")
-        if value is True:
-            argv.append(flag)
-        elif value is not None and value is not False:
-            argv += [flag, str(value)]
-    parser = argparse.ArgumentParser(prog="cllm pipeline eval", add_help=False)
-    eval_cmd.add_arguments(parser)
-    _, unknown = parser.parse_known_args(argv)
-    if unknown:
-        raise CllmError(f"pipeline eval: unknown option(s) {' '.join(u for u in unknown if u.startswith('--'))}")
-    return argv
+    owned = {"model": model, "base_model": cfg.model, "out_dir": str(Path(cfg.out_dir) / "eval"),
+             "training_log": training_log}
+    try:
+        return config.resolve(EvalConfig, {**cfg.eval, **owned})
+    except CllmError as e:
+        raise CllmError(f"pipeline eval: {e}") from None
 
 
 def _launch(argv: list[str], nproc: int) -> int:
@@ -107,7 +101,7 @@ def _launch(argv: list[str], nproc: int) -> int:
 def plan(cfg: PipelineConfig) -> list[tuple]:
     """Every round's (gen config or None when given `trajectories`, gen folder, train config, train folder), resolved
     and so checked before any work starts."""
-    from cllm.commands.train import TrainConfig
+    from cllm.training.config import TrainConfig
     from cllm.data.trajectories import GenConfig
 
     out = Path(cfg.out_dir)
@@ -139,11 +133,11 @@ def run_pipeline(cfg: PipelineConfig) -> str:
     import yaml
 
     from cllm.commands.gen import generate
-    from cllm.commands.train import train
+    from cllm.training.run import train
 
     out = Path(cfg.out_dir)
     eval_dir = out / "eval"
-    eval_argv = _eval_argv(cfg.eval)  # checked before hours of work, not after
+    eval_config(cfg, cfg.model)  # checked before hours of work, not after
     stages = plan(cfg)
     n_rounds = len(stages)
     out.mkdir(parents=True, exist_ok=True)
@@ -173,8 +167,10 @@ def run_pipeline(cfg: PipelineConfig) -> str:
             train(train_cfg)
 
     print(f"[cllm pipeline] evaluation -> {eval_dir}", flush=True)
-    code = _launch(["eval", "--model", str(train_dir), "--base-model", cfg.model, "--out-dir", str(eval_dir),
-                    "--training-log", str(train_dir), *eval_argv], cfg.nproc)
+    eval_yaml = out / "eval.yaml"  # the resolved options, for the ranks (and the record)
+    eval_yaml.write_text(yaml.safe_dump(config.to_dict(eval_config(cfg, str(train_dir), str(train_dir))),
+                                        sort_keys=False))
+    code = _launch(["eval", "--config", str(eval_yaml)], cfg.nproc)
     if code != 0:
         raise CllmError(f"the evaluation stage failed (exit {code}); fix the cause and run the same command again")
     summary = (eval_dir / "summary.md").read_text()

@@ -46,7 +46,7 @@ GSM8K_INSTRUCTION = "Solve the problem step by step. End with a line of the form
 def _gsm8k(root: Path, split: str) -> list[PromptRecord]:
     split = split or "test"
     out = []
-    for i, rec in enumerate(_read_jsonl(root / "gsm8k" / f"{split}.jsonl")):
+    for i, rec in enumerate(read_jsonl(root / "gsm8k" / f"{split}.jsonl")):
         out.append(
             PromptRecord(
                 id=f"gsm8k-{split}-{i}",
@@ -62,7 +62,7 @@ def _gsm8k(root: Path, split: str) -> list[PromptRecord]:
 def _question_jsonl(name: str, folder: str):
     def load(root: Path, split: str) -> list[PromptRecord]:
         out = []
-        for rec in _read_jsonl(root / folder / "question.jsonl"):
+        for rec in read_jsonl(root / folder / "question.jsonl"):
             # Multi-turn questions: the first turn only (cllm decodes single-turn prompts).
             ref = rec.get("reference")
             out.append(
@@ -83,7 +83,7 @@ def _question_jsonl(name: str, folder: str):
 def _sharegpt(root: Path, split: str) -> list[PromptRecord]:
     path = root / "sharegpt" / "ShareGPT_V3_filtered_1000.json"
     out = []
-    for rec in _read_json(path):
+    for rec in read_json(path):
         first = rec["conversations"][0]
         if first.get("from") != "human" or not first.get("value", "").strip():
             continue
@@ -105,9 +105,9 @@ def spider_schema(table: dict) -> str:
 
 
 def _spider(root: Path, split: str) -> list[PromptRecord]:
-    tables = {t["db_id"]: t for t in _read_json(root / "spider" / "tables.json")}
+    tables = {t["db_id"]: t for t in read_json(root / "spider" / "tables.json")}
     out = []
-    for i, rec in enumerate(_read_json(root / "spider" / "dev.json")):
+    for i, rec in enumerate(read_json(root / "spider" / "dev.json")):
         schema = spider_schema(tables[rec["db_id"]])
         prompt = (
             f"SQLite database '{rec['db_id']}' with tables:\n{schema}\n\n"
@@ -144,7 +144,7 @@ def _code(root: Path, split: str) -> list[PromptRecord]:
         raise CllmError(f"dataset code has the splits '' (default: queries with a matching function) and 'all', "
                         f"got {split!r}")
     out, seen = [], set()
-    for rec in _read_json(root / "codesearchnet_cosqa" / "cosqa-dev.json"):
+    for rec in read_json(root / "codesearchnet_cosqa" / "cosqa-dev.json"):
         if (split != "all" and rec.get("label") != 1) or rec["doc"] in seen:
             continue
         seen.add(rec["doc"])
@@ -271,22 +271,21 @@ def read_prompt_file(path: str | Path, field_name: str = "prompt", on_bad: str =
     if not path.is_file():
         raise CllmError(f"prompt file not found: {path}")
     records, bad = [], []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                rec, text = _parse_prompt_line(line, field_name, template)
-            except ValueError as e:
-                msg = f"{path}:{lineno}: {e}"
-                if on_bad == "fail":
-                    raise CllmError(msg) from None
-                bad.append(msg)
-                continue
-            records.append(
-                PromptRecord(id=str(rec.get("id", rec.get("question_id", lineno))), prompt=text, dataset=path.stem,
-                             category=str(rec.get("category", "")), answer=rec.get("answer"), index=lineno - 1)
-            )
+    for lineno, line in jsonl_lines(path):
+        try:
+            if line is None:
+                raise ValueError("not UTF-8 text")
+            rec, text = _parse_prompt_line(line, field_name, template)
+        except ValueError as e:
+            msg = f"{path}:{lineno}: {e}"
+            if on_bad == "fail":
+                raise CllmError(msg) from None
+            bad.append(msg)
+            continue
+        records.append(
+            PromptRecord(id=str(rec.get("id", rec.get("question_id", lineno))), prompt=text, dataset=path.stem,
+                         category=str(rec.get("category", "")), answer=rec.get("answer"), index=lineno - 1)
+        )
     if not records:
         raise CllmError(f"prompt file has no prompts: {path}")
     return records, bad
@@ -337,15 +336,57 @@ def window(records: list[PromptRecord], limit: int | None, offset: int) -> list[
     return out
 
 
-def _read_jsonl(path: Path) -> list[dict]:
-    if not path.is_file():
-        raise CllmError(f"dataset file not found: {path}")
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
+def jsonl_lines(path: Path):
+    """(line number, text) of each non-blank line of a file; the text is None where the line is not UTF-8, so the
+    reader can name the file and line (or skip it) instead of failing somewhere inside the codec."""
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            if not raw.strip():
+                continue
+            try:
+                yield lineno, raw.decode("utf-8")
+            except UnicodeDecodeError:
+                yield lineno, None
 
 
-def _read_json(path: Path):
+def read_jsonl(path: Path, what: str = "dataset file") -> list[dict]:
+    """Every line of a JSONL file as an object; a bad line is an error naming the file and line."""
+    path = Path(path)
     if not path.is_file():
-        raise CllmError(f"dataset file not found: {path}")
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
+        raise CllmError(f"{what} not found: {path}")
+    out = []
+    for lineno, line in jsonl_lines(path):
+        if line is None:
+            raise CllmError(f"{path}:{lineno}: not UTF-8 text")
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            raise CllmError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
+    return out
+
+
+
+def read_json(path: Path, what: str = "dataset file", hint: str = ""):
+    """A JSON file's content; missing, not UTF-8 or not JSON is an error naming the file (and `hint`)."""
+    path = Path(path)
+    if not path.is_file():
+        raise CllmError(f"{what} not found: {path}")
+    try:
+        return json.loads(path.read_bytes().decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CllmError(f"{path}: corrupt {what}, not valid JSON ({e}){hint}") from None
+
+
+def load_records(*, texts: list[str] | None = None, prompts: str | None = None, prompt_field: str = "prompt",
+                 dataset: str | None = None, split: str | None = None, data_dir=None, limit: int | None = None,
+                 offset: int = 0, spread: bool = False) -> list[PromptRecord]:
+    """The prompts of a command, from exactly one source: texts given on the command line, a JSONL file, or
+    dataset name(s) (comma-separated; --limit and --offset then apply to each)."""
+    if texts is not None:
+        for i, text in enumerate(texts):
+            if not text.strip():
+                raise CllmError(f"--prompt number {i + 1} is empty")
+        return [PromptRecord(id=str(i), prompt=text, dataset="cli") for i, text in enumerate(texts)]
+    if prompts is not None:
+        return load_prompt_file(prompts, prompt_field, limit, offset)
+    return load_dataset_mix(dataset, split, data_dir, limit, offset, spread)

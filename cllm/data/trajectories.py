@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cllm.config import opt
+from cllm.data.datasets import read_json
 from cllm.errors import CllmError
 
 FORMAT = "cllm-trajectories/1"
@@ -190,7 +191,7 @@ def check_or_write_manifest(out: Path, fp: dict, overwrite: bool) -> None:
     path = out / "manifest.json"
     manifest = {"format": FORMAT, "config": fp}
     if path.is_file() and not overwrite:
-        old = json.loads(path.read_text())
+        old = read_json(path, "trajectory manifest", "; use --overwrite to start over or another --out")
         if old.get("format") != FORMAT:
             raise CllmError(f"{out} is not a cllm trajectory folder (manifest format {old.get('format')!r})")
         diff = [k for k in sorted(set(fp) | set(old["config"])) if old["config"].get(k) != fp.get(k)]
@@ -210,7 +211,7 @@ def read_manifest(out: Path) -> dict:
     path = Path(out) / "manifest.json"
     if not path.is_file():
         raise CllmError(f"no trajectory manifest in {out} (not a `cllm gen` output folder)")
-    manifest = json.loads(path.read_text())
+    manifest = read_json(path, "trajectory manifest")
     if manifest.get("format") != FORMAT:
         raise CllmError(f"{path}: unknown format {manifest.get('format')!r}")
     return manifest

@@ -51,30 +51,15 @@ def ar_decode(
         logits, lengths = cache.forward(model, inputs)  # (B, W, V)
         cache.keep(lengths)  # every input token is committed context
         last_logits = logits[torch.arange(len(active)), torch.tensor(lengths) - 1]  # (B, V)
-        next_ids = []
-        for r, row in enumerate(active):
-            if temperature == 0:
-                tok = int(last_logits[r].argmax())
-            else:
-                warped = warp_logits(last_logits[r : r + 1], temperature, top_k, top_p)
-                tok = int(sample_token(warped, generators[row]))
-            next_ids.append(tok)
+        next_ids = _next_tokens(last_logits, [generators[row] for row in active], temperature, top_k, top_p)
         still = []
         for r, (row, tok) in enumerate(zip(active, next_ids)):
             generated[row].append(tok)
             if on_commit is not None:
                 on_commit(row, [tok])
-            done = tok in stop or len(generated[row]) >= max_new_tokens
-            if done:
-                n = len(generated[row])
-                results[row] = DecodeResult(
-                    token_ids=generated[row],
-                    text=tokenizer.decode(generated[row], skip_special_tokens=True) if tokenizer else "",
-                    n_forwards=n,
-                    accept_lengths=[1] * n,
-                    finish_reason="eos" if tok in stop else "length",
-                    wall_time_s=time.perf_counter() - t0,
-                )
+            if tok in stop or len(generated[row]) >= max_new_tokens:
+                results[row] = _result(generated[row], tokenizer, "eos" if tok in stop else "length",
+                                       time.perf_counter() - t0)
             else:
                 still.append(r)
         if len(still) < len(active):
@@ -84,3 +69,18 @@ def ar_decode(
             next_ids = [next_ids[r] for r in still]
         inputs = [[t] for t in next_ids]
     return results[0] if single else results
+
+
+def _next_tokens(last_logits: torch.Tensor, generators: list, temperature: float, top_k, top_p) -> list[int]:
+    """The next token of every row from its last logits (B, V): argmax, or a sample from its own generator."""
+    if temperature == 0:
+        return last_logits.argmax(dim=-1).tolist()
+    return [int(sample_token(warp_logits(last_logits[r : r + 1], temperature, top_k, top_p), g))
+            for r, g in enumerate(generators)]
+
+
+def _result(generated: list[int], tokenizer, reason: str, wall: float) -> DecodeResult:
+    n = len(generated)
+    return DecodeResult(token_ids=generated, n_forwards=n, accept_lengths=[1] * n, finish_reason=reason,
+                        text=tokenizer.decode(generated, skip_special_tokens=True) if tokenizer else "",
+                        wall_time_s=wall)

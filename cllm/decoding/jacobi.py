@@ -130,19 +130,10 @@ def jacobi_decode(
         for r, i in enumerate(active):
             row = rows[i]
             n_head = len(row.head)
-            n_open = len(row.y) - row.c
-            # The input position of y[c+j-1] (or the last head token for j = 0) predicts y[c+j].
-            pred = pred_ids[r][n_head - 1 : n_head - 1 + n_open]
-            n_new = _commit(row, pred, stop)
+            n_new = _iterate(row, pred_ids[r], stop, block_size, max_new_tokens, init, pad_id, record_trajectory)
             n_keep.append(n_head + n_new - 1)
             if on_commit is not None:
                 on_commit(i, row.generated[-n_new:])
-            if row.c == len(row.y) or row.finish_reason is not None:  # block converged, or EOS ended it
-                _finish_block(row, record_trajectory)
-                if row.finish_reason is None and len(row.generated) >= max_new_tokens:
-                    row.finish_reason = "length"
-                elif row.finish_reason is None:
-                    _start_block(row, block_size, max_new_tokens, init, pad_id)
             if row.finish_reason is None:
                 still.append(r)
             else:
@@ -153,6 +144,23 @@ def jacobi_decode(
                 cache.select(still)
             active = [active[r] for r in still]
     return results[0] if single else results
+
+
+def _iterate(row: _Row, pred_ids: list[int], stop: set[int], block_size: int, max_new_tokens: int, init: str,
+             pad_id: int, record: bool) -> int:
+    """One Jacobi iteration of a row from its forward's argmax ids (W,): commit, and when the block converged (or EOS
+    ended it) close it and open the next one or finish the row. Returns the tokens committed."""
+    n_head = len(row.head)
+    n_open = len(row.y) - row.c
+    # The input position of y[c+j-1] (or the last head token for j = 0) predicts y[c+j].
+    n_new = _commit(row, pred_ids[n_head - 1 : n_head - 1 + n_open], stop)
+    if row.c == len(row.y) or row.finish_reason is not None:
+        _finish_block(row, record)
+        if row.finish_reason is None and len(row.generated) >= max_new_tokens:
+            row.finish_reason = "length"
+        elif row.finish_reason is None:
+            _start_block(row, block_size, max_new_tokens, init, pad_id)
+    return n_new
 
 
 def _start_block(row: _Row, block_size: int, max_new_tokens: int, init: str, pad_id: int) -> None:

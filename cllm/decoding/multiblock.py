@@ -117,34 +117,59 @@ def multiblock_decode(
     stop = eos_ids(model, tokenizer, eos_token_id)
     gen = torch.Generator().manual_seed(int(seed[0] if isinstance(seed, list) else seed))
     t0 = time.perf_counter()
-
-    cache = SeqCache(model)
-    head, generated = list(prompt), []
-    accept_lengths: list[int] = []
-    stats = {"rows": 0, "recycled_wins": 0, "blocks_started": 0, "max_in_flight": 0}
-    pool = RecyclePool(per_key=max(n_recycle, 1) if n_recycle else 0)
-    blocks: list[_Block] = []
-    guess: list[int] = []  # the window's open slots, block after block
-    next_guess: int | None = None  # the prediction that fell after the window
+    run = _Window(SeqCache(model), prompt, block_size, max_new_tokens, n_blocks, math.ceil(spawn_ratio * block_size),
+                  n_recycle, init, pad_id, gen)
+    run.start_block(None)
     reason = None
-    need = math.ceil(spawn_ratio * block_size)
+    while reason is None:
+        reason = run.iterate(stop)
 
-    def start_block(first: int | None) -> None:
-        room = max_new_tokens - len(generated) - len(guess)
+    result = DecodeResult(
+        token_ids=run.generated,
+        text=tokenizer.decode(run.generated, skip_special_tokens=True) if tokenizer is not None else "",
+        n_forwards=len(run.accept_lengths),
+        accept_lengths=run.accept_lengths,
+        finish_reason=reason,
+        wall_time_s=time.perf_counter() - t0,
+        n_fast_forward=sum(a - 1 for a in run.accept_lengths),
+        extra=run.stats,
+    )
+    return result if single else [result]
+
+
+class _Window:
+    """The state of one multi-block decode: the committed text, the blocks in flight and their guesses, the pool."""
+
+    def __init__(self, cache: SeqCache, prompt: list[int], block_size: int, max_new_tokens: int, n_blocks: int,
+                 need: int, n_recycle: int, init: str, pad_id: int, gen: torch.Generator):
+        self.cache, self.prompt, self.gen = cache, prompt, gen
+        self.block_size, self.max_new_tokens, self.n_blocks, self.need = block_size, max_new_tokens, n_blocks, need
+        self.n_recycle, self.init, self.pad_id = n_recycle, init, pad_id
+        self.head, self.generated = list(prompt), []
+        self.accept_lengths: list[int] = []
+        self.stats = {"rows": 0, "recycled_wins": 0, "blocks_started": 0, "max_in_flight": 0}
+        self.pool = RecyclePool(per_key=max(n_recycle, 1) if n_recycle else 0)
+        self.blocks: list[_Block] = []
+        self.guess: list[int] = []  # the window's open slots, block after block
+
+    def start_block(self, first: int | None) -> None:
+        room = self.max_new_tokens - len(self.generated) - len(self.guess)
         if room <= 0:
             return
-        size = min(block_size, room)
-        fresh = init_guess(init, size, prompt, head[-1], pad_id, gen)
+        size = min(self.block_size, room)
+        fresh = init_guess(self.init, size, self.prompt, self.head[-1], self.pad_id, self.gen)
         if first is not None:
             fresh[0] = first
-        blocks.append(_Block(size))
-        guess.extend(fresh)
-        stats["blocks_started"] += 1
-        stats["max_in_flight"] = max(stats["max_in_flight"], len(blocks))
+        self.blocks.append(_Block(size))
+        self.guess.extend(fresh)
+        self.stats["blocks_started"] += 1
+        self.stats["max_in_flight"] = max(self.stats["max_in_flight"], len(self.blocks))
 
-    start_block(None)
-    while reason is None:
-        rows = [guess] + [_fill(c, guess) for c in pool.candidates(head[-1], n_recycle)]
+    def iterate(self, stop: set[int]) -> str | None:
+        """One forward: verify the window (and recycled rows), commit, move the guesses, maybe let a block in.
+        Returns the finish reason once the decode ends."""
+        guess, head, cache = self.guess, self.head, self.cache
+        rows = [guess] + [_fill(c, guess) for c in self.pool.candidates(head[-1], self.n_recycle)]
         rows = [r for i, r in enumerate(rows) if r not in rows[:i]]  # a tail equal to the window is no extra row
         n_cached = cache.n
         logits = _forward_rows(cache, head, rows)  # (R, len(head) + W, V)
@@ -152,40 +177,29 @@ def multiblock_decode(
         # The input position of head[-1] predicts slot 0; the one of slot i predicts slot i + 1.
         preds = logits[:, len(head) - 1 :].argmax(-1).tolist()  # (R, W + 1)
         best, matches = pick_row(rows, preds)
-        stats["rows"] += len(rows)
-        stats["recycled_wins"] += best > 0
+        self.stats["rows"] += len(rows)
+        self.stats["recycled_wins"] += best > 0
         row, pred = rows[best], preds[best]
         if matches < W:
-            pool.add(guess[n_leading_matches(guess, preds[0]) :])  # the main row's rejected tail
-        taken, reason = finish(generated, pred[: matches + 1], stop, max_new_tokens)
-        accept_lengths.append(len(taken))
+            self.pool.add(guess[n_leading_matches(guess, preds[0]) :])  # the main row's rejected tail
+        taken, reason = finish(self.generated, pred[: matches + 1], stop, self.max_new_tokens)
+        self.accept_lengths.append(len(taken))
         if len(rows) > 1:
             cache.cache.batch_select_indices(torch.tensor([best], device=cache.device))
         cache.crop(n_cached + len(head) + matches)  # KV of head + the accepted guesses (now committed)
-        head = [taken[-1]]
+        self.head = [taken[-1]]
         # Is the newest block ready to let a new one in? (measured before the commit removes slots)
-        newest_start = W - blocks[-1].open
-        ready = blocks[-1].done + n_leading_matches(row[newest_start:], pred[newest_start:]) >= need
-        _consume(blocks, matches + 1)
+        newest_start = W - self.blocks[-1].open
+        ready = self.blocks[-1].done + n_leading_matches(row[newest_start:], pred[newest_start:]) >= self.need
+        _consume(self.blocks, matches + 1)
         guess[:] = pred[matches + 1 : W]
         next_guess = pred[W] if matches < W else None  # all matched: pred[W] was committed
         if reason is None:
-            if not blocks:
-                start_block(None)
-            elif ready and len(blocks) < n_blocks:
-                start_block(next_guess)
-
-    result = DecodeResult(
-        token_ids=generated,
-        text=tokenizer.decode(generated, skip_special_tokens=True) if tokenizer is not None else "",
-        n_forwards=len(accept_lengths),
-        accept_lengths=accept_lengths,
-        finish_reason=reason,
-        wall_time_s=time.perf_counter() - t0,
-        n_fast_forward=sum(a - 1 for a in accept_lengths),
-        extra=stats,
-    )
-    return result if single else [result]
+            if not self.blocks:
+                self.start_block(None)
+            elif ready and len(self.blocks) < self.n_blocks:
+                self.start_block(next_guess)
+        return reason
 
 
 def _fill(tail: list[int], guess: list[int]) -> list[int]:

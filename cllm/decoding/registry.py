@@ -64,6 +64,10 @@ class DecodeConfig:
                 raise CllmError(f"{name} decodes one prompt at a time: use --batch-size 1")
             if m.needs_draft and not has_draft:
                 raise CllmError(f"{name} needs --draft MODEL")
+            if self.temperature > 0 and not m.sampling:
+                sampling = ", ".join(n for n in names() if _METHODS[n].sampling)
+                raise CllmError(f"{name} is greedy-only: --temperature {self.temperature:g} would be ignored; "
+                                f"drop it or use a sampling method ({sampling})")
             if m.check is not None:
                 m.check(self)
 
@@ -184,8 +188,6 @@ def _hf(mode: str):
 
 
 def _check_prompt_lookup(c: DecodeConfig) -> None:
-    if c.temperature > 0:
-        raise CllmError("hf_prompt_lookup is greedy here: drop --temperature (or use hf, sps, mtad)")
     if c.lookup_tokens < 1:
         raise CllmError(f"--lookup-tokens must be >= 1, got {c.lookup_tokens}")
 

@@ -11,10 +11,8 @@ import math
 from collections import Counter
 from pathlib import Path
 
-from cllm.eval.quality import (extract_number, gsm8k_correct, humaneval_program, run_python,
-                          spider_exact_match)
-
-REFERENCE = "base_ar"
+from cllm.eval.config import REFERENCE
+from cllm.eval.quality import extract_number, gsm8k_correct, humaneval_program, run_python, spider_exact_match
 
 
 def score(rec, text: str, spider_tables: dict | None = None, timeout: float = 10.0) -> bool | None:

@@ -143,24 +143,7 @@ def sql_components(sql: str | list[str], schema: dict | None = None):
     columns = _schema_columns(schema, tables)
 
     def norm(part: list[str]) -> tuple:
-        out = []
-        i = 0
-        while i < len(part):
-            t = part[i]
-            if t == "(" and i + 1 < len(part) and part[i + 1] == "select":  # nested query: compare structurally
-                depth, j = 0, i
-                while j < len(part):
-                    depth += part[j] == "("
-                    depth -= part[j] == ")"
-                    if depth == 0:
-                        break
-                    j += 1
-                out.append(sql_components(part[i + 1 : j], schema))
-                i = j + 1
-                continue
-            out.append(_column(t, aliases, tables, columns))
-            i += 1
-        return tuple(out)
+        return _normalize(part, aliases, tables, columns, schema)
 
     def conditions(part: list[str]) -> tuple:
         pieces = _split_top(part, {"and", "or"})
@@ -192,6 +175,27 @@ def sql_components(sql: str | list[str], schema: dict | None = None):
         order_items,
         "limit" in clauses,
     )
+
+
+def _normalize(part: list[str], aliases, tables, columns, schema) -> tuple:
+    """A clause's tokens with columns resolved to their tables and nested queries compared structurally."""
+    out = []
+    i = 0
+    while i < len(part):
+        if part[i] == "(" and i + 1 < len(part) and part[i + 1] == "select":
+            depth, j = 0, i
+            while j < len(part):
+                depth += part[j] == "("
+                depth -= part[j] == ")"
+                if depth == 0:
+                    break
+                j += 1
+            out.append(sql_components(part[i + 1 : j], schema))
+            i = j + 1
+            continue
+        out.append(_column(part[i], aliases, tables, columns))
+        i += 1
+    return tuple(out)
 
 
 def _rejoin(parts) -> list[str]:

@@ -1,8 +1,6 @@
-"""Draft models for SpS and MTAD: the compatibility check, a draft cut out of the target, and distillation data.
+"""Draft models for SpS and MTAD: a draft cut out of the target, its distillation data and the distillation run.
 
-A draft must speak the target's vocabulary: same tokenizer vocabulary, same special tokens and the same logit
-width, or its proposals are meaningless ids. `check_draft_compatible` says exactly what differs.
-
+(A draft must speak the target's vocabulary; `cllm.models.check_draft_compatible` says exactly what differs.)
 No small SmolLM2 exists offline, so `build_draft` makes one from the target itself: the same embeddings, final
 norm and LM head, and a few of its decoder layers (evenly spaced, first and last included). `DistillTrainer` then
 trains it to match the target's next-token distributions (forward KL) on text from the datasets.
@@ -11,12 +9,16 @@ trains it to match the target's next-token distributions (forward KL) on text fr
 from __future__ import annotations
 
 import copy
+import json
 from collections import defaultdict
+from pathlib import Path
 
 import torch
 from transformers import Trainer
 
+from cllm.config import to_dict
 from cllm.errors import CllmError
+from cllm.training.config import DraftConfig
 from cllm.training.losses import consistency_loss
 from cllm.training.trainer import flush_metrics
 
@@ -162,3 +164,63 @@ class DistillTrainer(Trainer):
     def log(self, logs: dict, start_time: float | None = None) -> None:
         flush_metrics(self._metrics, logs)
         super().log(logs, start_time)
+
+
+def train_draft(cfg: DraftConfig) -> dict:
+    """Cut (or load) the draft, distil it on the target, save it with cllm_draft.json; returns the summary."""
+    import torch
+    from transformers import TrainingArguments
+
+    from cllm.models import load_model
+    from cllm.training.checkpoints import resume_checkpoint
+
+    target, tok = load_model(cfg.model, dtype="fp32", device="cpu")
+    sequences = dataset_sequences(tok, cfg.datasets, cfg.split, cfg.data_dir, cfg.limit) if cfg.datasets else []
+    if cfg.data:
+        sequences += trajectory_sequences(cfg.data)
+    dataset = SequenceDataset(sequences, cfg.max_seq_len)
+    draft, layers = _draft_model(cfg, target, tok)
+    n_trainable = freeze_shared(draft)
+    n_total = sum(p.numel() for p in draft.parameters())
+    draft.config.use_cache = False
+    draft.train()
+
+    resume_from = resume_checkpoint(cfg.output_dir, "cllm train-draft") if cfg.resume else None
+    args = TrainingArguments(**{"use_cpu": not torch.cuda.is_available(), **cfg.training_arguments()})
+    trainer = DistillTrainer(model=draft, args=args, train_dataset=dataset, data_collator=PadCollator(tok.pad_token_id),
+                             processing_class=tok, teacher=target, kl_temperature=cfg.kl_temperature)
+    trainer.teacher.to(args.device)
+    result = trainer.train(resume_from_checkpoint=resume_from)
+
+    out = Path(cfg.output_dir)
+    draft.config.use_cache = True
+    trainer.save_model(str(out))
+    tok.save_pretrained(out)
+    log = trainer.state.log_history
+    summary = {
+        "draft_layers": layers,
+        "target_layers": target.config.num_hidden_layers,
+        "parameters": n_total,
+        "trainable_parameters": n_trainable,
+        "sequences": len(dataset),
+        "tokens": sum(len(s) for s in dataset.items),
+        "steps": trainer.state.global_step,
+        "train_runtime_s": round(result.metrics.get("train_runtime", 0.0), 1),
+        "final_loss": next((h["loss"] for h in reversed(log) if "loss" in h), None),
+        "final_top1_agreement": next((h["top1_agreement"] for h in reversed(log) if "top1_agreement" in h), None),
+    }
+    (out / "cllm_draft.json").write_text(json.dumps({"config": to_dict(cfg), "summary": summary}, indent=2) + "\n")
+    (out / "log_history.json").write_text(json.dumps(log, indent=1) + "\n")
+    return summary
+
+
+def _draft_model(cfg: DraftConfig, target, tok):
+    """(draft, the target layers it keeps): loaded from --init (checked against the target) or cut out of it."""
+    from cllm.models import check_draft_compatible, load_model
+
+    if cfg.init:
+        draft, draft_tok = load_model(cfg.init, dtype="fp32", device="cpu")
+        check_draft_compatible(target, tok, draft, draft_tok)
+        return draft, (getattr(draft.config, "cllm_draft", None) or {}).get("target_layers")
+    layers = spread_layers(target.config.num_hidden_layers, cfg.draft_layers)
+    return build_draft(target, layers), layers

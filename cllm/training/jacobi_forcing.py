@@ -42,6 +42,7 @@ from collections import defaultdict
 import torch
 
 from cllm.errors import CllmError
+from cllm.training.batch import pad_rows, pad_stream
 from cllm.training.train_data import AR_SCOPES, CONSISTENCY_POSITIONS, additive_mask, check_choice, first_mismatch
 
 # Stream ids of the packed sequence.
@@ -235,43 +236,32 @@ class JacobiForcingCollator:
                 "ar_mask": [True] * lead + real}
 
     def __call__(self, examples: list[dict]) -> dict:
+        """The packed batch (`cllm.training.batch`): J blocks of n slots per example, K = J * n."""
         packed = [self.pack(e) for e in examples]
         B, n = len(packed), self.n
-        T = max(len(p["ids"]) for p in packed)
         J = max(len(p["fixed_points"]) for p in packed)
         A = max(len(p["ar_idx"]) for p in packed)
-
-        def pad_rows(key, width, dtype=torch.long):  # (B, width), right-padded with 0 / False
-            out = torch.zeros(B, width, dtype=dtype)
-            for b, p in enumerate(packed):
-                out[b, : len(p[key])] = torch.tensor(p[key], dtype=dtype)
-            return out
-
-        input_ids = torch.full((B, T), self.pad_token_id, dtype=torch.long)
-        stream = torch.full((B, T), PAD, dtype=torch.long)
-        block = torch.zeros(B, T, dtype=torch.long)
-        position_ids = torch.zeros(B, T, dtype=torch.long)
+        input_ids, stream, position_ids = pad_stream(packed, "stream", self.pad_token_id, PAD)
+        block = pad_rows([p["block"] for p in packed], input_ids.shape[1])
         fixed_point = torch.zeros(B, J, n, dtype=torch.long)
         state = torch.zeros(B, J, n, dtype=torch.long)
         for b, p in enumerate(packed):
-            L = len(p["ids"])
-            input_ids[b, :L] = torch.tensor(p["ids"])
-            stream[b, :L] = torch.tensor(p["stream"])
-            block[b, :L] = torch.tensor(p["block"])
-            position_ids[b, :L] = torch.tensor(p["pos"])
-            position_ids[b, L:] = torch.arange(T - L) + (max(p["pos"]) + 1)
             for j, (fp, st) in enumerate(zip(p["fixed_points"], p["states"])):
                 fixed_point[b, j, : len(fp)] = torch.tensor(fp)
                 state[b, j, : len(st)] = torch.tensor(st)
+
+        def rows(key, width, dtype=torch.long):  # (B, width)
+            return pad_rows([p[key] for p in packed], width, dtype)
+
         # (B, 1, T, T), built once per batch
         attention_mask = additive_mask(noise_aware_mask(stream, block, self.noisy_context), self.mask_dtype)
         return {"input_ids": input_ids, "position_ids": position_ids, "attention_mask": attention_mask,
-                "student_idx": pad_rows("student_idx", J * n), "teacher_idx": pad_rows("teacher_idx", J * n),
-                "cons_student_idx": pad_rows("cons_student_idx", J * n),
-                "cons_teacher_idx": pad_rows("cons_teacher_idx", J * n),
-                "block_mask": pad_rows("cons", J * n, torch.bool), "real_mask": pad_rows("real", J * n, torch.bool),
+                "student_idx": rows("student_idx", J * n), "teacher_idx": rows("teacher_idx", J * n),
+                "cons_student_idx": rows("cons_student_idx", J * n),
+                "cons_teacher_idx": rows("cons_teacher_idx", J * n),
+                "block_mask": rows("cons", J * n, torch.bool), "real_mask": rows("real", J * n, torch.bool),
                 "fixed_point": fixed_point, "state": state,
                 "n_blocks": torch.tensor([float(len(p["fixed_points"])) for p in packed]),
-                "ar_idx": pad_rows("ar_idx", A), "ar_target": pad_rows("ar_target", A),
-                "ar_mask": pad_rows("ar_mask", A, torch.bool),
+                "ar_idx": rows("ar_idx", A), "ar_target": rows("ar_target", A),
+                "ar_mask": rows("ar_mask", A, torch.bool),
                 "clean_context": torch.tensor(self.noisy_context == "clean")}

@@ -14,13 +14,15 @@ Compared with separate passes this costs one forward and one backward over n (or
 
 from __future__ import annotations
 
-import json
+import random
 from pathlib import Path
 
 import torch
 
-from cllm.errors import CllmError
+from cllm.data.datasets import read_jsonl
 from cllm.data.trajectories import first_ids, load_trajectories
+from cllm.errors import CllmError
+from cllm.training.batch import pad_rows, pad_stream
 
 # Segment ids of the packed sequence.
 PROMPT, CONTEXT, FIXED, STATE, NEXT, LABELS, PAD = 0, 1, 2, 3, 4, 5, -1
@@ -36,13 +38,7 @@ def read_records(source: str | Path | list) -> list[dict]:
         if p.is_dir() and (p / "manifest.json").is_file():
             records.extend(load_trajectories(p))
         elif p.is_file():
-            with open(p, encoding="utf-8") as f:
-                for lineno, line in enumerate(f, 1):
-                    if line.strip():
-                        try:
-                            records.append(json.loads(line))
-                        except json.JSONDecodeError as e:
-                            raise CllmError(f"{p}:{lineno}: not valid JSON ({e.msg})") from None
+            records.extend(read_jsonl(p, "trajectory file"))
         else:
             raise CllmError(f"trajectory data not found: {s} (a `cllm gen` output folder or .jsonl files)")
     if not records:
@@ -77,15 +73,19 @@ def check_records(records: list[dict], block_size: int, vocab_size: int, where: 
 
 
 class TrajectoryDataset(torch.utils.data.Dataset):
-    """Examples = (record, state). `state_sampling="uniform"` draws one state of a record each time it is read
-    (the paper); "all" makes every state its own example. States equal to y* (nothing to learn) are skipped."""
+    """Examples = (record, state). `state_sampling="uniform"` draws one state of a record per epoch (the paper);
+    "all" makes every state its own example. States equal to y* (nothing to learn) are skipped.
+
+    The draw is a function of (seed, epoch, example), not of a global random stream: a run resumed from any
+    checkpoint, or run twice, trains on the same states (the Trainer's data loader calls `set_epoch`)."""
 
     def __init__(self, records: list[dict], state_sampling: str = "uniform", consistency: str = "global",
-                 use_aug: bool = False):
+                 use_aug: bool = False, seed: int = 0):
         if state_sampling not in ("uniform", "all"):
             raise CllmError(f"state_sampling must be uniform or all, got {state_sampling!r}")
         self.records = records
         self.state_sampling, self.consistency, self.use_aug = state_sampling, consistency, use_aug
+        self.seed, self.epoch = seed, 0
         self.items: list[tuple[int, int | None]] = []
         for i, r in enumerate(records):
             n_states = len(self._states(r))
@@ -107,13 +107,19 @@ class TrajectoryDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.items)
 
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def draw(self, idx: int, n_states: int) -> int:
+        """The state index example `idx` trains on this epoch: uniform, and the same in every run with the seed."""
+        return random.Random((self.seed * 1_000_003 + self.epoch) * 1_000_003 + idx).randrange(n_states)
+
     def __getitem__(self, idx: int) -> dict:
         rec_idx, j = self.items[idx]
         r = self.records[rec_idx]
         states = self._states(r)
         if j is None:
-            # torch's global RNG: the Trainer saves and restores it, so a resumed run draws the same states.
-            j = int(torch.randint(len(states), (1,)))
+            j = self.draw(idx, len(states))
         state = states[j]
         nxt = None
         if self.consistency == "local":
@@ -213,42 +219,22 @@ class PackedCollator:
                 "cons": [i >= first for i in range(m)]}
 
     def __call__(self, examples: list[dict]) -> dict:
+        """The packed batch (`cllm.training.batch`): one block per example, so K = n."""
         packed = [self.pack(e) for e in examples]
-        B = len(packed)
-        T = max(len(p["ids"]) for p in packed)
-        n = self.n
-        A = max(len(p["ar_target"]) for p in packed)
-        input_ids = torch.full((B, T), self.pad_token_id, dtype=torch.long)
-        seg = torch.full((B, T), PAD, dtype=torch.long)
-        position_ids = torch.zeros(B, T, dtype=torch.long)
-        student_idx = torch.zeros(B, n, dtype=torch.long)
-        teacher_idx = torch.zeros(B, n, dtype=torch.long)
-        fixed_point = torch.zeros(B, n, dtype=torch.long)
-        state = torch.zeros(B, n, dtype=torch.long)
-        block_mask = torch.zeros(B, n, dtype=torch.bool)
-        real_mask = torch.zeros(B, n, dtype=torch.bool)
-        ar_idx = torch.zeros(B, A, dtype=torch.long)
-        ar_target = torch.zeros(B, A, dtype=torch.long)
-        ar_mask = torch.zeros(B, A, dtype=torch.bool)
-        for b, p in enumerate(packed):
-            L, m, a = len(p["ids"]), len(p["fixed_point"]), len(p["ar_target"])
-            input_ids[b, :L] = torch.tensor(p["ids"])
-            seg[b, :L] = torch.tensor(p["seg"])
-            position_ids[b, :L] = torch.tensor(p["pos"])
-            position_ids[b, L:] = torch.arange(T - L) + (max(p["pos"]) + 1)
-            student_idx[b, :m] = torch.tensor(p["student_idx"])
-            teacher_idx[b, :m] = torch.tensor(p["teacher_idx"])
-            fixed_point[b, :m] = torch.tensor(p["fixed_point"])
-            state[b, :m] = torch.tensor(p["state"])
-            block_mask[b, :m] = torch.tensor(p["cons"])
-            real_mask[b, :m] = True
-            ar_idx[b, :a] = torch.tensor(p["ar_idx"])
-            ar_target[b, :a] = torch.tensor(p["ar_target"])
-            ar_mask[b, :a] = True
+        n, A = self.n, max(len(p["ar_target"]) for p in packed)
+        input_ids, seg, position_ids = pad_stream(packed, "seg", self.pad_token_id, PAD)
+        student_idx = pad_rows([p["student_idx"] for p in packed], n)
+        teacher_idx = pad_rows([p["teacher_idx"] for p in packed], n)
         attention_mask = additive_mask(segment_mask(seg), self.mask_dtype)  # (B, 1, T, T)
-        # One block per example; the consistency term's logits are the student's and teacher's slots.
+        # The consistency term's logits are the student's and teacher's slots.
         return {"input_ids": input_ids, "position_ids": position_ids, "attention_mask": attention_mask,
-                "student_idx": student_idx, "teacher_idx": teacher_idx, "fixed_point": fixed_point, "state": state,
-                "cons_student_idx": student_idx, "cons_teacher_idx": teacher_idx, "block_mask": block_mask,
-                "real_mask": real_mask, "n_blocks": torch.ones(B), "clean_context": torch.tensor(True),
-                "ar_idx": ar_idx, "ar_target": ar_target, "ar_mask": ar_mask}
+                "student_idx": student_idx, "teacher_idx": teacher_idx,
+                "fixed_point": pad_rows([p["fixed_point"] for p in packed], n),
+                "state": pad_rows([p["state"] for p in packed], n),
+                "cons_student_idx": student_idx, "cons_teacher_idx": teacher_idx,
+                "block_mask": pad_rows([p["cons"] for p in packed], n, torch.bool),
+                "real_mask": pad_rows([[True] * len(p["fixed_point"]) for p in packed], n, torch.bool),
+                "n_blocks": torch.ones(len(packed)), "clean_context": torch.tensor(True),
+                "ar_idx": pad_rows([p["ar_idx"] for p in packed], A),
+                "ar_target": pad_rows([p["ar_target"] for p in packed], A),
+                "ar_mask": pad_rows([[True] * len(p["ar_target"]) for p in packed], A, torch.bool)}

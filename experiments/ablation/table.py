@@ -53,7 +53,7 @@ def _prompts(row: dict) -> str:
 
 def ablation_row(run_dir: str | Path, method: str = "jacobi") -> dict:
     """Statistics of one pipeline folder (rounds in out/, out/round2, ...); missing stages give None fields."""
-    from cllm.commands.eval import read_rows
+    from cllm.eval.runner import read_rows
     from cllm.data.trajectories import first_prompts_cpu_seconds, summarize
 
     run = Path(run_dir)

@@ -1,0 +1,83 @@
+"""`EvalConfig`: what `cllm eval` reads (flags or YAML, e.g. a pipeline's `eval:` mapping); imports no torch."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from cllm.config import opt
+from cllm.decoding.registry import DecodeConfig
+from cllm.errors import CllmError
+
+REFERENCE = "base_ar"  # AR greedy of the base model: the speed reference of every eval
+
+
+@dataclass
+class EvalConfig(DecodeConfig):
+    """The decoding settings (`DecodeConfig`; --temperature applies to the checkpoint's methods) and the eval's own."""
+
+    model: str = opt("smollm2-135m", "checkpoint to evaluate: alias, folder, HF id, .gguf")
+    adapter: str | None = opt(None, "PEFT adapter folder merged into --model")
+    base_model: str | None = opt(None, "the speed and quality reference (default: --model without the adapter); AR "
+                                       "greedy of it runs as base_ar")
+    methods: str = opt("ar,jacobi", "comma-separated decoding methods of the checkpoint")
+    base_methods: str = opt("", "also run these methods on the base model (as base_<method>), e.g. jacobi for a "
+                                "base-vs-trained table in one run")
+    dataset: str | None = opt(None, "dataset name(s), comma-separated (gsm8k, spider, humaneval, ...)")
+    prompts: str | None = opt(None, "JSONL prompts instead of --dataset; an `answer` field is scored")
+    prompt_field: str = opt("prompt", "field of --prompts holding the text")
+    split: str | None = opt(None, "dataset split (gsm8k: test by default)")
+    data_dir: str | None = opt(None, "dataset root (default: $CLLM_DATA_DIR or ../shared/data)")
+    limit: int | None = opt(None, "prompts (per dataset)")
+    offset: int = opt(0, "skip this many prompts first")
+    spread: bool = opt(False, "--limit prompts evenly spaced over each dataset")
+    dtype: str = opt("bf16", "weights and activations", ("fp32", "bf16", "fp16", "fp64"))
+    device: str | None = opt(None, "cpu, cuda, cuda:1 (default: cuda if available, else cpu)")
+    draft: str | None = opt(None, "sps/mtad/hf_assisted: draft model")
+    seed: int = opt(0, "seed of initial guesses and sampling")
+    warmup: int = opt(1, "untimed warm-up runs per method")
+    humaneval_timeout: float = opt(10.0, "seconds per HumanEval test run")
+    out_dir: str | None = opt(None, "report.json, summary.md, answers/, plots (required)")
+    training_log: str | None = opt(None, "also plot the loss curves of this training output folder")
+    overwrite: bool = opt(False, "discard finished rows of a different earlier eval")
+
+    def validate(self) -> None:
+        """Everything that can be checked before a model loads or the manifest is written."""
+        if not self.out_dir:
+            raise CllmError("--out-dir is required")
+        if sum(x is not None for x in (self.dataset, self.prompts)) != 1:
+            raise CllmError("give exactly one of --dataset NAME or --prompts FILE")
+        methods = self.method_names()
+        DecodeConfig.validate(self, [m.removeprefix("base_") for m in methods])
+        from cllm.models import check_model_spec  # before the manifest: a typo must not block the corrected rerun
+
+        check_model_spec(self.model, "--model", self.adapter)
+        for flag, spec in (("--base-model", self.base_model), ("--draft", self.draft)):
+            if spec:
+                check_model_spec(spec, flag)
+        if self.training_log and not Path(self.training_log).exists():
+            raise CllmError(f"--training-log: folder not found: {self.training_log}")
+
+    def method_names(self) -> list[str]:
+        """Every method of the run: base_ar (the reference), base_<m> for --base-methods, then --methods."""
+        from cllm.decoding import registry
+
+        methods = _parse_methods("--methods", self.methods)
+        if not methods:
+            raise CllmError("--methods is empty")
+        base_methods = [m for m in _parse_methods("--base-methods", self.base_methods or "") if m != "ar"]
+        if any(registry.get(m).needs_draft for m in methods + base_methods) and not self.draft:
+            raise CllmError("sps/mtad need --draft MODEL")
+        return [REFERENCE, *[f"base_{m}" for m in base_methods], *methods]
+
+
+def _parse_methods(flag: str, value: str) -> list[str]:
+    from cllm.decoding import registry
+
+    methods = [m.strip() for m in value.split(",") if m.strip()]
+    for m in methods:
+        if m not in registry.names():
+            raise CllmError(f"{flag}: unknown method {m!r}; choose from {', '.join(registry.names())}")
+    if len(set(methods)) != len(methods):
+        raise CllmError(f"{flag} lists a method twice: {value}")
+    return methods

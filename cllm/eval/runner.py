@@ -1,0 +1,287 @@
+"""The `cllm eval` run: every method on the same prompts, interleaved prompt by prompt (rotating order), together
+with AR greedy of the BASE model (`base_ar`, the speed reference) in the same process.
+
+Rows are appended per prompt (fsynced), so an interrupted eval resumes without redoing finished prompts; under
+torchrun each rank takes a disjoint share and rank 0 writes report.json, summary.md, answers/<method>.jsonl and
+the plots. A finished eval can be extended with more methods (a longer --methods/--base-methods list) or more
+prompts (a larger --limit): only the new (prompt, method) pairs run, and every row records its run so the report
+flags speed-ups that compare two runs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+import uuid
+from pathlib import Path
+
+from cllm.decoding import registry
+from cllm.data.datasets import read_json
+from cllm.errors import CllmError
+from cllm.eval.config import EvalConfig
+
+SETTINGS_KEYS = ("model", "adapter", "base_model", "methods", "base_methods", "dataset", "prompts", "prompt_field", "split", "limit",
+                 "offset", "spread", "block_size", "max_new_tokens", "init", "dtype", "temperature", "top_k", "top_p",
+                 "seed", "draft", "gamma", "adaptive_gamma", "beam_width", "tau", "beam_replacement",
+                 "n_blocks", "spawn_ratio", "n_recycle")
+
+
+def new_run_id() -> str:
+    """A label for one eval run's rows. Time and pid alone collide when one process runs two evals within a
+    second (main() called twice, as tests do), which would let the report call rows of two runs one run."""
+    return f"{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+
+def settings_of(args, methods: list[str]) -> dict:
+    s = {k: getattr(args, k) for k in SETTINGS_KEYS}
+    s["methods"] = methods  # the resolved list, base_ar and base_<m> included
+    s["base_model"] = args.base_model or args.model
+    return s
+
+
+def _limit_grows(old, new) -> bool:
+    """A larger --limit (or none) keeps the finished prompts; the row ids are checked against the prompts too."""
+    return old is not None and (new is None or new > old)
+
+
+def _check_manifest(out_dir: Path, settings: dict, overwrite: bool, record_ids: list[str]) -> None:
+    """Refuse a different eval in a folder holding rows; more methods or a larger --limit extend it.
+
+    `record_ids` are the ids of this run's prompts by index: every finished row must name the prompt id at its index,
+    so rows are not scored against another prompt (--spread picking others, a prompt file whose ids changed). Only ids
+    are compared: a prompt file edited in place keeps its line-number ids and is not caught."""
+    path = out_dir / "eval_manifest.json"
+    if path.is_file() and not overwrite:
+        old = read_json(path, "eval manifest", "; use --overwrite (finished rows are kept until then) or another --out-dir")
+        missing = [m for m in old.get("methods", []) if m not in settings["methods"]]
+        if missing:
+            raise CllmError(f"{out_dir} holds an eval of methods {','.join(old['methods'])}; this one leaves out "
+                            f"{','.join(missing)}. Give every earlier method (new ones are added), or use another "
+                            "--out-dir or --overwrite (finished rows are kept until then)")
+        # A setting missing from the manifest was added to cllm after that eval started; the eval could not use it.
+        # The method lists may grow (checked above); base_methods is part of the resolved `methods` list.
+        for k in sorted((set(old) | set(settings)) - {"methods", "base_methods"}):
+            if k == "limit" and k in old and _limit_grows(old[k], settings.get(k)):
+                continue
+            if k in old and old.get(k) != settings.get(k):
+                hint = " (--limit may only grow)" if k == "limit" else ""
+                raise CllmError(f"{out_dir} holds an eval with {k}={old.get(k)!r}, this one has {settings.get(k)!r}"
+                                f"{hint}; use another --out-dir or --overwrite (finished rows are kept until then)")
+        for r in read_rows(out_dir):
+            i = r["index"]
+            have = record_ids[i] if i < len(record_ids) else None
+            if "id" in r and r["id"] != have:
+                raise CllmError(f"{out_dir}: a finished row of prompt {i} is for {r['id']!r}, but this run's prompt "
+                                f"{i} is {have!r}; the prompts changed. Use another --out-dir or --overwrite "
+                                "(finished rows are kept until then)")
+    if overwrite:
+        for f in out_dir.glob("rows-*.jsonl"):
+            f.unlink()
+    path.write_text(json.dumps(settings, indent=2) + "\n")
+
+
+def read_rows(out_dir: Path) -> list[dict]:
+    """Every complete row of every rank's file (a torn last line from a kill is ignored)."""
+    rows = []
+    for f in sorted(out_dir.glob("rows-*.jsonl")):
+        for line in f.read_text(encoding="utf-8").splitlines():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+    return rows
+
+
+def _repair(path: Path) -> None:
+    """Cut a half-written last line (the process was killed mid-write) so appends start on a fresh line."""
+    if not path.is_file():
+        return
+    data = path.read_bytes()
+    if data and not data.endswith(b"\n"):
+        path.write_bytes(data[: data.rfind(b"\n") + 1])
+
+
+def methods_done(rows: list[dict]) -> dict[int, set[str]]:
+    """Prompt index -> the methods with a complete row for it."""
+    by_index: dict[int, set] = {}
+    for r in rows:
+        by_index.setdefault(r["index"], set()).add(r["method"])
+    return by_index
+
+
+def run_eval(cfg: EvalConfig) -> dict | None:
+    """Run (or resume, or extend) the eval; rank 0 returns the report, other ranks None."""
+    from cllm import distributed
+    from cllm.data.datasets import load_records
+    from cllm.eval.harness import summary_markdown
+
+    methods = cfg.method_names()
+    records = load_records(prompts=cfg.prompts, prompt_field=cfg.prompt_field, dataset=cfg.dataset, split=cfg.split,
+                           data_dir=cfg.data_dir, limit=cfg.limit, offset=cfg.offset, spread=cfg.spread)
+    out_dir = Path(cfg.out_dir)
+    ctx = distributed.setup()
+    try:
+        settings = settings_of(cfg, methods)
+        if ctx.is_main:
+            out_dir.mkdir(parents=True, exist_ok=True)
+            _check_manifest(out_dir, settings, cfg.overwrite, [r.id for r in records])
+        distributed.barrier(ctx)
+        have = methods_done(read_rows(out_dir))
+        # prompt -> the methods still to run on it (all of them, or only those added to a finished eval)
+        todo = {i: [m for m in methods if m not in have.get(i, set())] for i in ctx.shard(list(range(len(records))))}
+        todo = {i: ms for i, ms in todo.items() if ms}
+        if todo:  # a finished eval run again loads no model: it only rewrites the report
+            _decode_prompts(cfg, ctx, records, todo, methods, out_dir)
+        distributed.barrier(ctx)
+        if not ctx.is_main:
+            return None
+        report = finish(out_dir, settings, methods, len(records), cfg.training_log)
+        print(summary_markdown(report))
+        return report
+    finally:
+        distributed.teardown(ctx)
+
+
+def _load_models(cfg: EvalConfig, ctx):
+    """(checkpoint, base, tokenizer, draft or None): the base is the checkpoint itself when it has no adapter and no
+    other base is named."""
+    from cllm.models import check_draft_compatible, load_model
+
+    device = cfg.device or ctx.device()
+    model, tok = load_model(cfg.model, cfg.dtype, device, adapter=cfg.adapter)
+    base_spec = cfg.base_model or cfg.model
+    base = model if base_spec == cfg.model and not cfg.adapter else load_model(base_spec, cfg.dtype, device)[0]
+    draft = None
+    if cfg.draft:
+        draft, draft_tok = load_model(cfg.draft, cfg.dtype, device)
+        check_draft_compatible(model, tok, draft, draft_tok)
+    return model, base, tok, draft
+
+
+def _method_runner(cfg: EvalConfig, model, base, tok, draft):
+    """run(method, prompt ids, seed, decode config) -> DecodeResult; base_<m> runs on the base model, whose AR is
+    greedy (the reference)."""
+    def run(m: str, ids: list[int], seed: int, dcfg: registry.DecodeConfig) -> object:
+        if m.startswith("base_"):
+            inner = m[len("base_"):]
+            return registry.decode(inner, base, tok, [ids], [seed], dcfg.greedy() if inner == "ar" else dcfg,
+                                   draft)[0]
+        return registry.decode(m, model, tok, [ids], [seed], dcfg, draft)[0]
+
+    return run
+
+
+def _decode_prompts(cfg: EvalConfig, ctx, records, todo: dict[int, list[str]], all_methods: list[str],
+                    out_dir: Path) -> None:
+    """Decode this rank's unfinished prompts with the methods each still lacks; append one row per (prompt, method)."""
+    from tqdm import tqdm
+
+    from cllm.data.prompts import check_fits_context, format_prompt
+    from cllm.machine import machine_tag
+
+    model, base, tok, draft = _load_models(cfg, ctx)
+    check_fits_context(model, {records[i].id: format_prompt(tok, records[i].prompt) for i in todo},
+                       cfg.max_new_tokens)
+    run = _method_runner(cfg, model, base, tok, draft)
+    dcfg = registry.DecodeConfig.from_args(cfg)
+    running = [m for m in all_methods if any(m in ms for ms in todo.values())]
+    if cfg.warmup:  # untimed
+        warm = format_prompt(tok, records[next(iter(todo))].prompt)
+        short = registry.DecodeConfig.from_args(cfg, max_new_tokens=min(cfg.max_new_tokens, 2 * cfg.block_size))
+        for _ in range(cfg.warmup):
+            for m in running:
+                run(m, warm, cfg.seed, short)
+    # On every row: a resumed eval may span machines, and rows of one prompt from different runs were not timed
+    # interleaved; the report says so.
+    stamp = {"machine": machine_tag(), "run": new_run_id()}
+    quality = _quality_scorer(cfg, records, base)
+    rows_path = out_dir / f"rows-rank{ctx.rank}.jsonl"
+    _repair(rows_path)
+    bar = tqdm(total=len(todo), desc=f"eval {'+'.join(running)}", unit="prompt", disable=not ctx.is_main)
+    with open(rows_path, "a", encoding="utf-8") as f:
+        for n_done, (i, prompt_methods) in enumerate(todo.items()):
+            ids = format_prompt(tok, records[i].prompt)
+            k = n_done % len(prompt_methods)
+            timed = [_timed_row(run, m, i, records[i], ids, cfg.seed + i, dcfg, stamp)
+                     for m in prompt_methods[k:] + prompt_methods[:k]]  # rotate: no method always runs first
+            for row in timed:
+                f.write(json.dumps(quality(row, records[i], ids)) + "\n")  # untimed quality checks
+            f.flush()
+            os.fsync(f.fileno())
+            bar.update(1)
+    bar.close()
+
+
+def _timed_row(run, m: str, i: int, rec, ids: list[int], seed: int, dcfg, stamp: dict) -> dict:
+    from cllm.eval.report import result_row
+
+    t0, c0 = time.perf_counter(), time.process_time()
+    res = run(m, ids, seed, dcfg)
+    seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
+    row = result_row(i, rec, res)
+    row.update(method=m, seconds=seconds, cpu_seconds=cpu, **stamp)
+    return row
+
+
+def _quality_scorer(cfg: EvalConfig, records, base):
+    """quality(row, record, prompt ids) -> the row with its mean log-probability under the base, correctness and
+    degeneracy."""
+    from cllm.eval.harness import score
+    from cllm.eval.metrics import token_logprobs
+    from cllm.eval.quality import is_degenerate
+
+    spider_tables = _spider_tables(cfg, records)
+
+    def quality(row: dict, rec, ids: list[int]) -> dict:
+        lp = token_logprobs(base, ids, row["token_ids"])
+        row["base_logprob_mean"] = sum(lp) / len(lp) if lp else None
+        row["correct"] = score(rec, row["text"], spider_tables, cfg.humaneval_timeout)
+        row["degenerate"] = is_degenerate(row["token_ids"])
+        return row
+
+    return quality
+
+
+def _spider_tables(args, records) -> dict:
+    if not any(r.dataset == "spider" for r in records):
+        return {}
+    from cllm.data.datasets import default_data_dir
+
+    root = Path(args.data_dir) if args.data_dir else default_data_dir()
+    return {t["db_id"]: t for t in json.loads((root / "spider" / "tables.json").read_text())}
+
+
+def finish(out_dir: Path, settings: dict, all_methods: list[str], n_prompts: int, training_log: str | None) -> dict:
+    """Merge every rank's rows into report.json, summary.md, answers/<method>.jsonl and the plots."""
+    from cllm.eval.harness import build_eval_report, summary_markdown, write_plots
+    from cllm.eval.report import answer_line
+
+    rows: dict[str, dict[int, dict]] = {m: {} for m in all_methods}
+    for r in read_rows(out_dir):
+        if r["method"] in rows:
+            rows[r["method"]][r["index"]] = r  # a prompt redone after a kill: the last complete row counts
+    complete = set.intersection(*(set(v) for v in rows.values())) if rows else set()
+    if len(complete) < n_prompts:
+        raise CllmError(f"{out_dir}: only {len(complete)} of {n_prompts} prompts are finished; run the same command "
+                        "again to finish them")
+    by_method = {m: [rows[m][i] for i in sorted(complete)] for m in all_methods}
+    report = build_eval_report(by_method, settings)
+    report["fingerprint"] = hashlib.sha1(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
+    (out_dir / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    (out_dir / "summary.md").write_text(summary_markdown(report))
+    answers = out_dir / "answers"
+    answers.mkdir(exist_ok=True)
+    model_id = Path(str(settings["model"])).name
+    for m, mrows in by_method.items():
+        with open(answers / f"{m}.jsonl", "w", encoding="utf-8") as f:
+            for r in mrows:
+                line = answer_line({**r, "wall_time": r["seconds"]}, f"{model_id}-{m}")
+                f.write(json.dumps(line) + "\n")
+    write_plots(report, out_dir)
+    if training_log:
+        from cllm.eval.plots import plot_training_log
+
+        plot_training_log(training_log, out_dir / "training_loss.png")
+    return report

@@ -1,0 +1,113 @@
+"""One error path: every class of bad input in the README's table ends in one line that names the file (and line,
+where there is one) and exit code 2, before any work is lost. Fixtures are made here: truncated files, random
+bytes, non-UTF-8 lines, an adapter for another base, a LoRA checkpoint resumed without --use-peft."""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+import pytest
+
+from cllm.cli import main
+from conftest import save_tiny_model
+
+
+@pytest.fixture(scope="module")
+def bad(tmp_path_factory, tiny_model_dir):
+    """name -> path of each broken fixture."""
+    root = tmp_path_factory.mktemp("bad")
+    paths = {"prompts": root / "p.jsonl"}
+    paths["prompts"].write_text('{"prompt": "w3 w4"}\n')
+    for name, content in (("truncated", None), ("random", os.urandom(4000))):
+        folder = root / name
+        shutil.copytree(tiny_model_dir, folder)
+        st = folder / "model.safetensors"
+        st.write_bytes(content if content is not None else st.read_bytes()[:500])
+        paths[name] = folder
+    paths["gguf"] = root / "x.gguf"
+    paths["gguf"].write_bytes(b"GGUF" + os.urandom(100))
+    paths["not_utf8"] = root / "nu.jsonl"
+    paths["not_utf8"].write_bytes(b'{"prompt": "w3"}\n{"prompt": "\xff\xfe w4"}\n')
+    paths["bad_json"] = root / "bj.jsonl"
+    paths["bad_json"].write_text('{"prompt": "w3"}\n\n{"prompt": "w4"\n')
+    paths["no_weights"] = root / "adapter"
+    paths["no_weights"].mkdir()
+    (paths["no_weights"] / "adapter_config.json").write_text('{"peft_type": "LORA"}')
+    paths["gen_manifest"] = root / "gen"
+    paths["gen_manifest"].mkdir()
+    (paths["gen_manifest"] / "manifest.json").write_text('{"format": "cllm-traj')
+    paths["eval_manifest"] = root / "eval"
+    paths["eval_manifest"].mkdir()
+    (paths["eval_manifest"] / "eval_manifest.json").write_text("{not json")
+    # an adapter trained for another base (hidden size 48, not 32)
+    other = save_tiny_model(root / "other", seed=3, hidden_size=48)
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    lora = get_peft_model(AutoModelForCausalLM.from_pretrained(other), LoraConfig(r=2, target_modules=["q_proj"]))
+    lora.save_pretrained(root / "other_adapter")
+    paths["other_adapter"] = root / "other_adapter"
+    return paths
+
+
+DECODE = ["decode", "--max-new-tokens", "4", "--block-size", "4", "--quiet", "--no-perplexity", "--warmup", "0"]
+
+# (class, argv with {name} for fixtures and {model} for the tiny model, text the one line must hold)
+CASES = [
+    ("truncated safetensors", DECODE + ["--model", "{truncated}", "--prompts", "{prompts}"],
+     "{truncated}/model.safetensors is truncated"),
+    ("random bytes as weights", DECODE + ["--model", "{random}", "--prompts", "{prompts}"],
+     "{random}/model.safetensors is truncated or not a safetensors file"),
+    ("corrupt GGUF", DECODE + ["--model", "{gguf}", "--prompts", "{prompts}"], "{gguf} is GGUF version"),
+    ("non-UTF-8 prompt line", DECODE + ["--model", "{model}", "--prompts", "{not_utf8}"], "{not_utf8}:2: not UTF-8"),
+    ("bad JSON prompt line", DECODE + ["--model", "{model}", "--prompts", "{bad_json}"], "{bad_json}:3: not valid JSON"),
+    ("adapter without weights", DECODE + ["--model", "{model}", "--adapter", "{no_weights}", "--prompts", "{prompts}"],
+     "{no_weights} has no adapter_model.safetensors"),
+    ("adapter of another base", DECODE + ["--model", "{model}", "--adapter", "{other_adapter}", "--prompts",
+                                          "{prompts}"], "{other_adapter} does not fit model"),
+    ("a folder that is no adapter", DECODE + ["--model", "{model}", "--adapter", "{prompts}", "--prompts", "{prompts}"],
+     "has no adapter_config.json"),
+    ("device this machine lacks", DECODE + ["--model", "{model}", "--prompts", "{prompts}", "--device", "cuda:3"],
+     "--device cuda:3"),
+    ("no such device", DECODE + ["--model", "{model}", "--prompts", "{prompts}", "--device", "tpu"],
+     "'tpu' is not a device"),
+    ("temperature with a greedy-only method", DECODE + ["--model", "{model}", "--prompts", "{prompts}", "--temperature",
+                                                        "0.7"], "jacobi is greedy-only"),
+    ("output path under a file", DECODE + ["--model", "{model}", "--prompts", "{prompts}", "--out", "{prompts}/a.jsonl"],
+     "is a file"),
+    ("corrupt trajectory manifest", ["gen", "--model", "{model}", "--prompts", "{prompts}", "--out", "{gen_manifest}",
+                                     "--block-size", "4", "--max-new-tokens", "4"],
+     "{gen_manifest}/manifest.json: corrupt trajectory manifest"),
+    ("corrupt eval manifest", ["eval", "--model", "{model}", "--prompts", "{prompts}", "--out-dir", "{eval_manifest}",
+                               "--block-size", "4", "--max-new-tokens", "4", "--dtype", "fp32"],
+     "{eval_manifest}/eval_manifest.json: corrupt eval manifest"),
+    ("non-UTF-8 trajectory file", ["train", "--model", "{model}", "--data", "{not_utf8}", "--output-dir", "{gen_manifest}/t"],
+     "{not_utf8}:2: not UTF-8"),
+    ("unknown TrainingArguments flag", ["train", "--data", "{prompts}", "--output-dir", "x", "--learnin-rate", "1"],
+     "unrecognized arguments: --learnin-rate"),
+    ("disk full while writing", DECODE + ["--model", "{model}", "--prompts", "{prompts}", "--out", "/dev/full"],
+     "No space left on device"),
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+def test_bad_input_is_one_line_and_exit_2(case, bad, tiny_model_dir, capsys):
+    _, argv, expected = case
+    names = {**{k: str(v) for k, v in bad.items()}, "model": str(tiny_model_dir)}
+    assert main([a.format(**names) for a in argv]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+    assert len(err) == 1 and expected.format(**names) in err[0], err
+
+
+def test_resuming_a_lora_checkpoint_without_use_peft(tiny_model_dir, tmp_path, capsys):
+    ckpt = tmp_path / "run" / "checkpoint-2"
+    ckpt.mkdir(parents=True)
+    (ckpt / "trainer_state.json").write_text('{"global_step": 2}')
+    (ckpt / "adapter_model.safetensors").write_bytes(b"")
+    data = tmp_path / "d.jsonl"
+    data.write_text("{}\n")
+    argv = ["train", "--model", str(tiny_model_dir), "--data", str(data), "--output-dir", str(tmp_path / "run"),
+            "--resume"]
+    assert main(argv) == 2
+    assert f"{ckpt} is a LoRA checkpoint: resume it with --use-peft" in capsys.readouterr().err
