@@ -10,7 +10,7 @@ import argparse
 import sys
 import time
 
-from cllm.commands.serve import add_model_arguments, load_engine
+from cllm.commands.common import add_model_arguments, load_engine
 from cllm.decoding import registry
 
 

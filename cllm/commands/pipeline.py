@@ -141,7 +141,8 @@ def run_pipeline(cfg: PipelineConfig) -> str:
     stages = plan(cfg)
     n_rounds = len(stages)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "pipeline.json").write_text(json.dumps(config.to_dict(cfg), indent=1) + "\n")  # for the ablation table (experiments/ablation)
+    # for the ablation table (experiments/ablation)
+    (out / "pipeline.json").write_text(json.dumps(config.to_dict(cfg), indent=1) + "\n")
 
     for i, (gen_cfg, gen_dir, train_cfg, train_dir) in enumerate(stages, 1):
         tag = f"round {i}/{n_rounds}: " if n_rounds > 1 else ""

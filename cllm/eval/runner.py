@@ -54,7 +54,8 @@ def _check_manifest(out_dir: Path, settings: dict, overwrite: bool, record_ids: 
     are compared: a prompt file edited in place keeps its line-number ids and is not caught."""
     path = out_dir / "eval_manifest.json"
     if path.is_file() and not overwrite:
-        old = read_json(path, "eval manifest", "; use --overwrite (finished rows are kept until then) or another --out-dir")
+        old = read_json(path, "eval manifest",
+                        "; use --overwrite (finished rows are kept until then) or another --out-dir")
         missing = [m for m in old.get("methods", []) if m not in settings["methods"]]
         if missing:
             raise CllmError(f"{out_dir} holds an eval of methods {','.join(old['methods'])}; this one leaves out "

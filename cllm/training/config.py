@@ -1,6 +1,7 @@
-"""`TrainConfig` and `DraftConfig`: what `cllm train` and `cllm train-draft` read. It declares only the consistency-training options; every Hugging Face
-`TrainingArguments` field passes through (`trainer`), so learning rate, steps, checkpointing, DeepSpeed, precision
-and logging are set as transformers documents them.
+"""`TrainConfig` and `DraftConfig`: what `cllm train` and `cllm train-draft` read.
+
+They declare only their own options; every Hugging Face `TrainingArguments` field passes through (`trainer`), so
+learning rate, steps, checkpointing, DeepSpeed, precision and logging are set as transformers documents them.
 
 Imports no torch: `cllm train --help` stays fast.
 """
