@@ -9,6 +9,7 @@ _EXPORTS = {
     "speculative_decode": "cllm.decoding.speculative",
     "mtad_decode": "cllm.decoding.mtad",
     "multiblock_decode": "cllm.decoding.multiblock",
+    "lookahead_decode": "cllm.decoding.lookahead",
     "DecodeResult": "cllm.decoding.common",
     "BlockTrajectory": "cllm.decoding.common",
 }

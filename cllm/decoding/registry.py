@@ -39,6 +39,9 @@ class DecodeConfig:
                                     "tokens accepted")
     n_recycle: int = _opt(2, "multiblock: rejected tails verified as extra rows per forward, 0 = off")
     lookup_tokens: int = _opt(10, "hf_prompt_lookup: candidate tokens copied from the prompt per forward")
+    lookahead_window: int = _opt(5, "lookahead: window W (columns of the 2D Jacobi window)")
+    lookahead_ngram: int = _opt(4, "lookahead: n-gram size N (the window has N-1 levels)")
+    lookahead_guesses: int = _opt(5, "lookahead: G, n-grams verified per forward (and kept per key in the pool)")
 
     @classmethod
     def from_args(cls, args, **changes) -> "DecodeConfig":
@@ -81,7 +84,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
             p.add_argument(flag, action="store_true", help=f.metadata["help"])
             continue
         kind = {"block_size": int, "max_new_tokens": int, "top_k": int, "gamma": int, "beam_width": int,
-                "n_blocks": int, "n_recycle": int, "lookup_tokens": int, "init": str}.get(f.name, float)
+                "n_blocks": int, "n_recycle": int, "lookup_tokens": int, "init": str, "lookahead_window": int,
+                "lookahead_ngram": int, "lookahead_guesses": int}.get(f.name, float)
         p.add_argument(flag, type=kind, default=f.default, choices=f.metadata["choices"], help=help_text)
 
 
@@ -163,6 +167,13 @@ def _multiblock(model, tok, prompts, seeds, c, draft):
                               c.n_recycle, c.init, seeds[0])]
 
 
+def _lookahead(model, tok, prompts, seeds, c, draft):
+    from cllm.decoding.lookahead import lookahead_decode
+
+    return [lookahead_decode(model, tok, prompts[0], c.max_new_tokens, c.lookahead_window, c.lookahead_ngram,
+                             c.lookahead_guesses, seeds[0])]
+
+
 def _sps(model, tok, prompts, seeds, c, draft):
     from cllm.decoding.speculative import speculative_decode
 
@@ -198,6 +209,12 @@ def _check_multiblock(c: DecodeConfig) -> None:
     check_multiblock_args(c.block_size, c.n_blocks, c.spawn_ratio, c.n_recycle)
 
 
+def _check_lookahead(c: DecodeConfig) -> None:
+    from cllm.decoding.lookahead import check_lookahead_args
+
+    check_lookahead_args(c.lookahead_window, c.lookahead_ngram, c.lookahead_guesses)
+
+
 def _check_sps(c: DecodeConfig) -> None:
     from cllm.decoding.speculative import check_draft_args
 
@@ -216,6 +233,8 @@ register("ar", Method(_ar, supports_batch=True, sampling=True, streams=True,
 register("jacobi", Method(_jacobi, supports_batch=True, streams=True, help="Jacobi decoding of blocks of n guesses"))
 register("multiblock", Method(_multiblock, check=_check_multiblock,
                               help="multi-block Jacobi decoding with rejection recycling"))
+register("lookahead", Method(_lookahead, check=_check_lookahead,
+                             help="lookahead decoding: Jacobi n-grams collected and verified in one forward"))
 register("sps", Method(_sps, needs_draft=True, sampling=True, check=_check_sps, help="speculative sampling"))
 register("mtad", Method(_mtad, needs_draft=True, sampling=True, check=_check_mtad,
                         help="multi-token assisted decoding"))
