@@ -233,8 +233,6 @@ register("ar", Method(_ar, supports_batch=True, sampling=True, streams=True,
 register("jacobi", Method(_jacobi, supports_batch=True, streams=True, help="Jacobi decoding of blocks of n guesses"))
 register("multiblock", Method(_multiblock, check=_check_multiblock,
                               help="multi-block Jacobi decoding with rejection recycling"))
-register("lookahead", Method(_lookahead, check=_check_lookahead,
-                             help="lookahead decoding: Jacobi n-grams collected and verified in one forward"))
 register("sps", Method(_sps, needs_draft=True, sampling=True, check=_check_sps, help="speculative sampling"))
 register("mtad", Method(_mtad, needs_draft=True, sampling=True, check=_check_mtad,
                         help="multi-token assisted decoding"))
@@ -243,3 +241,5 @@ register("hf_prompt_lookup", Method(_hf("prompt_lookup"), check=_check_prompt_lo
                                     help="Hugging Face generate with prompt lookup decoding"))
 register("hf_assisted", Method(_hf("assisted"), needs_draft=True, sampling=True, check=_check_sps,
                                help="Hugging Face assisted generation with the draft model"))
+register("lookahead", Method(_lookahead, check=_check_lookahead,
+                             help="lookahead decoding: Jacobi n-grams collected and verified in one forward"))

@@ -48,6 +48,7 @@ def method_summary(rows: list[dict], seconds: float, joules: float | None = None
                 "tokens_per_forward": r["new_tokens"] / r["forwards"] if r["forwards"] else None,
                 "fast_forward": r["fast_forward"],
                 "stationary": r["stationary"],
+                **{k: r[k] for k in ("iterations", "drafted", "accepted") if k in r},
             }
             for r in rows
         ],
