@@ -65,6 +65,7 @@ def test_decode_sps_mtad_and_ar_sampling_report(tiny_model_dir, draft_dirs, tmp_
         assert m["ms_per_token"] == pytest.approx(1000 * m["wall_time_s"] / m["new_tokens"], rel=1e-3)
         assert m["perplexity"] is not None and m["perplexity"] > 1.0
         assert m["energy_j_per_token"] is None or m["energy_j_per_token"] > 0  # null where RAPL is unreadable
+        assert 0 < m["cpu_s_per_token"] < 50 * m["ms_per_token"] / 1000  # always there; all threads' CPU time
         assert "identical_to_ar" not in m  # sampling: outputs are not expected to match
     assert methods["ar"]["acceptance_rate"] is None
     assert report["settings"]["tau"] == 0.5 and report["settings"]["gamma"] == 3

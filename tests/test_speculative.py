@@ -279,3 +279,52 @@ def test_all_small_block_outcomes_enumerated(small_pair):
     _, _, _, p_target, p_draft = small_pair
     assert abs(sum(p_target.values()) - 1) < 1e-6 and abs(sum(p_draft.values()) - 1) < 1e-6
     assert all(len(k) == N_TOKENS for k in itertools.chain(p_target, p_draft))
+
+
+def test_beam_weight_rules_by_hand():
+    from cllm.decoding.mtad import renormalize
+
+    log_s = torch.tensor([0.5, 0.1, 0.02], dtype=torch.float64).log()
+    # joint (the paper): w = s / sum(s)
+    assert renormalize(log_s, "joint").exp().tolist() == pytest.approx([0.5 / 0.62, 0.1 / 0.62, 0.02 / 0.62])
+    # released (the authors' code): softmax of the scores themselves, e^0.5 : e^0.1 : e^0.02
+    z = math.exp(0.5) + math.exp(0.1) + math.exp(0.02)
+    assert renormalize(log_s, "released").exp().tolist() == pytest.approx(
+        [math.exp(0.5) / z, math.exp(0.1) / z, math.exp(0.02) / z])
+    with pytest.raises(CllmError, match="beam_weights"):
+        renormalize(log_s, "other")
+
+
+def test_released_rule_can_pick_a_beam_of_lower_joint_probability():
+    """Two beams over two steps: A = (q 0.9, then 0.3), joint 0.27; B = (0.1, then 0.8), joint 0.08. The joint rule
+    keeps w proportional to Q and picks A; the released rule's near-uniform first weights (softmax of 0.9 and 0.1)
+    let B's larger last-step score win: 0.31 x 0.8 = 0.25 against 0.69 x 0.3 = 0.21."""
+    from cllm.decoding.mtad import renormalize
+
+    q1 = torch.tensor([0.9, 0.1], dtype=torch.float64)
+    q2 = torch.tensor([0.3, 0.8], dtype=torch.float64)
+    picks = {}
+    for rule in ("joint", "released"):
+        log_w = renormalize(q1.log(), rule)
+        log_w = renormalize(log_w + q2.log(), rule)
+        picks[rule] = int(log_w.argmax())
+    assert picks == {"joint": 0, "released": 1}
+    w1 = renormalize(q1.log(), "released").exp()
+    assert w1.tolist() == pytest.approx([math.exp(0.9) / (math.exp(0.9) + math.exp(0.1)),
+                                         math.exp(0.1) / (math.exp(0.9) + math.exp(0.1))])
+
+
+def test_beam_weights_reach_mtad_through_the_registry():
+    from cllm.decoding import registry
+    from cllm.decoding.mtad import mtad_decode
+
+    target, draft = tiny_model(7), tiny_model(8)
+    prompt = [3, 5, 2, 6, 9]
+    outs = {}
+    for rule in ("joint", "released"):
+        cfg = registry.DecodeConfig(max_new_tokens=24, temperature=1.0, gamma=4, beam_width=4, beam_weights=rule)
+        via = registry.decode("mtad", target, None, [prompt], [11], cfg, draft)[0]
+        direct = mtad_decode(target, draft, None, prompt, 24, 4, 4, 0.5, 1.0, None, None, 11, beam_weights=rule)
+        assert via.token_ids == direct.token_ids
+        outs[rule] = direct.token_ids
+    assert outs["joint"] != outs["released"]  # the rule changes which beams survive and which one is drafted

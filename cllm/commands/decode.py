@@ -167,7 +167,7 @@ def _decode_interleaved(args, cfg, ctx, methods, records, prompt_ids, models, an
     model, tokenizer, draft = models
     mine = list(prompt_ids)
     rows: dict[str, list[dict]] = {m: [] for m in methods}
-    seconds = {m: 0.0 for m in methods}
+    seconds, cpu = {m: 0.0 for m in methods}, {m: 0.0 for m in methods}
     meters = {m: EnergyMeter() for m in methods}
     batches = [mine[i : i + args.batch_size] for i in range(0, len(mine), args.batch_size)]
     bar = tqdm(total=len(mine), desc=f"decode {'+'.join(methods)}", unit="prompt", disable=not ctx.is_main)
@@ -175,10 +175,11 @@ def _decode_interleaved(args, cfg, ctx, methods, records, prompt_ids, models, an
         k = b_no % len(methods)
         for m in methods[k:] + methods[:k]:
             meters[m].start()
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             results = registry.decode(m, model, tokenizer, [prompt_ids[i] for i in idx],
                                       [args.seed + i for i in idx], cfg, draft)
             seconds[m] += time.perf_counter() - t0
+            cpu[m] += time.process_time() - c0
             meters[m].stop()
             for i, res in zip(idx, results):
                 row = result_row(i, records[i], res)
@@ -191,7 +192,7 @@ def _decode_interleaved(args, cfg, ctx, methods, records, prompt_ids, models, an
                     tqdm.write(f"--- prompt {records[i].id} ({m}):\n{res.text}")
         bar.update(len(idx))
     bar.close()
-    return {"rows": rows, "seconds": seconds, "joules": {m: meters[m].joules for m in methods}}
+    return {"rows": rows, "seconds": seconds, "cpu_seconds": cpu, "joules": {m: meters[m].joules for m in methods}}
 
 
 def _report(args, ctx, methods: list[str], gathered: list[dict], with_draft: bool) -> tuple[dict, dict]:
@@ -208,9 +209,11 @@ def _report(args, ctx, methods: list[str], gathered: list[dict], with_draft: boo
     if with_draft:
         settings.update(draft=args.draft, gamma=args.gamma, adaptive_gamma=args.adaptive_gamma)
     if "mtad" in methods:
-        settings.update(beam_width=args.beam_width, tau=args.tau, beam_replacement=args.beam_replacement)
+        settings.update(beam_width=args.beam_width, tau=args.tau, beam_replacement=args.beam_replacement,
+                        beam_weights=args.beam_weights)
+    cpu = {m: sum(g["cpu_seconds"][m] for g in gathered) for m in methods}
     report = build_report(model=args.model, dtype=args.dtype, rows=rows, seconds=seconds, settings=settings,
-                          joules=joules)
+                          joules=joules, cpu_seconds=cpu)
     return report, rows
 
 

@@ -12,6 +12,11 @@ One iteration:
    not the first failure; 0 if none).
 4. Emit x_1..x_n and one token sampled from p_{n+1} (no residual correction); crop both caches.
 tau -> infinity never accepts (plain target sampling); B = 1 is ancestral drafting. Batch size 1.
+
+`beam_weights="released"` renormalises as the MTAD authors' code does (`strategies.py`: `log_softmax` over the
+drawn scores taken as log-weights, where they are probabilities): the weights then stay near uniform, the next
+draws follow the draft's per-step q more than the joint Q, and the final argmax is the beam with the largest last
+step score w * q, which need not be the beam of largest joint draft probability (see `renormalize`).
 """
 
 from __future__ import annotations
@@ -44,6 +49,22 @@ def mtad_accept(target_logprobs, draft_logprobs, tau: float) -> int:
     return int(passing.max()) + 1 if passing.numel() else 0
 
 
+BEAM_WEIGHTS = ("joint", "released")
+
+
+def renormalize(log_s: torch.Tensor, rule: str = "joint") -> torch.Tensor:
+    """Log-weights of the drawn beams (B,) from their log scores log s = log w_parent + log q (B,).
+
+    joint (the paper): w = s / sum(s), so w is proportional to the beams' joint draft probabilities Q.
+    released (the authors' code): log w = log_softmax(s), the softmax of the scores themselves (probabilities),
+    i.e. w proportional to exp(s): near uniform whatever Q is."""
+    if rule == "joint":
+        return log_s - log_s.logsumexp(0)
+    if rule == "released":
+        return log_s.exp().log_softmax(0)
+    raise CllmError(f"beam_weights must be one of {BEAM_WEIGHTS}, got {rule!r}")
+
+
 def check_mtad_args(tau: float, beam_width: int, temperature: float) -> None:
     if not tau > 0:
         raise CllmError(f"tau must be > 0, got {tau}")
@@ -69,13 +90,13 @@ def _draw(probs: torch.Tensor, k: int, replacement: bool, gen) -> torch.Tensor:
 
 
 def beam_draft(d_cache: SeqCache, pending: list[int], gamma: int, beam_width: int, warp, gen,
-               replacement: bool = False) -> BeamDraft:
+               replacement: bool = False, weights: str = "joint") -> BeamDraft:
     """Beam sampling of gamma tokens after `pending` (the sequence tokens the draft cache lacks). On return the
     cache holds one row: the sequence plus the chosen beam's first gamma - 1 tokens."""
     logq = warp(d_cache.forward(pending)[-1:]).log_softmax(-1)  # (1, V)
     tokens = _draw(logq[0].exp(), beam_width, replacement, gen).unsqueeze(1)  # (B, 1)
     pos_logq = logq[0, tokens[:, 0]].unsqueeze(1)  # (B, 1): log q_1(x_1) per beam
-    log_w = pos_logq[:, 0] - pos_logq[:, 0].logsumexp(0)  # (B,) normalised beam weights, in log
+    log_w = renormalize(pos_logq[:, 0], weights)  # (B,) normalised beam weights, in log
     cache = d_cache.cache
     n_beams = tokens.shape[0]
     if gamma > 1 and n_beams > 1:
@@ -94,7 +115,7 @@ def beam_draft(d_cache: SeqCache, pending: list[int], gamma: int, beam_width: in
         n_beams = parent.shape[0]
         tokens = torch.cat([tokens[parent], tok.unsqueeze(1)], dim=1)  # (B, t)
         pos_logq = torch.cat([pos_logq[parent], logq[parent, tok].unsqueeze(1)], dim=1)  # (B, t)
-        log_w = log_s[flat] - log_s[flat].logsumexp(0)  # w = s / sum(s) over the drawn pairs
+        log_w = renormalize(log_s[flat], weights)  # over the drawn pairs
     best = int(log_w.argmax())
     if n_beams > 1 and gamma > 1:
         cache.batch_select_indices(torch.tensor([best], device=tokens.device))
@@ -118,6 +139,7 @@ def mtad_decode(
     seed: int = 0,
     replacement: bool = False,
     eos_token_id: int | list[int] | None = None,
+    beam_weights: str = "joint",
 ) -> DecodeResult | list[DecodeResult]:
     """Decode one prompt with MTAD. Statistics in `extra`: iterations, drafted, accepted, draft_forwards."""
     prompt, single = single_prompt(prompt_ids, "mtad")
@@ -125,6 +147,7 @@ def mtad_decode(
     check_draft_args(gamma)
     check_mtad_args(tau, beam_width, temperature)
     check_sampling_args(temperature, top_k, top_p)
+    renormalize(torch.zeros(1), beam_weights)  # the rule's name, checked before any forward
 
     def warp(logits):  # both models warped identically
         return warp_logits(logits, temperature, top_k, top_p)
@@ -133,7 +156,8 @@ def mtad_decode(
     while run.reason is None:
         g = run.draft_length(gamma)
         if g > 0:
-            beam = beam_draft(run.d_cache, run.seq[run.d_cache.n :], g, beam_width, warp, run.gen, replacement)
+            beam = beam_draft(run.d_cache, run.seq[run.d_cache.n :], g, beam_width, warp, run.gen, replacement,
+                              beam_weights)
         else:
             beam = BeamDraft([], [], 1.0)
         t_logp = warp(run.t_cache.forward(run.seq[run.t_cache.n :] + beam.tokens)[-(g + 1) :]).log_softmax(-1)

@@ -34,6 +34,9 @@ class DecodeConfig:
     beam_width: int = _opt(4, "mtad: beams of the draft's beam sampling")
     beam_replacement: bool = _opt(False, "mtad: draw beams with replacement")
     tau: float = _opt(0.5, "mtad: acceptance threshold on P/Q, > 0")
+    beam_weights: str = _opt("joint", "mtad: beam weights w = s / sum(s), proportional to the joint draft probability "
+                                      "(the paper), or the released code's log_softmax of s (near uniform)",
+                             ("joint", "released"))
     n_blocks: int = _opt(2, "multiblock: blocks in flight K")
     spawn_ratio: float = _opt(0.85, "multiblock: a new block enters once the newest has this share r of its n "
                                     "tokens accepted")
@@ -85,7 +88,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
             continue
         kind = {"block_size": int, "max_new_tokens": int, "top_k": int, "gamma": int, "beam_width": int,
                 "n_blocks": int, "n_recycle": int, "lookup_tokens": int, "init": str, "lookahead_window": int,
-                "lookahead_ngram": int, "lookahead_guesses": int}.get(f.name, float)
+                "lookahead_ngram": int, "lookahead_guesses": int, "beam_weights": str}.get(f.name, float)
         p.add_argument(flag, type=kind, default=f.default, choices=f.metadata["choices"], help=help_text)
 
 
@@ -185,7 +188,7 @@ def _mtad(model, tok, prompts, seeds, c, draft):
     from cllm.decoding.mtad import mtad_decode
 
     return [mtad_decode(model, draft, tok, prompts[0], c.max_new_tokens, c.gamma, c.beam_width, c.tau,
-                        c.temperature, c.top_k, c.top_p, seeds[0], c.beam_replacement)]
+                        c.temperature, c.top_k, c.top_p, seeds[0], c.beam_replacement, beam_weights=c.beam_weights)]
 
 
 def _hf(mode: str):

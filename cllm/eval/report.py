@@ -5,9 +5,11 @@ from __future__ import annotations
 import time
 
 
-def method_summary(rows: list[dict], seconds: float, joules: float | None = None) -> dict:
+def method_summary(rows: list[dict], seconds: float, joules: float | None = None,
+                   cpu_seconds: float | None = None) -> dict:
     """Totals for one method. `seconds` is the wall-clock time spent in its decode calls, `joules` the CPU
-    package energy over them (None where no energy counter is readable).
+    package energy over them (None where no energy counter is readable), `cpu_seconds` the CPU time of this process
+    (all threads) over them: the energy column's closest honest proxy where RAPL is not readable.
 
     Draft-then-verify rows (SpS, MTAD) carry `drafted`/`accepted`/`iterations`: acceptance_rate = accepted /
     drafted (= accepted / (iterations x gamma) with a fixed gamma, except where the length cap shortened the last
@@ -35,6 +37,7 @@ def method_summary(rows: list[dict], seconds: float, joules: float | None = None
         "block_efficiency": (1 + accepted / iterations if iterations else None) if has_draft else None,
         "perplexity": perplexity([r["logprobs"] for r in rows]) if rows and all("logprobs" in r for r in rows) else None,
         "energy_j_per_token": joules / new_tokens if joules is not None and new_tokens else None,
+        "cpu_s_per_token": cpu_seconds / new_tokens if cpu_seconds is not None and new_tokens else None,
         "mean_accept_length": sum(accepts) / len(accepts) if accepts else None,
         "max_accept_length": max(accepts) if accepts else None,
         "fast_forward_tokens": sum(r["fast_forward"] for r in rows),
@@ -56,12 +59,13 @@ def method_summary(rows: list[dict], seconds: float, joules: float | None = None
 
 
 def build_report(model: str, dtype: str, rows: dict[str, list[dict]], seconds: dict[str, float], settings: dict,
-                 baseline: str = "ar", joules: dict[str, float | None] | None = None) -> dict:
+                 baseline: str = "ar", joules: dict[str, float | None] | None = None,
+                 cpu_seconds: dict[str, float] | None = None) -> dict:
     """`{"model", "dtype", "n_prompts", "settings", "methods": {name: summary}}`; methods other than the baseline
     get `speedup_vs_ar` (ratio of tokens per second) and `identical_to_ar` (share of token-identical outputs),
     when the baseline ran greedy on the same prompts."""
-    joules = joules or {}
-    methods = {m: method_summary(rows[m], seconds[m], joules.get(m)) for m in rows}
+    joules, cpu_seconds = joules or {}, cpu_seconds or {}
+    methods = {m: method_summary(rows[m], seconds[m], joules.get(m), cpu_seconds.get(m)) for m in rows}
     n_prompts = max((len(v) for v in rows.values()), default=0)
     if baseline in rows:
         base = methods[baseline]

@@ -24,7 +24,7 @@ from cllm.eval.config import EvalConfig
 
 SETTINGS_KEYS = ("model", "adapter", "base_model", "methods", "base_methods", "dataset", "prompts", "prompt_field", "split", "limit",
                  "offset", "spread", "block_size", "max_new_tokens", "init", "dtype", "temperature", "top_k", "top_p",
-                 "seed", "draft", "gamma", "adaptive_gamma", "beam_width", "tau", "beam_replacement",
+                 "seed", "draft", "gamma", "adaptive_gamma", "beam_width", "tau", "beam_replacement", "beam_weights",
                  "n_blocks", "spawn_ratio", "n_recycle", "lookup_tokens", "lookahead_window", "lookahead_ngram",
                  "lookahead_guesses")
 
