@@ -353,3 +353,17 @@ def check_draft_compatible(target, target_tokenizer, draft, draft_tokenizer) -> 
     t_width, d_width = target.get_output_embeddings().weight.shape[0], draft.get_output_embeddings().weight.shape[0]
     if t_width != d_width:
         raise CllmError(f"the draft's LM head has {d_width} outputs, the target's {t_width}")
+
+
+def load_draft(spec: str, target, target_tokenizer, dtype: str = "fp32", device=None, device_map: str | None = None):
+    """The draft model for SpS/MTAD/assisted generation, checked against the target. A `cllm train-draft` folder
+    whose cllm_draft.json lists a `vocab_subset` comes with its LM head cut to those tokens (`PrunedVocabDraft`)."""
+    draft, draft_tokenizer = load_model(spec, dtype, device, device_map)
+    check_draft_compatible(target, target_tokenizer, draft, draft_tokenizer)
+    meta = Path(str(spec), "cllm_draft.json")
+    subset = json.loads(meta.read_text()).get("summary", {}).get("vocab_subset") if meta.is_file() else None
+    if subset:
+        from cllm.decoding.pruned_draft import PrunedVocabDraft
+
+        draft = PrunedVocabDraft(draft, subset).to(next(draft.parameters()).device)
+    return draft

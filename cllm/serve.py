@@ -267,14 +267,13 @@ def load_engine(*, model: str, adapter: str | None, draft: str | None, method: s
     """Load the model (with its adapter) and the draft, checked against each other, into an `Engine`."""
     import torch
 
-    from cllm.models import check_draft_compatible, check_model_spec, load_model
+    from cllm.models import check_model_spec, load_draft, load_model
 
     check_model_spec(model, "--model", adapter)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     target, tok = load_model(model, dtype, device, adapter=adapter)
     draft_model = None
     if draft:
-        draft_model, draft_tok = load_model(draft, dtype, device)
-        check_draft_compatible(target, tok, draft_model, draft_tok)
+        draft_model = load_draft(draft, target, tok, dtype, device)
     model_id = str(model).rstrip("/").split("/")[-1] + (f"+{adapter.rstrip('/').split('/')[-1]}" if adapter else "")
     return Engine(target, tok, method, cfg, draft_model, model_id)

@@ -164,6 +164,23 @@ def test_train_draft_runs_resumes_and_loads(tiny_model_dir, tmp_path):
     # Embeddings and LM head are the target's, untouched by training.
     assert torch.equal(draft.get_input_embeddings().weight, target.get_input_embeddings().weight)
     assert torch.equal(draft.get_output_embeddings().weight, target.get_output_embeddings().weight)
+    # A draft with its LM head cut to the 8 most frequent tokens of its text (plus the special tokens): loaded as
+    # such for SpS, whose greedy output is still the target's.
+    pruned = tmp_path / "pruned"
+    assert main([*common[:4], str(pruned), *common[5:], "--max-steps", "1", "--vocab-subset", "8"]) == 0
+    subset = json.loads((pruned / "cllm_draft.json").read_text())["summary"]["vocab_subset"]
+    # (the tiny tokenizer reads most of GSM8K as unknown words: few distinct ids, so fewer than 8 here)
+    assert 1 <= len(subset) <= 8 + 3 and subset == sorted(subset) and target_tok.eos_token_id in subset
+    from cllm.decoding.pruned_draft import PrunedVocabDraft
+    from cllm.models import load_draft
+
+    loaded = load_draft(str(pruned), target, target_tok)
+    assert isinstance(loaded, PrunedVocabDraft) and loaded.token_ids.tolist() == subset
+    report = tmp_path / "r.json"
+    assert main(["decode", "--model", str(tiny_model_dir), "--draft", str(pruned), "--prompt", "w3 w4 w5",
+                 "--method", "sps", "--compare", "ar", "--max-new-tokens", "12", "--quiet", "--report",
+                 str(report)]) == 0
+    assert json.loads(report.read_text())["methods"]["sps"]["identical_to_ar"] == 1.0
 
 
 def test_train_draft_bad_input(tiny_model_dir, tmp_path, capsys):

@@ -328,3 +328,40 @@ def test_beam_weights_reach_mtad_through_the_registry():
         assert via.token_ids == direct.token_ids
         outs[rule] = direct.token_ids
     assert outs["joint"] != outs["released"]  # the rule changes which beams survive and which one is drafted
+
+
+def test_sps_with_a_pruned_vocabulary_draft_is_still_target_sampling(small_pair):
+    """The draft proposes only 4 of the 8 tokens (its head cut to them); the rejection step's residual covers the
+    rest, so SpS output stays distributed as target sampling (chi-square), while the pruned draft's own
+    distribution is far from it."""
+    from cllm.decoding.pruned_draft import PrunedVocabDraft
+
+    target, draft, prompt, p_target, _ = small_pair
+    pruned = PrunedVocabDraft(draft, [0, 2, 3, 5])
+    p_pruned = _exact_block_distribution(pruned, prompt)
+    assert all(set(k) <= {0, 2, 3, 5} for k in p_pruned)  # the draft can only say these
+    n = 2500
+    counts = _empirical(lambda s: speculative_decode(target, pruned, None, prompt, N_TOKENS, gamma=2, seed=s,
+                                                     **SAMPLING), n)
+    assert _chi2_pvalue(counts, p_target, n) > 1e-3
+    assert any(set(k) - {0, 2, 3, 5} for k in counts)  # tokens the draft never proposes still come out
+    assert _chi2_pvalue(counts, p_pruned, n) < 1e-6
+
+
+def test_pruned_draft_logits_and_frequent_tokens():
+    from cllm.decoding.common import SeqCache
+    from cllm.decoding.pruned_draft import PrunedVocabDraft, frequent_tokens
+
+    assert frequent_tokens([[5, 5, 7, 9], [5, 7, 2]], 2, always=[1]) == [1, 5, 7]
+    with pytest.raises(CllmError, match="k >= 1"):
+        frequent_tokens([[1]], 0)
+    draft = tiny_model(8)
+    keep = [1, 3, 5, 11, 20]
+    full, cut = SeqCache(draft), SeqCache(PrunedVocabDraft(draft, keep))
+    for ids in ([3, 4, 5, 6], [9], [10, 12]):  # prefill, then cached steps
+        a, b = full.forward(ids), cut.forward(ids)
+        assert torch.allclose(a[:, keep], b[:, keep], atol=1e-12)
+        others = [v for v in range(a.shape[-1]) if v not in keep]
+        assert torch.isinf(b[:, others]).all() and (b[:, others] < 0).all()
+    with pytest.raises(CllmError, match="ids must lie"):
+        PrunedVocabDraft(draft, [10_000])

@@ -136,13 +136,12 @@ def run(args) -> None:
 
 def _load_models(args, device: str, methods: list[str]):
     """(model, tokenizer, draft or None), the draft checked against the model."""
-    from cllm.models import check_draft_compatible, load_model
+    from cllm.models import load_draft, load_model
 
     model, tokenizer = load_model(args.model, args.dtype, device, args.device_map, adapter=args.adapter)
     draft = None
     if any(registry.get(m).needs_draft for m in methods):
-        draft, draft_tokenizer = load_model(args.draft, args.dtype, device, args.device_map)
-        check_draft_compatible(model, tokenizer, draft, draft_tokenizer)
+        draft = load_draft(args.draft, model, tokenizer, args.dtype, device, args.device_map)
     return model, tokenizer, draft
 
 

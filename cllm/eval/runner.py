@@ -149,7 +149,7 @@ def run_eval(cfg: EvalConfig) -> dict | None:
 def _load_models(cfg: EvalConfig, ctx):
     """(checkpoint, base, tokenizer, draft or None): the base is the checkpoint itself when it has no adapter and no
     other base is named."""
-    from cllm.models import check_draft_compatible, load_model
+    from cllm.models import load_draft, load_model
 
     device = cfg.device or ctx.device()
     model, tok = load_model(cfg.model, cfg.dtype, device, adapter=cfg.adapter)
@@ -157,8 +157,7 @@ def _load_models(cfg: EvalConfig, ctx):
     base = model if base_spec == cfg.model and not cfg.adapter else load_model(base_spec, cfg.dtype, device)[0]
     draft = None
     if cfg.draft:
-        draft, draft_tok = load_model(cfg.draft, cfg.dtype, device)
-        check_draft_compatible(model, tok, draft, draft_tok)
+        draft = load_draft(cfg.draft, model, tok, cfg.dtype, device)
     return model, base, tok, draft
 
 

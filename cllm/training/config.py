@@ -185,6 +185,9 @@ class DraftConfig:
     max_seq_len: int = opt(512, "cut sequences to this many tokens")
     output_dir: str | None = opt(None, "checkpoints and the final draft")
     kl_temperature: float = opt(1.0, "softmax temperature of the KL")
+    vocab_subset: int = opt(0, "draft with an LM head cut to the K most frequent tokens of the --data text (the "
+                               "target's own outputs; else the dataset text) plus the special tokens: cheaper "
+                               "drafting, SpS still exact (0 = the full vocabulary)")
     resume: bool = opt(False, "continue from the newest complete checkpoint in output_dir")
     trainer: dict = opt({}, "Hugging Face TrainingArguments, passed through as for cllm train (--learning-rate, "
                             f"--max-steps, --save-steps, --bf16, ...). Defaults that differ: {DRAFT_TRAINER_DEFAULTS}",
@@ -199,6 +202,8 @@ class DraftConfig:
             raise CllmError("give --datasets and/or --data (cllm gen output) as the distillation text")
         if self.draft_layers < 1:
             raise CllmError(f"--draft-layers must be >= 1, got {self.draft_layers}")
+        if self.vocab_subset < 0:
+            raise CllmError(f"--vocab-subset must be >= 0, got {self.vocab_subset}")
         check_trainer_options(self.trainer)
         if self.trainer.get("max_steps", 1) < 1:
             raise CllmError(f"--max-steps must be >= 1, got {self.trainer['max_steps']}")

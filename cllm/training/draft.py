@@ -176,9 +176,8 @@ def train_draft(cfg: DraftConfig) -> dict:
 
     target, tok = load_model(cfg.model, dtype="fp32", device="cpu")
     sequences = dataset_sequences(tok, cfg.datasets, cfg.split, cfg.data_dir, cfg.limit) if cfg.datasets else []
-    if cfg.data:
-        sequences += trajectory_sequences(cfg.data)
-    dataset = SequenceDataset(sequences, cfg.max_seq_len)
+    own = trajectory_sequences(cfg.data) if cfg.data else []
+    dataset = SequenceDataset(sequences + own, cfg.max_seq_len)
     draft, layers = _draft_model(cfg, target, tok)
     n_trainable = freeze_shared(draft)
     n_total = sum(p.numel() for p in draft.parameters())
@@ -209,6 +208,11 @@ def train_draft(cfg: DraftConfig) -> dict:
         "final_loss": next((h["loss"] for h in reversed(log) if "loss" in h), None),
         "final_top1_agreement": next((h["top1_agreement"] for h in reversed(log) if "top1_agreement" in h), None),
     }
+    if cfg.vocab_subset:
+        from cllm.decoding.pruned_draft import frequent_tokens
+
+        specials = [i for i in (tok.eos_token_id, tok.bos_token_id, tok.pad_token_id) if i is not None]
+        summary["vocab_subset"] = frequent_tokens(own or sequences, cfg.vocab_subset, always=specials)
     (out / "cllm_draft.json").write_text(json.dumps({"config": to_dict(cfg), "summary": summary}, indent=2) + "\n")
     (out / "log_history.json").write_text(json.dumps(log, indent=1) + "\n")
     return summary
