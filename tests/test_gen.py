@@ -154,7 +154,8 @@ def test_torn_writes_are_repaired(reference, tiny_model_dir, tmp_path):
     assert record_set(tmp_path / "o") == record_set(ref_out)
 
 
-def test_sigkill_then_resume(tiny_model_dir, tmp_path):
+@pytest.mark.parametrize("kill_after", [1, 5])
+def test_sigkill_then_resume(kill_after, tiny_model_dir, tmp_path):
     prompts = prompt_file(tmp_path / "p.jsonl", n=30)
     generate(cfg_for(tiny_model_dir, prompts, tmp_path / "ref", batch_size=1))
     out = tmp_path / "o"
@@ -165,13 +166,13 @@ def test_sigkill_then_resume(tiny_model_dir, tmp_path):
     deadline = time.time() + 180
     progress = out / "progress-00000-of-00001.jsonl"
     while time.time() < deadline and proc.poll() is None:
-        if progress.is_file() and len(progress.read_text().splitlines()) >= 2:
+        if progress.is_file() and len(progress.read_text().splitlines()) >= kill_after:
             break
         time.sleep(0.02)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     assert proc.returncode == -signal.SIGKILL, proc.stderr.read().decode()[-1000:]
-    assert 2 <= summarize(out)["prompts_done"] < 30
+    assert kill_after <= summarize(out)["prompts_done"] < 30
     assert subprocess.run(cmd, capture_output=True).returncode == 0
     assert record_set(out) == record_set(tmp_path / "ref")
 
