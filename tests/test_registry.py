@@ -84,3 +84,30 @@ def test_importing_the_registry_loads_no_torch():
     code = "import sys, cllm.decoding.registry as r; r.DecodeConfig(); print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_method_variants_carry_their_own_options(tiny_model_dir, tmp_path, capsys):
+    """`NAME:OPTION=VALUE...` runs a method with options of its own beside the others in one interleaved run."""
+    assert registry.split_variant("mtad:tau=0.3:beam_width=2:top_k=none:beam_replacement=true") == (
+        "mtad", {"tau": 0.3, "beam_width": 2, "top_k": None, "beam_replacement": True})
+    for bad, message in [("jacobi:blok_size=8", "'blok_size=8' is not OPTION=VALUE"),
+                         ("jacobi:block_size=x", "block_size='x' is not a int"),
+                         ("jacobi:block_size", "is not OPTION=VALUE"), ("nope:block_size=8", "unknown method 'nope'")]:
+        with pytest.raises(CllmError, match=message):
+            registry.get(bad)
+    with pytest.raises(CllmError, match="n-gram size"):
+        registry.DecodeConfig().validate(["lookahead:lookahead_ngram=1"])
+    prompts = write_scored_prompts(tmp_path / "p.jsonl", n=2)
+    out = tmp_path / "eval"
+    assert main(["eval", "--model", str(tiny_model_dir), "--prompts", str(prompts), "--methods",
+                 "jacobi:block_size=2,jacobi:block_size=6", "--max-new-tokens", "12", "--dtype", "fp64",
+                 "--out-dir", str(out)]) == 0
+    rows = [json.loads(x) for x in (out / "rows-rank0.jsonl").read_text().splitlines()]
+    for size in (2, 6):
+        mine = [r for r in rows if r["method"] == f"jacobi:block_size={size}"]
+        assert len(mine) == 2 and max(a for r in mine for a in r["accept_lengths"]) <= size
+    methods = json.loads((out / "report.json").read_text())["methods"]
+    assert methods["jacobi:block_size=2"]["exact_match_base_ar"] == methods["jacobi:block_size=6"][
+        "exact_match_base_ar"] == 1.0
+    assert main(["decode", "--model", str(tiny_model_dir), "--prompt", "w3", "--compare", "jacobi:n_blocks=x"]) == 2
+    assert "n_blocks='x' is not a int" in capsys.readouterr().err

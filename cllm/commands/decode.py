@@ -17,7 +17,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--adapter", default=None, help="optional PEFT adapter folder merged into --model")
     p.add_argument("--method", default="jacobi", choices=methods, help="decoder to run (default: %(default)s)")
     p.add_argument("--compare", default=None, metavar="M[,M...]",
-                   help=f"also run these methods ({', '.join(methods)}) on the same prompts, interleaved")
+                   help=f"also run these methods ({', '.join(methods)}) on the same prompts, interleaved; a method "
+                        "with options of its own is NAME:OPTION=VALUE..., e.g. mtad:tau=0.3:beam_width=2")
     p.add_argument("--draft", default=None, help="sps/mtad: draft model (same vocabulary), e.g. a train-draft output")
     registry.add_arguments(p)
     src = p.add_argument_group("prompts (one of)")
@@ -83,8 +84,9 @@ def method_list(args) -> list[str]:
     """--method first, then the --compare methods (comma-separated), each once."""
     compare = [m.strip() for m in args.compare.split(",") if m.strip()] if args.compare else []
     for m in compare:
-        if m not in registry.names():
-            raise CllmError(f"--compare: unknown method {m!r}; choose from {', '.join(registry.names())}")
+        if not registry.known(m):
+            raise CllmError(f"--compare: unknown method {m!r}; choose from {', '.join(registry.names())} "
+                            "(or NAME:OPTION=VALUE...)")
         if m == args.method:
             raise CllmError(f"--compare {m} is the method itself")
     if len(set(compare)) != len(compare):

@@ -66,6 +66,10 @@ class DecodeConfig:
         check_sampling_args(self.temperature, self.top_k, self.top_p)
         for name in methods:
             m = get(name)
+            base, over = split_variant(name)
+            if over:  # a variant: the method's checks on the config with its own options
+                DecodeConfig.validate(dataclasses.replace(self, **over), [base], batch_size, has_draft)
+                continue
             if not m.supports_batch and batch_size != 1:
                 raise CllmError(f"{name} decodes one prompt at a time: use --batch-size 1")
             if m.needs_draft and not has_draft:
@@ -120,14 +124,59 @@ def unregister(name: str) -> None:
     _METHODS.pop(name, None)
 
 
+def split_variant(name: str) -> tuple[str, dict]:
+    """`mtad:tau=0.3:beam_width=2` -> ("mtad", {"tau": 0.3, "beam_width": 2}): a method run with some decoding
+    options of its own, so that one interleaved run compares settings (a tau sweep, block sizes)."""
+    import typing
+
+    base, *pairs = name.split(":")
+    hints = typing.get_type_hints(DecodeConfig)
+    over = {}
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        if not sep or key not in hints:
+            raise CllmError(f"method {name!r}: {pair!r} is not OPTION=VALUE of a decoding option "
+                            f"({', '.join(hints)})")
+        over[key] = _parse_option(name, key, raw, hints[key])
+    return base, over
+
+
+def _parse_option(name: str, key: str, raw: str, hint) -> object:
+    kinds = [a for a in typing_args(hint) if a is not type(None)]
+    if raw.lower() == "none" and type(None) in typing_args(hint):
+        return None
+    kind = kinds[0]
+    try:
+        if kind is bool:
+            if raw.lower() not in ("true", "false"):
+                raise ValueError(raw)
+            return raw.lower() == "true"
+        return kind(raw)
+    except ValueError:
+        raise CllmError(f"method {name!r}: {key}={raw!r} is not a {kind.__name__}") from None
+
+
+def typing_args(hint) -> tuple:
+    import typing
+
+    return typing.get_args(hint) or (hint,)
+
+
 def get(name: str) -> Method:
-    if name not in _METHODS:
-        raise CllmError(f"unknown method {name!r}; choose from {', '.join(_METHODS)}")
-    return _METHODS[name]
+    base, _ = split_variant(name)
+    if base not in _METHODS:
+        raise CllmError(f"unknown method {base!r}; choose from {', '.join(_METHODS)}")
+    return _METHODS[base]
 
 
 def names() -> tuple[str, ...]:
+    """The registered methods (each may also run as a variant, `NAME:OPTION=VALUE...`)."""
     return tuple(_METHODS)
+
+
+def known(name: str) -> bool:
+    """Whether `name` is a registered method or a variant of one (a bad variant raises, naming the option)."""
+    return split_variant(name)[0] in _METHODS
 
 
 def decode(name: str, model, tokenizer, prompt_ids: list[list[int]], seeds: list[int], cfg: DecodeConfig,
@@ -137,6 +186,8 @@ def decode(name: str, model, tokenizer, prompt_ids: list[list[int]], seeds: list
     `on_commit(row, token_ids)` streams the tokens as they are committed where the method `streams`; for the
     others it is called once per prompt with all of its tokens when that prompt is done."""
     m = get(name)
+    over = split_variant(name)[1]
+    cfg = dataclasses.replace(cfg, **over) if over else cfg
     extra = {"on_commit": on_commit} if m.streams and on_commit is not None else {}
     if m.supports_batch or len(prompt_ids) == 1:
         results = m.fn(model, tokenizer, prompt_ids, seeds, cfg, draft, **extra)

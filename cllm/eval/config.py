@@ -20,7 +20,8 @@ class EvalConfig(DecodeConfig):
     adapter: str | None = opt(None, "PEFT adapter folder merged into --model")
     base_model: str | None = opt(None, "the speed and quality reference (default: --model without the adapter); AR "
                                        "greedy of it runs as base_ar")
-    methods: str = opt("ar,jacobi", "comma-separated decoding methods of the checkpoint")
+    methods: str = opt("ar,jacobi", "comma-separated decoding methods of the checkpoint; NAME:OPTION=VALUE... runs "
+                                    "one with options of its own (mtad:tau=0.3:beam_width=2, jacobi:block_size=8)")
     base_methods: str = opt("", "also run these methods on the base model (as base_<method>), e.g. jacobi for a "
                                 "base-vs-trained table in one run")
     dataset: str | None = opt(None, "dataset name(s), comma-separated (gsm8k, spider, humaneval, ...)")
@@ -76,8 +77,9 @@ def _parse_methods(flag: str, value: str) -> list[str]:
 
     methods = [m.strip() for m in value.split(",") if m.strip()]
     for m in methods:
-        if m not in registry.names():
-            raise CllmError(f"{flag}: unknown method {m!r}; choose from {', '.join(registry.names())}")
+        if not registry.known(m):
+            raise CllmError(f"{flag}: unknown method {m!r}; choose from {', '.join(registry.names())} "
+                            "(or NAME:OPTION=VALUE...)")
     if len(set(methods)) != len(methods):
         raise CllmError(f"{flag} lists a method twice: {value}")
     return methods
