@@ -86,7 +86,9 @@ def summarize(rows: list[dict], ref_rows: list[dict] | None) -> dict:
         "tokens_per_forward": new_tokens / forwards if forwards else None,
         "ms_per_token": 1000 * seconds / new_tokens if new_tokens else None,
         "cpu_s_per_token": cpu / new_tokens if new_tokens else None,
-        "energy_j_per_token": None,  # no readable energy counters here; never estimated
+        # RAPL energy where every row could read it (never estimated); rows from before it was recorded lack it
+        "energy_j_per_token": (sum(r["joules"] for r in rows) / new_tokens
+                               if rows and new_tokens and all(r.get("joules") is not None for r in rows) else None),
         "accept_length_hist": dict(sorted(Counter(a for r in rows for a in r["accept_lengths"]).items())),
         "fast_forward_tokens": sum(r["fast_forward"] for r in rows),
         "stationary_tokens": sum(r["stationary"] for r in rows),

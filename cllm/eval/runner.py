@@ -216,13 +216,17 @@ def _decode_prompts(cfg: EvalConfig, ctx, records, todo: dict[int, list[str]], a
 
 
 def _timed_row(run, m: str, i: int, rec, ids: list[int], seed: int, dcfg, stamp: dict) -> dict:
+    from cllm.eval.energy import EnergyMeter
     from cllm.eval.report import result_row
 
+    meter = EnergyMeter()  # RAPL package energy where readable; joules None elsewhere
+    meter.start()
     t0, c0 = time.perf_counter(), time.process_time()
     res = run(m, ids, seed, dcfg)
     seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
+    meter.stop()
     row = result_row(i, rec, res)
-    row.update(method=m, seconds=seconds, cpu_seconds=cpu, **stamp)
+    row.update(method=m, seconds=seconds, cpu_seconds=cpu, joules=meter.joules, **stamp)
     return row
 
 
