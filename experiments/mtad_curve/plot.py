@@ -48,8 +48,9 @@ def curve_markdown(rows: list[dict]) -> str:
         mtad = r["kind"] == "mtad"
         rel = (r["perplexity"] / ar["perplexity"] - 1) if ar and ar["perplexity"] and r["perplexity"] else None
         tau, beams = (f(r["tau"], "g"), f(r["beam_width"], "d")) if mtad else ("-", "-")
-        lines.append(f"| {r['kind']} | {tau} | {beams} | {f(r['tokens_per_second'], '.2f')} | {f(r['perplexity'], '.3f')} | {f(rel, '+.1%')} "
-                     f"| {f(r['block_efficiency'], '.3f')} | {f(r['accuracy'], '.3f')} |")
+        lines.append(f"| {r['kind']} | {tau} | {beams} | {f(r['tokens_per_second'], '.2f')} "
+                     f"| {f(r['perplexity'], '.3f')} | {f(rel, '+.1%')} | {f(r['block_efficiency'], '.3f')} "
+                     f"| {f(r['accuracy'], '.3f')} |")
     return "\n".join(lines) + "\n"
 
 
