@@ -82,8 +82,13 @@ def test_stops_at_eos_and_registry_entry():
     got = lookahead_decode(model, None, prompt, 20, 3, 3, 3, eos_token_id=eos)
     assert got.token_ids == want[: want.index(eos) + 1] and got.finish_reason == "eos"
     cfg = registry.DecodeConfig(max_new_tokens=20, lookahead_window=3, lookahead_ngram=3, lookahead_guesses=3)
-    via = registry.decode("lookahead", model, None, [prompt], [0], cfg)[0]
+    streamed = []
+    via = registry.decode("lookahead", model, None, [prompt], [0], cfg,
+                          on_commit=lambda row, ids: streamed.append((row, list(ids))))[0]
     assert via.token_ids == want
+    # streamed as committed: one call per forward, together the whole answer
+    assert len(streamed) == via.n_forwards and sum((ids for _, ids in streamed), []) == want
+    assert [len(ids) for _, ids in streamed] == via.accept_lengths
     with pytest.raises(CllmError, match="n-gram size"):
         registry.DecodeConfig(lookahead_ngram=1).validate(["lookahead"])
     with pytest.raises(CllmError, match="greedy-only"):

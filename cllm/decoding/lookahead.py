@@ -100,8 +100,10 @@ def lookahead_decode(
     guesses: int = 5,
     seed: int | list[int] = 0,
     eos_token_id: int | list[int] | None = None,
+    on_commit=None,
 ) -> DecodeResult | list[DecodeResult]:
-    """Greedy lookahead decoding of one prompt: window W, n-gram size N, at most G verified n-grams per step."""
+    """Greedy lookahead decoding of one prompt: window W, n-gram size N, at most G verified n-grams per step.
+    `on_commit(0, token_ids)`, if given, is called with the tokens each forward commits (streaming)."""
     prompt, single = single_prompt(prompt_ids, "lookahead decoding")
     check_lengths(max_new_tokens)
     check_lookahead_args(window, ngram, guesses)
@@ -112,6 +114,8 @@ def lookahead_decode(
     reason = None
     while reason is None:
         reason = run.step(stop, max_new_tokens)
+        if on_commit is not None:
+            on_commit(0, run.head)  # the tokens this step committed (the next head)
     result = DecodeResult(
         token_ids=run.generated,
         text=tokenizer.decode(run.generated, skip_special_tokens=True) if tokenizer is not None else "",

@@ -221,11 +221,11 @@ def _multiblock(model, tok, prompts, seeds, c, draft):
                               c.n_recycle, c.init, seeds[0])]
 
 
-def _lookahead(model, tok, prompts, seeds, c, draft):
+def _lookahead(model, tok, prompts, seeds, c, draft, on_commit=None):
     from cllm.decoding.lookahead import lookahead_decode
 
     return [lookahead_decode(model, tok, prompts[0], c.max_new_tokens, c.lookahead_window, c.lookahead_ngram,
-                             c.lookahead_guesses, seeds[0])]
+                             c.lookahead_guesses, seeds[0], on_commit=on_commit)]
 
 
 def _sps(model, tok, prompts, seeds, c, draft):
@@ -295,5 +295,5 @@ register("hf_prompt_lookup", Method(_hf("prompt_lookup"), check=_check_prompt_lo
                                     help="Hugging Face generate with prompt lookup decoding"))
 register("hf_assisted", Method(_hf("assisted"), needs_draft=True, sampling=True, check=_check_sps,
                                help="Hugging Face assisted generation with the draft model"))
-register("lookahead", Method(_lookahead, check=_check_lookahead,
+register("lookahead", Method(_lookahead, check=_check_lookahead, streams=True,
                              help="lookahead decoding: Jacobi n-grams collected and verified in one forward"))
