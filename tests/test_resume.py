@@ -10,6 +10,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -126,6 +127,7 @@ def test_eval_killed_mid_run_then_rerun_equals_the_uninterrupted_eval(kill_after
         if rows_path.is_file() and len(rows_path.read_bytes().splitlines()) >= kill_after_rows:
             os.kill(proc.pid, signal.SIGKILL)
             break
+        time.sleep(0.01)
     proc.wait()
     assert proc.returncode == -signal.SIGKILL
     assert not (out / "report.json").exists()
