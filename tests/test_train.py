@@ -266,3 +266,22 @@ def test_cost_log_cuts_a_killed_segment_back_to_the_resumed_checkpoint(tmp_path)
     cost = json.loads((tmp_path / "train_cost.json").read_text())
     assert [(c["from_step"], c["to_step"]) for c in cost["segments"]] == [(0, 4), (4, 8), (8, 12)]
     assert cost["wall_seconds"] >= 17.0 and cost["cpu_seconds"] >= 32.0
+
+
+def test_drop_looping_leaves_out_whole_looping_responses(capsys, tiny_model_dir, traj_dir, tmp_path):
+    from cllm.training.train_data import drop_looping
+
+    def rec(data_id, block, context, fixed_point):
+        return {"data_id": data_id, "block_index": block, "prompt_ids": [9, 9] + context, "prompt_len": 2,
+                "states": [[0] * 4], "fixed_point": fixed_point}
+
+    loop = [5, 6, 7] * 20  # a period-3 loop: no token repeats twice in a row, so repeat_threshold keeps it
+    records = [rec(0, 0, [], [1, 2, 3, 4]), rec(0, 1, [1, 2, 3, 4], [8, 3, 1, 2]),
+               rec(1, 0, [], loop[:4]), rec(1, 1, loop[:56], loop[56:60]),
+               rec(2, 0, [], [5, 6, 7, 5])]
+    kept, dropped = drop_looping(records)
+    assert dropped == [1] and [(r["data_id"], r["block_index"]) for r in kept] == [(0, 0), (0, 1), (2, 0)]
+    # through cllm train: the count is said, the rest trains
+    assert main(["train", "--model", str(tiny_model_dir), "--data", str(traj_dir), "--output-dir",
+                 str(tmp_path / "o"), "--block-size", "4", "--max-steps", "1", "--drop-looping"]) == 0
+    assert "--drop-looping: left out" in capsys.readouterr().err

@@ -116,6 +116,19 @@ def longest_run(ids: list[int]) -> int:
     return best
 
 
+def is_degenerate(token_ids: list[int], min_span: int = 40, max_period: int = 20) -> bool:
+    """True when some span of >= min_span tokens satisfies t[i] == t[i + p] throughout, for a period p <= max_period
+    (a loop, as the eval's repeat rate counts it; `longest_run` sees only a period of 1)."""
+    n = len(token_ids)
+    for p in range(1, max_period + 1):
+        run = 0
+        for i in range(n - p):
+            run = run + 1 if token_ids[i] == token_ids[i + p] else 0
+            if run + p >= min_span:
+                return True
+    return False
+
+
 def thin_states(states: list[list[int]], cap: int) -> list[list[int]]:
     """At most `cap` states, evenly spaced, always keeping the first and the last (cap 0 keeps all)."""
     if cap <= 0 or len(states) <= cap:

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import re
 
+from cllm.data.trajectories import is_degenerate  # noqa: F401  (the loop detector lives with the data filters)
+
 # ------------------------------------------------------------------------------------------------------- GSM8K
 
 _NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
@@ -47,18 +49,6 @@ def gsm8k_correct(prediction: str, reference: str) -> bool:
 
 
 # ------------------------------------------------------------------------------------------------- repetition
-
-
-def is_degenerate(token_ids: list[int], min_span: int = 40, max_period: int = 20) -> bool:
-    """True when some span of >= min_span tokens satisfies t[i] == t[i + p] throughout, for a period p <= max_period."""
-    n = len(token_ids)
-    for p in range(1, max_period + 1):
-        run = 0
-        for i in range(n - p):
-            run = run + 1 if token_ids[i] == token_ids[i + p] else 0
-            if run + p >= min_span:
-                return True
-    return False
 
 
 def repeat_rate(answers: list[list[int]], **kwargs) -> float | None:

@@ -86,6 +86,9 @@ class TrainConfig:
     max_prompts: int = opt(0, "train on the blocks of the first this many prompts of the data only (0 = all; "
                               "the number-of-prompts lever of an ablation)")
     max_context_tokens: int = opt(1024, "keep only the last this many context tokens of a record")
+    drop_looping: bool = opt(False, "leave out the responses whose answer loops (a span of >= 40 tokens repeating "
+                                    "with a period <= 20, the eval's repeat-rate rule), counted on stderr: the "
+                                    "collection drops only one-token runs")
     use_peft: bool = opt(False, "train a LoRA adapter (merged into the saved model at the end)")
     init_adapter: str | None = opt(None, "with use_peft: continue training this LoRA adapter folder (a later "
                                          "round), so the result stays one adapter on the base model")

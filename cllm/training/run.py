@@ -9,6 +9,7 @@ from __future__ import annotations
 import gc
 import json
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -31,9 +32,14 @@ def _prepare_environment(cfg: TrainConfig) -> None:
 
 def build_dataset(cfg: TrainConfig, tok, vocab_size: int):
     """(dataset, collator, records, held-out records) for the objective; the records are checked first."""
-    from cllm.training.train_data import check_records, read_records
+    from cllm.training.train_data import check_records, drop_looping, read_records
 
-    records, held_out = _select_prompts(cfg, read_records(cfg.data))
+    records = read_records(cfg.data)
+    if cfg.drop_looping:
+        records, dropped = drop_looping(records)
+        print(f"[cllm train] --drop-looping: left out {len(dropped)} looping responses "
+              f"({len({r['data_id'] for r in records})} kept)", file=sys.stderr)
+    records, held_out = _select_prompts(cfg, records)
     check_records(records, cfg.block_size, vocab_size, where=", ".join(map(str, cfg.data)))
     dataset, collator = OBJECTIVES[cfg.objective](cfg, tok, records)
     return dataset, collator, records, held_out

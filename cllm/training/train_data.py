@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from cllm.data.datasets import read_jsonl
-from cllm.data.trajectories import first_ids, load_trajectories
+from cllm.data.trajectories import data_id_order, first_ids, load_trajectories
 from cllm.errors import CllmError
 from cllm.training.batch import pad_rows, pad_stream
 
@@ -44,6 +44,21 @@ def read_records(source: str | Path | list) -> list[dict]:
     if not records:
         raise CllmError(f"no trajectory records in {source}")
     return records
+
+
+def drop_looping(records: list[dict]) -> tuple[list[dict], list]:
+    """(the records of the responses that do not loop, the data_ids left out). A response is a data_id's blocks; it
+    loops when its answer (the last block's context after the prompt, then its fixed point) has a repeating span
+    (`is_degenerate`, the eval's repeat-rate rule). The collection's own filter (`repeat_threshold`, the released
+    CLLM cleaning) drops only blocks with one token repeated, so period-2..20 loops stay in the data."""
+    from cllm.data.trajectories import is_degenerate
+
+    last: dict = {}
+    for r in records:
+        if r["data_id"] not in last or r["block_index"] > last[r["data_id"]]["block_index"]:
+            last[r["data_id"]] = r
+    looping = {d for d, r in last.items() if is_degenerate(r["prompt_ids"][r["prompt_len"]:] + r["fixed_point"])}
+    return [r for r in records if r["data_id"] not in looping], sorted(looping, key=data_id_order)
 
 
 def first_prompts(records: list[dict], n: int) -> list[dict]:
