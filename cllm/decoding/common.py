@@ -195,6 +195,23 @@ class SeqCache:
             self.n = length
 
 
+def committed_result(tokenizer, generated: list[int], accept_lengths: list[int], reason: str, t0: float,
+                     extra: dict | None = None) -> DecodeResult:
+    """The result of a batch-1 decode that committed `accept_lengths[i]` tokens with its i-th forward."""
+    import time
+
+    return DecodeResult(
+        token_ids=generated,
+        text=tokenizer.decode(generated, skip_special_tokens=True) if tokenizer is not None else "",
+        n_forwards=len(accept_lengths),
+        accept_lengths=accept_lengths,
+        finish_reason=reason,
+        wall_time_s=time.perf_counter() - t0,
+        n_fast_forward=sum(a - 1 for a in accept_lengths),
+        extra=extra or {},
+    )
+
+
 def single_prompt(prompt_ids, method: str) -> tuple[list[int], bool]:
     """Draft-then-verify decoders take one prompt; a batch of one is accepted, more is a clear error."""
     batch, single = as_batch(prompt_ids)

@@ -26,7 +26,8 @@ from collections import OrderedDict, defaultdict
 
 import torch
 
-from cllm.decoding.common import DecodeResult, SeqCache, cached_forward, check_lengths, eos_ids, finish, single_prompt
+from cllm.decoding.common import (DecodeResult, SeqCache, cached_forward, check_lengths, committed_result, eos_ids,
+                                  finish, single_prompt)
 from cllm.errors import CllmError
 
 
@@ -90,18 +91,9 @@ def positions(last_pos: int, n_head: int, n_levels: int, width: int, guess_lens:
 
 
 @torch.inference_mode()
-def lookahead_decode(
-    model,
-    tokenizer,
-    prompt_ids,
-    max_new_tokens: int = 256,
-    window: int = 5,
-    ngram: int = 4,
-    guesses: int = 5,
-    seed: int | list[int] = 0,
-    eos_token_id: int | list[int] | None = None,
-    on_commit=None,
-) -> DecodeResult | list[DecodeResult]:
+def lookahead_decode(model, tokenizer, prompt_ids, max_new_tokens: int = 256, window: int = 5, ngram: int = 4,
+                     guesses: int = 5, seed: int | list[int] = 0, eos_token_id: int | list[int] | None = None,
+                     on_commit=None) -> DecodeResult | list[DecodeResult]:
     """Greedy lookahead decoding of one prompt: window W, n-gram size N, at most G verified n-grams per step.
     `on_commit(0, token_ids)`, if given, is called with the tokens each forward commits (streaming)."""
     prompt, single = single_prompt(prompt_ids, "lookahead decoding")
@@ -116,16 +108,7 @@ def lookahead_decode(
         reason = run.step(stop, max_new_tokens)
         if on_commit is not None:
             on_commit(0, run.head)  # the tokens this step committed (the next head)
-    result = DecodeResult(
-        token_ids=run.generated,
-        text=tokenizer.decode(run.generated, skip_special_tokens=True) if tokenizer is not None else "",
-        n_forwards=len(run.accept_lengths),
-        accept_lengths=run.accept_lengths,
-        finish_reason=reason,
-        wall_time_s=time.perf_counter() - t0,
-        n_fast_forward=sum(a - 1 for a in run.accept_lengths),
-        extra=run.stats,
-    )
+    result = committed_result(tokenizer, run.generated, run.accept_lengths, reason, t0, run.stats)
     return result if single else [result]
 
 

@@ -31,6 +31,7 @@ from cllm.decoding.common import (
     SeqCache,
     cached_forward,
     check_lengths,
+    committed_result,
     eos_ids,
     finish,
     single_prompt,
@@ -124,16 +125,7 @@ def multiblock_decode(
     while reason is None:
         reason = run.iterate(stop)
 
-    result = DecodeResult(
-        token_ids=run.generated,
-        text=tokenizer.decode(run.generated, skip_special_tokens=True) if tokenizer is not None else "",
-        n_forwards=len(run.accept_lengths),
-        accept_lengths=run.accept_lengths,
-        finish_reason=reason,
-        wall_time_s=time.perf_counter() - t0,
-        n_fast_forward=sum(a - 1 for a in run.accept_lengths),
-        extra=run.stats,
-    )
+    result = committed_result(tokenizer, run.generated, run.accept_lengths, reason, t0, run.stats)
     return result if single else [result]
 
 
