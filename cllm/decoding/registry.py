@@ -84,15 +84,16 @@ class DecodeConfig:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """One flag per `DecodeConfig` field, with its default and help (shared by `cllm decode` and `cllm eval`)."""
+    import typing
+
+    hints = typing.get_type_hints(DecodeConfig)
     for f in dataclasses.fields(DecodeConfig):
         flag = "--" + f.name.replace("_", "-")
         help_text = f.metadata["help"] + " (default: %(default)s)"
         if f.default is False:
             p.add_argument(flag, action="store_true", help=f.metadata["help"])
             continue
-        kind = {"block_size": int, "max_new_tokens": int, "top_k": int, "gamma": int, "beam_width": int,
-                "n_blocks": int, "n_recycle": int, "lookup_tokens": int, "init": str, "lookahead_window": int,
-                "lookahead_ngram": int, "lookahead_guesses": int, "beam_weights": str}.get(f.name, float)
+        kind = next(a for a in typing_args(hints[f.name]) if a is not type(None))  # int | None -> int
         p.add_argument(flag, type=kind, default=f.default, choices=f.metadata["choices"], help=help_text)
 
 
