@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -147,12 +148,15 @@ def test_train_draft_runs_resumes_and_loads(tiny_model_dir, tmp_path):
     out = tmp_path / "draft"
     common = ["train-draft", "--model", str(tiny_model_dir), "--output-dir", str(out), "--draft-layers", "1",
               "--datasets", "gsm8k", "--limit", "16", "--max-seq-len", "64", "--save-steps", "2",
-              "--logging-steps", "1", "--per-device-train-batch-size", "2"]
+              "--logging-steps", "1", "--per-device-train-batch-size", "2", "--held-out", "4"]
     assert main([*common, "--max-steps", "2"]) == 0
     assert (out / "checkpoint-2").is_dir()
     assert main([*common, "--max-steps", "4", "--resume"]) == 0
     summary = json.loads((out / "cllm_draft.json").read_text())["summary"]
     assert summary["steps"] == 4 and summary["draft_layers"] == [1]
+    assert summary["sequences"] == 16 - 4 and summary["held_out"]["sequences"] == 4
+    for report in (summary["held_out_before"], summary["held_out"]):
+        assert 0 <= report["top1_agreement"] <= 1 and report["kl"] >= 0 and report["positions"] > 4
     history = json.loads((out / "log_history.json").read_text())
     assert [h["step"] for h in history if "loss" in h] == [1, 2, 3, 4]  # steps 3-4 continued from checkpoint-2
     from cllm.models import load_model
@@ -181,6 +185,52 @@ def test_train_draft_runs_resumes_and_loads(tiny_model_dir, tmp_path):
                  "--method", "sps", "--compare", "ar", "--max-new-tokens", "12", "--quiet", "--report",
                  str(report)]) == 0
     assert json.loads(report.read_text())["methods"]["sps"]["identical_to_ar"] == 1.0
+
+
+class _FixedLogits(torch.nn.Module):
+    """A stand-in model whose logits at each position are `scale` on one id, a function of the input id there."""
+
+    def __init__(self, vocab: int, shift):
+        super().__init__()
+        self.anchor = torch.nn.Parameter(torch.zeros(1))  # gives the module a device
+        self.vocab, self.shift = vocab, shift
+
+    def forward(self, input_ids, attention_mask=None, use_cache=False):
+        return SimpleNamespace(logits=3.0 * torch.nn.functional.one_hot(self.shift(input_ids) % self.vocab, self.vocab))
+
+
+def test_held_out_metrics_against_a_hand_computation():
+    from cllm.training.draft import held_out_metrics
+
+    vocab = 5
+    target = _FixedLogits(vocab, lambda x: x)
+    draft = _FixedLogits(vocab, lambda x: x + x % 2)  # agrees at even input ids, one id off at odd ones
+    seqs = [[0, 1, 2], [3, 4]]  # 5 positions, the second row padded with id 0 (masked)
+    got = held_out_metrics(draft, target, seqs, pad_id=0, token_ids=[0, 1, 3], batch_size=2)
+    e3 = math.exp(3)
+    # a disagreeing position: p puts e^3/(e^3+4) on a, q puts it on b, all else equal: KL = 3 (e^3 - 1) / (e^3 + 4)
+    kl_miss = 3 * (e3 - 1) / (e3 + 4)
+    assert got["positions"] == 5 and got["sequences"] == 2
+    assert got["top1_agreement"] == pytest.approx(3 / 5)  # ids 0, 2, 4 agree; 1 and 3 do not
+    assert got["kl"] == pytest.approx(2 * kl_miss / 5)
+    # restricted to ids {0, 1, 3} the draft's scores tie at every input but 0 (its choice 2 or 4 is cut), and the
+    # tie goes to id 0: only input 0 agrees
+    assert got["top1_agreement_pruned"] == pytest.approx(1 / 5)
+    same = held_out_metrics(target, target, seqs, pad_id=0, batch_size=1)
+    assert same["top1_agreement"] == 1.0 and same["kl"] == pytest.approx(0.0, abs=1e-6)
+    assert "top1_agreement_pruned" not in same
+
+
+def test_split_held_out_is_seeded_and_disjoint():
+    from cllm.training.draft import split_held_out
+
+    seqs = [[i, i + 1] for i in range(20)]
+    train, held = split_held_out(seqs, 5)
+    assert len(held) == 5 and len(train) == 15 and sorted(train + held) == seqs
+    assert split_held_out(seqs, 5) == (train, held)
+    assert split_held_out(seqs, 0) == (seqs, [])
+    with pytest.raises(CllmError, match="--held-out 20: the distillation text has only 20 sequences"):
+        split_held_out(seqs, 20)
 
 
 def test_train_draft_bad_input(tiny_model_dir, tmp_path, capsys):

@@ -188,6 +188,8 @@ class DraftConfig:
     max_seq_len: int = opt(512, "cut sequences to this many tokens")
     output_dir: str | None = opt(None, "checkpoints and the final draft")
     kl_temperature: float = opt(1.0, "softmax temperature of the KL")
+    held_out: int = opt(64, "sequences left out of training (a seeded draw over all the text) on which the "
+                            "teacher-forced top-1 agreement and KL with the target are reported, before and after")
     vocab_subset: int = opt(0, "draft with an LM head cut to the K most frequent tokens of the --data text (the "
                                "target's own outputs; else the dataset text) plus the special tokens: cheaper "
                                "drafting, SpS still exact (0 = the full vocabulary)")
@@ -214,6 +216,8 @@ class DraftConfig:
             raise CllmError(f"--max-seq-len must be >= 2, got {self.max_seq_len}")
         if self.kl_temperature <= 0:
             raise CllmError(f"--kl-temperature must be > 0, got {self.kl_temperature}")
+        if self.held_out < 0:
+            raise CllmError(f"--held-out must be >= 0, got {self.held_out}")
 
     def training_arguments(self) -> dict:
         return {**DRAFT_TRAINER_DEFAULTS, **self.trainer, "output_dir": self.output_dir}

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import json
+import random
 from collections import defaultdict
 from pathlib import Path
 
@@ -19,7 +20,7 @@ from transformers import Trainer
 from cllm.config import to_dict
 from cllm.errors import CllmError
 from cllm.training.config import DraftConfig
-from cllm.training.losses import consistency_loss
+from cllm.training.losses import consistency_loss, divergence
 from cllm.training.trainer import flush_metrics
 
 
@@ -135,6 +136,48 @@ class PadCollator:
         return {"input_ids": input_ids, "attention_mask": attention_mask}
 
 
+def split_held_out(sequences: list[list[int]], n: int, seed: int = 0) -> tuple[list[list[int]], list[list[int]]]:
+    """(training sequences, `n` held-out ones): a seeded draw over all the text, so every source is represented."""
+    if n == 0:
+        return sequences, []
+    if n >= len(sequences):
+        raise CllmError(f"--held-out {n}: the distillation text has only {len(sequences)} sequences (give fewer, "
+                        "or 0 to skip the held-out report)")
+    picked = set(random.Random(seed).sample(range(len(sequences)), n))
+    return [s for i, s in enumerate(sequences) if i not in picked], [sequences[i] for i in sorted(picked)]
+
+
+@torch.no_grad()
+def held_out_metrics(draft, target, sequences: list[list[int]], pad_id: int, token_ids: list[int] | None = None,
+                     batch_size: int = 4) -> dict:
+    """Teacher-forced comparison of the draft with the target at every position of `sequences`: the share of
+    positions where their argmax agree, and the mean forward KL(p_target || q_draft) in nats. With `token_ids` (a
+    pruned head), also the agreement of the draft's argmax over those ids only, which is what it then proposes."""
+    device = next(draft.parameters()).device
+    collate, ids = PadCollator(pad_id), None if token_ids is None else torch.tensor(token_ids, device=device)
+    positions = agree = agree_pruned = 0
+    kl = 0.0
+    was_training = draft.training
+    draft.eval()
+    for i in range(0, len(sequences), batch_size):
+        batch = {k: v.to(device) for k, v in collate([{"input_ids": s} for s in sequences[i : i + batch_size]]).items()}
+        q = draft(**batch, use_cache=False).logits.float()  # (B, T, V)
+        p = target(**batch, use_cache=False).logits.float()  # (B, T, V)
+        mask = batch["attention_mask"].bool()  # (B, T)
+        best = p.argmax(-1)  # (B, T)
+        positions += int(mask.sum())
+        agree += int(((q.argmax(-1) == best) & mask).sum())
+        kl += float((divergence(p, q, "forward_kl") * mask).sum())
+        if ids is not None:
+            agree_pruned += int(((ids[q[..., ids].argmax(-1)] == best) & mask).sum())
+    draft.train(was_training)
+    out = {"sequences": len(sequences), "positions": positions, "top1_agreement": agree / max(positions, 1),
+           "kl": kl / max(positions, 1)}
+    if ids is not None:
+        out["top1_agreement_pruned"] = agree_pruned / max(positions, 1)
+    return out
+
+
 class DistillTrainer(Trainer):
     """Trains the draft towards the frozen target: forward KL(p_target || q_draft) at every real position."""
 
@@ -177,10 +220,14 @@ def train_draft(cfg: DraftConfig) -> dict:
     target, tok = load_model(cfg.model, dtype="fp32", device="cpu")
     sequences = dataset_sequences(tok, cfg.datasets, cfg.split, cfg.data_dir, cfg.limit) if cfg.datasets else []
     own = trajectory_sequences(cfg.data) if cfg.data else []
-    dataset = SequenceDataset(sequences + own, cfg.max_seq_len)
+    texts = [s[: cfg.max_seq_len] for s in sequences + own]
+    train_seqs, held_out = split_held_out(texts, cfg.held_out)
+    dataset = SequenceDataset(train_seqs, cfg.max_seq_len)
+    held = {id(s) for s in held_out}
+    subset = _vocab_subset(cfg, tok, [s for s in texts[len(sequences):] or texts if id(s) not in held])
     draft, layers = _draft_model(cfg, target, tok)
     n_trainable = freeze_shared(draft)
-    n_total = sum(p.numel() for p in draft.parameters())
+    before = held_out_metrics(draft, target, held_out, tok.pad_token_id, subset) if held_out else None
     draft.config.use_cache = False
     draft.train()
 
@@ -199,7 +246,7 @@ def train_draft(cfg: DraftConfig) -> dict:
     summary = {
         "draft_layers": layers,
         "target_layers": target.config.num_hidden_layers,
-        "parameters": n_total,
+        "parameters": sum(p.numel() for p in draft.parameters()),
         "trainable_parameters": n_trainable,
         "sequences": len(dataset),
         "tokens": sum(len(s) for s in dataset.items),
@@ -207,15 +254,25 @@ def train_draft(cfg: DraftConfig) -> dict:
         "train_runtime_s": round(result.metrics.get("train_runtime", 0.0), 1),
         "final_loss": next((h["loss"] for h in reversed(log) if "loss" in h), None),
         "final_top1_agreement": next((h["top1_agreement"] for h in reversed(log) if "top1_agreement" in h), None),
+        "held_out_before": before,
+        "held_out": held_out_metrics(draft, target, held_out, tok.pad_token_id, subset) if held_out else None,
     }
-    if cfg.vocab_subset:
-        from cllm.decoding.pruned_draft import frequent_tokens
-
-        specials = [i for i in (tok.eos_token_id, tok.bos_token_id, tok.pad_token_id) if i is not None]
-        summary["vocab_subset"] = frequent_tokens(own or sequences, cfg.vocab_subset, always=specials)
+    if subset is not None:
+        summary["vocab_subset"] = subset
     (out / "cllm_draft.json").write_text(json.dumps({"config": to_dict(cfg), "summary": summary}, indent=2) + "\n")
     (out / "log_history.json").write_text(json.dumps(log, indent=1) + "\n")
     return summary
+
+
+def _vocab_subset(cfg: DraftConfig, tok, text: list[list[int]]) -> list[int] | None:
+    """The pruned head's ids (--vocab-subset): the most frequent of the training text (the target's own outputs
+    when --data is given), plus the special tokens; None for a full-vocabulary draft."""
+    if not cfg.vocab_subset:
+        return None
+    from cllm.decoding.pruned_draft import frequent_tokens
+
+    specials = [i for i in (tok.eos_token_id, tok.bos_token_id, tok.pad_token_id) if i is not None]
+    return frequent_tokens(text, cfg.vocab_subset, always=specials)
 
 
 def _draft_model(cfg: DraftConfig, target, tok):
