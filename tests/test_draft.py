@@ -221,16 +221,14 @@ def test_held_out_metrics_against_a_hand_computation():
     assert "top1_agreement_pruned" not in same
 
 
-def test_split_held_out_is_seeded_and_disjoint():
-    from cllm.training.draft import split_held_out
+def test_held_out_indices_are_seeded_and_in_range():
+    from cllm.training.draft import held_out_indices
 
-    seqs = [[i, i + 1] for i in range(20)]
-    train, held = split_held_out(seqs, 5)
-    assert len(held) == 5 and len(train) == 15 and sorted(train + held) == seqs
-    assert split_held_out(seqs, 5) == (train, held)
-    assert split_held_out(seqs, 0) == (seqs, [])
+    held = held_out_indices(20, 5)
+    assert len(held) == 5 and held <= set(range(20)) and held_out_indices(20, 5) == held
+    assert held_out_indices(20, 0) == set()
     with pytest.raises(CllmError, match="--held-out 20: the distillation text has only 20 sequences"):
-        split_held_out(seqs, 20)
+        held_out_indices(20, 20)
 
 
 def test_train_draft_bad_input(tiny_model_dir, tmp_path, capsys):

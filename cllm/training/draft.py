@@ -136,15 +136,15 @@ class PadCollator:
         return {"input_ids": input_ids, "attention_mask": attention_mask}
 
 
-def split_held_out(sequences: list[list[int]], n: int, seed: int = 0) -> tuple[list[list[int]], list[list[int]]]:
-    """(training sequences, `n` held-out ones): a seeded draw over all the text, so every source is represented."""
+def held_out_indices(n_total: int, n: int, seed: int = 0) -> set[int]:
+    """Which of `n_total` sequences are held out of training: `n` of them, a seeded draw over all the text, so
+    every source is represented."""
     if n == 0:
-        return sequences, []
-    if n >= len(sequences):
-        raise CllmError(f"--held-out {n}: the distillation text has only {len(sequences)} sequences (give fewer, "
+        return set()
+    if n >= n_total:
+        raise CllmError(f"--held-out {n}: the distillation text has only {n_total} sequences (give fewer, "
                         "or 0 to skip the held-out report)")
-    picked = set(random.Random(seed).sample(range(len(sequences)), n))
-    return [s for i, s in enumerate(sequences) if i not in picked], [sequences[i] for i in sorted(picked)]
+    return set(random.Random(seed).sample(range(n_total), n))
 
 
 @torch.no_grad()
@@ -220,11 +220,13 @@ def train_draft(cfg: DraftConfig) -> dict:
     target, tok = load_model(cfg.model, dtype="fp32", device="cpu")
     sequences = dataset_sequences(tok, cfg.datasets, cfg.split, cfg.data_dir, cfg.limit) if cfg.datasets else []
     own = trajectory_sequences(cfg.data) if cfg.data else []
-    texts = [s[: cfg.max_seq_len] for s in sequences + own]
-    train_seqs, held_out = split_held_out(texts, cfg.held_out)
-    dataset = SequenceDataset(train_seqs, cfg.max_seq_len)
-    held = {id(s) for s in held_out}
-    subset = _vocab_subset(cfg, tok, [s for s in texts[len(sequences):] or texts if id(s) not in held])
+    texts = sequences + own
+    held = held_out_indices(len(texts), cfg.held_out)
+    held_out = [texts[i][: cfg.max_seq_len] for i in sorted(held)]
+    dataset = SequenceDataset([s for i, s in enumerate(texts) if i not in held], cfg.max_seq_len)
+    # the pruned head counts the target's own training answers where there are some
+    own_train = [s for i, s in enumerate(texts) if i >= len(sequences) and i not in held]
+    subset = _vocab_subset(cfg, tok, own_train or dataset.items)
     draft, layers = _draft_model(cfg, target, tok)
     n_trainable = freeze_shared(draft)
     before = held_out_metrics(draft, target, held_out, tok.pad_token_id, subset) if held_out else None
