@@ -1,4 +1,4 @@
-"""The `cllm` console script: decode, eval, gen, train, train-draft, pipeline, export-adapter, serve, chat."""
+"""The `cllm` console script: decode, eval, gen, train, train-draft, pipeline, export-adapter, export-draft, serve, chat."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ SUBCOMMANDS = {
     "decode": ("cllm.commands.decode", "decode prompts with AR or Jacobi decoding and compare them"),
     "eval": ("cllm.commands.eval", "evaluate a checkpoint: speed-up vs the base model's AR, quality, plots"),
     "export-adapter": ("cllm.commands.export_adapter", "a trained LoRA adapter in bf16 safetensors, to publish"),
+    "export-draft": ("cllm.commands.export_draft", "a distilled draft without the weights it shares with its target"),
     "gen": ("cllm.commands.gen", "collect Jacobi trajectories (resumable, sharded, batched)"),
     "pipeline": ("cllm.commands.pipeline", "trajectories -> training -> base-vs-trained evaluation, one config"),
     "serve": ("cllm.commands.serve", "an OpenAI-compatible HTTP server (streaming) over any decoding method"),

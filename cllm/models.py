@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 import json
 import os
@@ -355,10 +356,87 @@ def check_draft_compatible(target, target_tokenizer, draft, draft_tokenizer) -> 
         raise CllmError(f"the draft's LM head has {d_width} outputs, the target's {t_width}")
 
 
+DRAFT_WEIGHTS = "draft_weights.safetensors"  # a published draft: only the tensors it does not share with its target
+
+
+def shared_tensor_names(model) -> list[str]:
+    """State-dict keys of the embeddings and LM head: a `train-draft` draft keeps them equal to its target's."""
+    params = {id(p) for m in (model.get_input_embeddings(), model.get_output_embeddings()) for p in m.parameters()}
+    return sorted(k for k, v in model.state_dict(keep_vars=True).items() if id(v) in params)
+
+
+def _fingerprint(t: torch.Tensor) -> list[float]:
+    """Two numbers that tell one embedding matrix from another of the same shape (robust to bf16 rounding)."""
+    t = t.detach().double()
+    return [float(t.abs().mean()), float(t[0].sum())]
+
+
+def export_draft(src: str | Path, dst: str | Path, target: str | None = None, dtype: str = "bf16",
+                 max_mb: float | None = 30.0) -> dict:
+    """Publish a `cllm train-draft` folder without what it shares with its target (embeddings, LM head), which
+    must equal the target's: `dst` holds config.json, cllm_draft.json and DRAFT_WEIGHTS in `dtype`, and loads as
+    `--draft dst` beside that target. Returns {"tensors", "parameters", "bytes", "shared"}."""
+    from safetensors.torch import save_file
+
+    src, dst = Path(src), Path(dst)
+    if not (src / "cllm_draft.json").is_file():
+        raise CllmError(f"not a `cllm train-draft` output folder (no cllm_draft.json): {src}")
+    meta = json.loads((src / "cllm_draft.json").read_text())
+    target = target or meta.get("config", {}).get("model")
+    draft, _ = load_model(str(src), "fp32", "cpu")
+    base_state, state = load_model(target, "fp32", "cpu")[0].state_dict(), draft.state_dict()
+    shared = shared_tensor_names(draft)
+    for k in shared:
+        if k not in base_state or not torch.equal(state[k], base_state[k]):
+            raise CllmError(f"{src}: {k} is not the target {target}'s, so it cannot be left out (give --model)")
+    tensors = {k: v.to(parse_dtype(dtype)).contiguous() for k, v in state.items() if k not in shared}
+    size = sum(v.numel() * v.element_size() for v in tensors.values())
+    if max_mb is not None and size > max_mb * 2**20:
+        raise CllmError(f"the draft is {size / 2**20:.1f} MiB in {dtype} without the shared tensors, over the "
+                        f"{max_mb:g} MiB limit (fewer --draft-layers)")
+    dst.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(dst / DRAFT_WEIGHTS), metadata={"format": "pt"})
+    draft.config.save_pretrained(dst)
+    meta["shared_with_target"] = {"model": target, "tensors": {k: _fingerprint(state[k]) for k in shared}}
+    (dst / "cllm_draft.json").write_text(json.dumps(meta, indent=2) + "\n")
+    return {"tensors": len(tensors), "parameters": sum(v.numel() for v in tensors.values()),
+            "bytes": (dst / DRAFT_WEIGHTS).stat().st_size, "shared": shared}
+
+
+def _load_published_draft(path: Path, target, dtype: str, device):
+    """A draft written by `export_draft`: its own tensors from DRAFT_WEIGHTS, the shared ones copied from `target`
+    (checked by fingerprint, so a draft made for another base is a clear error)."""
+    from safetensors.torch import load_file
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    shared = json.loads((path / "cllm_draft.json").read_text()).get("shared_with_target", {}).get("tensors", {})
+    config = AutoConfig.from_pretrained(path)
+    if type(config) is not type(target.config):
+        raise CllmError(f"--draft {path}: a {config.model_type} draft cannot share weights with a "
+                        f"{target.config.model_type} target")
+    draft = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    state, base_state = load_file(str(path / DRAFT_WEIGHTS)), target.state_dict()
+    for k, fingerprint in shared.items():
+        if k not in base_state or base_state[k].shape != draft.state_dict()[k].shape or not all(
+                abs(a - b) <= 1e-2 * abs(b) + 1e-6 for a, b in zip(_fingerprint(base_state[k]), fingerprint)):
+            raise CllmError(f"--draft {path}: its {k} is not this target's (the draft was made for another base)")
+        state[k] = base_state[k]
+    missing, unexpected = draft.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise CllmError(f"--draft {path}: {DRAFT_WEIGHTS} lacks {missing[:3]} / has unknown {unexpected[:3]}")
+    draft.generation_config = copy.deepcopy(target.generation_config)
+    return draft.to(dtype=parse_dtype(dtype), device=device).eval()
+
+
 def load_draft(spec: str, target, target_tokenizer, dtype: str = "fp32", device=None, device_map: str | None = None):
     """The draft model for SpS/MTAD/assisted generation, checked against the target. A `cllm train-draft` folder
-    whose cllm_draft.json lists a `vocab_subset` comes with its LM head cut to those tokens (`PrunedVocabDraft`)."""
-    draft, draft_tokenizer = load_model(spec, dtype, device, device_map)
+    whose cllm_draft.json lists a `vocab_subset` comes with its LM head cut to those tokens (`PrunedVocabDraft`);
+    a folder written by `export_draft` borrows its embeddings and LM head (and tokenizer) from the target."""
+    if (Path(str(spec)) / DRAFT_WEIGHTS).is_file():
+        draft = _load_published_draft(Path(str(spec)), target, dtype, device or next(target.parameters()).device)
+        draft_tokenizer = target_tokenizer
+    else:
+        draft, draft_tokenizer = load_model(spec, dtype, device, device_map)
     check_draft_compatible(target, target_tokenizer, draft, draft_tokenizer)
     meta = Path(str(spec), "cllm_draft.json")
     subset = json.loads(meta.read_text()).get("summary", {}).get("vocab_subset") if meta.is_file() else None

@@ -237,6 +237,43 @@ def test_train_draft_bad_input(tiny_model_dir, tmp_path, capsys):
     assert code == 2 and "--draft-layers must be >= 1" in capsys.readouterr().err
 
 
+def test_export_draft_publishes_only_what_the_target_lacks(tiny_model_dir, tmp_path, capsys):
+    """export-draft leaves the embeddings and LM head out; the folder loads beside its target as the same draft
+    (fp32: the same logits), and refuses a target that is not the one it shares those tensors with."""
+    from cllm.models import DRAFT_WEIGHTS, load_draft, load_model
+
+    src, pub, pub16 = tmp_path / "draft", tmp_path / "published", tmp_path / "published-bf16"
+    assert main(["train-draft", "--model", str(tiny_model_dir), "--output-dir", str(src), "--draft-layers", "1",
+                 "--datasets", "gsm8k", "--limit", "8", "--max-seq-len", "32", "--max-steps", "1",
+                 "--held-out", "0"]) == 0
+    assert main(["export-draft", str(src), str(pub), "--dtype", "fp32"]) == 0
+    assert "shared with the target: lm_head.weight, model.embed_tokens.weight" in capsys.readouterr().out
+    assert main(["export-draft", str(src), str(pub16)]) == 0
+    from safetensors.torch import load_file
+
+    own = load_file(str(pub / DRAFT_WEIGHTS))
+    assert "lm_head.weight" not in own and "model.embed_tokens.weight" not in own and own
+    assert (pub16 / DRAFT_WEIGHTS).stat().st_size < 0.6 * (pub / DRAFT_WEIGHTS).stat().st_size  # bf16 halves it
+    target, tok = load_model(str(tiny_model_dir), "fp32", "cpu")
+    trained, _ = load_model(str(src), "fp32", "cpu")
+    loaded = load_draft(str(pub), target, tok)
+    ids = torch.tensor([[3, 9, 4, 17, 5]])
+    assert torch.equal(loaded(input_ids=ids).logits, trained(input_ids=ids).logits)
+    report = tmp_path / "r.json"
+    assert main(["decode", "--model", str(tiny_model_dir), "--draft", str(pub16), "--prompt", "w3 w4 w5",
+                 "--method", "sps", "--compare", "ar", "--max-new-tokens", "12", "--quiet", "--report",
+                 str(report)]) == 0
+    assert json.loads(report.read_text())["methods"]["sps"]["identical_to_ar"] == 1.0
+    other = save_tiny_model(tmp_path / "other-base", seed=5)  # same shapes and vocabulary, other weights
+    code = main(["decode", "--model", str(other), "--draft", str(pub), "--prompt", "w3", "--method", "sps",
+                 "--max-new-tokens", "4", "--quiet"])
+    assert code == 2 and "the draft was made for another base" in capsys.readouterr().err
+    code = main(["export-draft", str(src), str(tmp_path / "x"), "--model", str(other)])
+    assert code == 2 and "is not the target" in capsys.readouterr().err
+    code = main(["export-draft", str(tiny_model_dir), str(tmp_path / "y")])
+    assert code == 2 and "not a `cllm train-draft` output folder" in capsys.readouterr().err
+
+
 # ------------------------------------------------------------------------------------------- energy, perplexity
 
 
