@@ -10,7 +10,7 @@ import torch
 
 from cllm.data.datasets import load_dataset_prompts
 from cllm.decoding import ar_decode, jacobi_decode
-from cllm.models import load_model
+from cllm.models import DRAFT_WEIGHTS, load_model
 from cllm.data.prompts import format_prompt
 
 pytestmark = pytest.mark.real_model
@@ -82,7 +82,32 @@ def test_sps_and_mtad_with_a_cut_draft_of_smollm(smollm):
     assert mt.extra["accepted"] == mt.extra["drafted"] and len(mt.token_ids) == 20
 
 
-PUBLISHED = sorted(p for p in (Path(__file__).resolve().parents[1] / "models").glob("*") if p.is_dir())
+MODELS = Path(__file__).resolve().parents[1] / "models"
+PUBLISHED = sorted(p for p in MODELS.glob("*") if (p / "adapter_config.json").is_file())
+DRAFTS = sorted(p for p in MODELS.glob("*") if (p / DRAFT_WEIGHTS).is_file())
+
+
+def test_every_published_model_is_an_adapter_or_a_draft():
+    assert {p for p in MODELS.glob("*") if p.is_dir()} == set(PUBLISHED) | set(DRAFTS)
+    for folder in (*PUBLISHED, *DRAFTS):
+        assert (folder / "README.md").is_file(), f"{folder.name} has no model card"
+
+
+@pytest.mark.parametrize("draft_dir", DRAFTS, ids=[p.name for p in DRAFTS])
+def test_published_draft_loads_beside_the_default_model_and_sps_stays_exact(smollm, draft_dir):
+    """Every draft under models/ is at most 30 MiB, loads as `--draft` does (embeddings and LM head borrowed from
+    the default model), and greedy SpS with it returns the target's greedy output in fp32, accepting some drafts."""
+    from cllm.decoding import speculative_decode
+    from cllm.models import load_draft
+
+    model, tok, _ = smollm
+    assert sum(f.stat().st_size for f in draft_dir.iterdir()) <= 30 * 2**20
+    draft = load_draft(str(draft_dir), model, tok)
+    ids = format_prompt(tok, load_dataset_prompts("gsm8k", "test", limit=1)[0].prompt)
+    ar = ar_decode(model, tok, ids, 32)
+    sps = speculative_decode(model, draft, tok, ids, 32, gamma=4)
+    assert sps.token_ids == ar.token_ids
+    assert sps.extra["accepted"] > 0
 
 
 @pytest.mark.parametrize("adapter", PUBLISHED, ids=[p.name for p in PUBLISHED])
