@@ -185,6 +185,11 @@ def test_train_draft_runs_resumes_and_loads(tiny_model_dir, tmp_path):
                  "--method", "sps", "--compare", "ar", "--max-new-tokens", "12", "--quiet", "--report",
                  str(report)]) == 0
     assert json.loads(report.read_text())["methods"]["sps"]["identical_to_ar"] == 1.0
+    # Hugging Face assisted generation cannot use a pruned head: it drafts with the full head the draft wraps
+    assert main(["decode", "--model", str(tiny_model_dir), "--draft", str(pruned), "--prompt", "w3 w4 w5",
+                 "--method", "hf_assisted", "--compare", "ar", "--max-new-tokens", "12", "--quiet", "--report",
+                 str(report)]) == 0
+    assert json.loads(report.read_text())["methods"]["hf_assisted"]["identical_to_ar"] == 1.0
 
 
 class _FixedLogits(torch.nn.Module):

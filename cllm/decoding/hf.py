@@ -71,6 +71,9 @@ def hf_generate(model, tokenizer, prompt_ids: list[int], max_new_tokens: int = 2
     elif mode == "assisted":
         if draft is None:
             raise CllmError("assisted generation needs a draft model")
+        # generate() needs a PreTrainedModel with the full vocabulary: a pruned-head draft drafts with the head
+        # it wraps here (recorded in the result's extra)
+        draft = getattr(draft, "draft", draft) if type(draft).__name__ == "PrunedVocabDraft" else draft
         draft.generation_config.num_assistant_tokens = draft_tokens
         draft.generation_config.num_assistant_tokens_schedule = "constant"  # gamma fixed, as --method sps
         kwargs["assistant_model"] = draft
@@ -81,7 +84,7 @@ def hf_generate(model, tokenizer, prompt_ids: list[int], max_new_tokens: int = 2
     wall = time.perf_counter() - t0
     new = out[0, len(prompt_ids):].tolist()
     finish = "eos" if new and new[-1] in stop else "length"
-    extra = {"draft_forwards": len(drafted.starts)} if mode == "assisted" else {}
+    extra = {"draft_forwards": len(drafted.starts), "draft_head": "full"} if mode == "assisted" else {}
     return DecodeResult(token_ids=new, text=tokenizer.decode(new, skip_special_tokens=True),
                         n_forwards=len(target.starts),
                         accept_lengths=accept_lengths_from_starts(target.starts, len(prompt_ids), len(new)),
