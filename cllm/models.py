@@ -312,25 +312,33 @@ def _merge_adapter(model, adapter: str, spec: str):
                         f"{str(e).strip().splitlines()[-1][:200]}") from None
 
 
+def _save_cast(tensors: dict, path: Path, dtype: str, max_mb: float | None, what: str, hint: str) -> dict:
+    """Save `tensors` (floating ones cast to `dtype`) as safetensors at `path`, refusing more than `max_mb` MiB."""
+    from safetensors.torch import save_file
+
+    target = parse_dtype(dtype)
+    tensors = {k: (v.to(target) if v.is_floating_point() else v).contiguous() for k, v in tensors.items()}
+    size = sum(v.numel() * v.element_size() for v in tensors.values())
+    if max_mb is not None and size > max_mb * 2**20:
+        raise CllmError(f"{what} is {size / 2**20:.1f} MiB in {dtype}, over the {max_mb:g} MiB limit ({hint})")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(path), metadata={"format": "pt"})
+    return tensors
+
+
 def export_adapter(src: str | Path, dst: str | Path, dtype: str = "bf16", max_mb: float | None = None) -> dict:
     """Copy a PEFT LoRA adapter folder with its weights cast to `dtype` (bf16 halves an fp32 adapter); returns
     {"tensors", "parameters", "bytes"}. `max_mb` refuses a result larger than that (a publishing limit)."""
     import shutil
 
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file
 
     src, dst = Path(src), Path(dst)
     weights = src / "adapter_model.safetensors"
     if not (src / "adapter_config.json").is_file() or not weights.is_file():
         raise CllmError(f"not a PEFT adapter folder (adapter_config.json + adapter_model.safetensors): {src}")
-    target = parse_dtype(dtype)
-    tensors = {k: (v.to(target) if v.is_floating_point() else v).contiguous() for k, v in load_file(str(weights)).items()}
-    size = sum(v.numel() * v.element_size() for v in tensors.values())
-    if max_mb is not None and size > max_mb * 2**20:
-        raise CllmError(f"the adapter is {size / 2**20:.1f} MiB in {dtype}, over the {max_mb:g} MiB limit "
-                        "(train a lower lora_r)")
-    dst.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(dst / "adapter_model.safetensors"), metadata={"format": "pt"})
+    tensors = _save_cast(load_file(str(weights)), dst / "adapter_model.safetensors", dtype, max_mb, "the adapter",
+                         "train a lower lora_r")
     shutil.copy2(src / "adapter_config.json", dst / "adapter_config.json")
     return {"tensors": len(tensors), "parameters": sum(v.numel() for v in tensors.values()),
             "bytes": (dst / "adapter_model.safetensors").stat().st_size}
@@ -376,8 +384,6 @@ def export_draft(src: str | Path, dst: str | Path, target: str | None = None, dt
     """Publish a `cllm train-draft` folder without what it shares with its target (embeddings, LM head), which
     must equal the target's: `dst` holds config.json, cllm_draft.json and DRAFT_WEIGHTS in `dtype`, and loads as
     `--draft dst` beside that target. Returns {"tensors", "parameters", "bytes", "shared"}."""
-    from safetensors.torch import save_file
-
     src, dst = Path(src), Path(dst)
     if not (src / "cllm_draft.json").is_file():
         raise CllmError(f"not a `cllm train-draft` output folder (no cllm_draft.json): {src}")
@@ -389,13 +395,8 @@ def export_draft(src: str | Path, dst: str | Path, target: str | None = None, dt
     for k in shared:
         if k not in base_state or not torch.equal(state[k], base_state[k]):
             raise CllmError(f"{src}: {k} is not the target {target}'s, so it cannot be left out (give --model)")
-    tensors = {k: v.to(parse_dtype(dtype)).contiguous() for k, v in state.items() if k not in shared}
-    size = sum(v.numel() * v.element_size() for v in tensors.values())
-    if max_mb is not None and size > max_mb * 2**20:
-        raise CllmError(f"the draft is {size / 2**20:.1f} MiB in {dtype} without the shared tensors, over the "
-                        f"{max_mb:g} MiB limit (fewer --draft-layers)")
-    dst.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(dst / DRAFT_WEIGHTS), metadata={"format": "pt"})
+    tensors = _save_cast({k: v for k, v in state.items() if k not in shared}, dst / DRAFT_WEIGHTS, dtype, max_mb,
+                         "the draft without the shared tensors", "fewer --draft-layers")
     draft.config.save_pretrained(dst)
     meta["shared_with_target"] = {"model": target, "tensors": {k: _fingerprint(state[k]) for k in shared}}
     (dst / "cllm_draft.json").write_text(json.dumps(meta, indent=2) + "\n")
