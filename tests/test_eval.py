@@ -116,6 +116,34 @@ def test_eval_resume_skips_finished_prompts(tiny_model_dir, tmp_path, monkeypatc
     assert len(rows_path.read_text().splitlines()) == 9 and (out / "report.json").is_file()
 
 
+def test_eval_report_only_covers_the_prompts_every_method_finished(tiny_model_dir, tmp_path, monkeypatch, capsys):
+    """An eval cut short (prompt 2 has only its base_ar row): the plain rerun would decode, --report-only decodes
+    nothing and reports prompts 0-1, saying 2 of 3; an empty folder is refused."""
+    prompts = write_scored_prompts(tmp_path / "p.jsonl", 3)
+    out = tmp_path / "eval"
+    assert _eval(tiny_model_dir, prompts, out) == 0
+    full = json.loads((out / "report.json").read_text())
+    rows_path = out / "rows-rank0.jsonl"
+    rows = [json.loads(x) for x in rows_path.read_text().splitlines()]
+    rows_path.write_text("".join(json.dumps(r) + "\n" for r in rows if r["index"] != 2 or r["method"] == REFERENCE))
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("--report-only loaded a model")
+
+    monkeypatch.setattr("cllm.models.load_model", no_model)
+    assert _eval(tiny_model_dir, prompts, out, "--report-only") == 0
+    report = json.loads((out / "report.json").read_text())
+    assert (report["prompts_finished"], report["prompts_planned"]) == (2, 3)
+    assert full["prompts_finished"] == full["prompts_planned"] == 3
+    kept = [r for r in rows if r["index"] < 2 and r["method"] == "jacobi"]
+    assert report["methods"]["jacobi"]["n_prompts"] == 2
+    assert report["methods"]["jacobi"]["new_tokens"] == sum(r["new_tokens"] for r in kept)
+    assert "Cut short: 2 of the 3 planned prompts" in (out / "summary.md").read_text()
+    capsys.readouterr()
+    assert _eval(tiny_model_dir, prompts, tmp_path / "empty", "--report-only") == 2
+    assert "only 0 of 3 prompts are finished" in capsys.readouterr().err
+
+
 def test_eval_extended_with_a_method_runs_only_that_method(tiny_model_dir, other_model_dir, tmp_path, monkeypatch):
     """A finished base_ar+jacobi eval gets the checkpoint's own AR added: old rows stay, the report flags the runs."""
     # Both runs in "the same second" of one process: their rows must still carry different run labels.

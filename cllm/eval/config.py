@@ -41,6 +41,8 @@ class EvalConfig(DecodeConfig):
     out_dir: str | None = opt(None, "report.json, summary.md, answers/, plots (required)")
     training_log: str | None = opt(None, "also plot the loss curves of this training output folder")
     overwrite: bool = opt(False, "discard finished rows of a different earlier eval")
+    report_only: bool = opt(False, "decode nothing: write the report from the prompts every method has finished "
+                             "(an eval cut short; the report says how many of the planned prompts it covers)")
 
     def validate(self) -> None:
         """Everything that can be checked before a model loads or the manifest is written."""

@@ -191,6 +191,9 @@ def summary_markdown(report: dict) -> str:
         f"block size {s.get('block_size')}, {report['methods'][next(iter(report['methods']))]['n_prompts']} prompts. "
         f"Speed-up is against AR greedy of the base model ({REFERENCE}) in the same run.",
         "",
+        *([f"**Cut short: {report['prompts_finished']} of the {report['prompts_planned']} planned prompts are "
+           "finished by every method (--report-only); the figures cover those.**", ""]
+          if report.get("prompts_finished", 0) < report.get("prompts_planned", 0) else []),
         "Measured on: " + "; ".join(f"{m} ({n} prompts)" for m, n in report.get("machines", {}).items())
         + ("  **Timings from more than one machine are mixed: compare only ratios.**"
            if len(report.get("machines", {})) > 1 else ""),

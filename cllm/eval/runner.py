@@ -133,13 +133,13 @@ def run_eval(cfg: EvalConfig) -> dict | None:
         have = methods_done(read_rows(out_dir))
         # prompt -> the methods still to run on it (all of them, or only those added to a finished eval)
         todo = {i: [m for m in methods if m not in have.get(i, set())] for i in ctx.shard(list(range(len(records))))}
-        todo = {i: ms for i, ms in todo.items() if ms}
+        todo = {} if cfg.report_only else {i: ms for i, ms in todo.items() if ms}
         if todo:  # a finished eval run again loads no model: it only rewrites the report
             _decode_prompts(cfg, ctx, records, todo, methods, out_dir)
         distributed.barrier(ctx)
         if not ctx.is_main:
             return None
-        report = finish(out_dir, settings, methods, len(records), cfg.training_log)
+        report = finish(out_dir, settings, methods, len(records), cfg.training_log, partial=cfg.report_only)
         print(summary_markdown(report))
         return report
     finally:
@@ -258,8 +258,10 @@ def _spider_tables(args, records) -> dict:
     return {t["db_id"]: t for t in json.loads((root / "spider" / "tables.json").read_text())}
 
 
-def finish(out_dir: Path, settings: dict, all_methods: list[str], n_prompts: int, training_log: str | None) -> dict:
-    """Merge every rank's rows into report.json, summary.md, answers/<method>.jsonl and the plots."""
+def finish(out_dir: Path, settings: dict, all_methods: list[str], n_prompts: int, training_log: str | None,
+           partial: bool = False) -> dict:
+    """Merge every rank's rows into report.json, summary.md, answers/<method>.jsonl and the plots; `partial`
+    (--report-only) reports the prompts every method finished when others are not."""
     from cllm.eval.harness import build_eval_report, summary_markdown, write_plots
     from cllm.eval.report import answer_line
 
@@ -268,11 +270,12 @@ def finish(out_dir: Path, settings: dict, all_methods: list[str], n_prompts: int
         if r["method"] in rows:
             rows[r["method"]][r["index"]] = r  # a prompt redone after a kill: the last complete row counts
     complete = set.intersection(*(set(v) for v in rows.values())) if rows else set()
-    if len(complete) < n_prompts:
+    if len(complete) < n_prompts and not (partial and complete):
         raise CllmError(f"{out_dir}: only {len(complete)} of {n_prompts} prompts are finished; run the same command "
-                        "again to finish them")
+                        "again to finish them" + ("" if partial else ", or add --report-only to report those"))
     by_method = {m: [rows[m][i] for i in sorted(complete)] for m in all_methods}
     report = build_eval_report(by_method, settings)
+    report["prompts_finished"], report["prompts_planned"] = len(complete), n_prompts
     report["fingerprint"] = hashlib.sha1(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
     (out_dir / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     (out_dir / "summary.md").write_text(summary_markdown(report))
