@@ -14,6 +14,7 @@ import time
 import torch
 
 from cllm.decoding.common import DecodeResult, check_lengths, eos_ids
+from cllm.decoding.pruned_draft import PrunedVocabDraft
 from cllm.errors import CllmError
 
 MODES = ("greedy", "prompt_lookup", "assisted")
@@ -73,7 +74,7 @@ def hf_generate(model, tokenizer, prompt_ids: list[int], max_new_tokens: int = 2
             raise CllmError("assisted generation needs a draft model")
         # generate() needs a PreTrainedModel with the full vocabulary: a pruned-head draft drafts with the head
         # it wraps here (recorded in the result's extra)
-        draft = getattr(draft, "draft", draft) if type(draft).__name__ == "PrunedVocabDraft" else draft
+        draft = draft.draft if isinstance(draft, PrunedVocabDraft) else draft
         draft.generation_config.num_assistant_tokens = draft_tokens
         draft.generation_config.num_assistant_tokens_schedule = "constant"  # gamma fixed, as --method sps
         kwargs["assistant_model"] = draft
