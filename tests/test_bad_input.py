@@ -1,4 +1,4 @@
-"""One error path: every class of bad input in the README's table ends in one line that names the file (and line,
+"""One error path: every class of bad input in docs/bad_input.md's table ends in one line that names the file (and line,
 where there is one) and exit code 2, before any work is lost. Fixtures are made here: truncated files, random
 bytes, non-UTF-8 lines, an adapter for another base, a LoRA checkpoint resumed without --use-peft."""
 
@@ -53,7 +53,7 @@ def bad(tmp_path_factory, tiny_model_dir):
     return paths
 
 
-# Every class of the README's table: (class, command line with {fixture}s, what the one error line holds).
+# Every class of docs/bad_input.md's table: (class, command line with {fixture}s, what the one error line holds).
 CASES = [line.split("\t") for line in (Path(__file__).parent / "bad_inputs.tsv").read_text().splitlines()
          if line and not line.startswith("#")]
 # Short runs: decoding (never reached) and collection settings that fit the tiny model.

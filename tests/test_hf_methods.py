@@ -72,3 +72,31 @@ def test_eval_reports_every_method_against_hf_generate_of_the_base(tiny_model_di
         assert m[name]["speedup_vs_hf"] == pytest.approx(m[name]["tokens_per_second"]
                                                          / m["base_hf"]["tokens_per_second"])
     assert "vs base_hf" in (out / "summary.md").read_text()
+
+
+def _row(method, index, dataset, tokens, seconds, token_ids):
+    return {"method": method, "index": index, "dataset": dataset, "category": dataset, "new_tokens": tokens,
+            "forwards": tokens, "seconds": seconds, "cpu_seconds": seconds, "joules": None, "accept_lengths": [1],
+            "fast_forward": 0, "stationary": 0, "correct": None, "degenerate": False, "base_logprob_mean": None,
+            "token_ids": token_ids}
+
+
+def test_each_dataset_is_compared_with_hf_and_own_ar_over_its_own_prompts():
+    from cllm.eval.harness import build_eval_report, summary_markdown
+
+    # prompt 0 is gsm8k, prompt 1 humaneval; jacobi matches the checkpoint's own AR on gsm8k only
+    rows = {"base_ar": [_row("base_ar", 0, "gsm8k", 10, 1.0, [1]), _row("base_ar", 1, "humaneval", 10, 1.0, [2])],
+            "base_hf": [_row("base_hf", 0, "gsm8k", 10, 2.0, [1]), _row("base_hf", 1, "humaneval", 10, 0.5, [2])],
+            "ar": [_row("ar", 0, "gsm8k", 10, 1.0, [3]), _row("ar", 1, "humaneval", 10, 1.0, [4])],
+            "jacobi": [_row("jacobi", 0, "gsm8k", 10, 0.5, [3]), _row("jacobi", 1, "humaneval", 10, 4.0, [5])]}
+    report = build_eval_report(rows, {"model": "m"})
+    gsm, code = report["per_dataset"]["gsm8k"], report["per_dataset"]["humaneval"]
+    # by hand: gsm8k hf 5 tok/s, jacobi 20 -> 4x; humaneval hf 20 tok/s, jacobi 2.5 -> 0.125x
+    assert gsm["jacobi"]["speedup_vs_hf"] == pytest.approx(4.0)
+    assert code["jacobi"]["speedup_vs_hf"] == pytest.approx(0.125)
+    assert gsm["jacobi"]["exact_match_own_ar"] == 1.0 and code["jacobi"]["exact_match_own_ar"] == 0.0
+    assert gsm["jacobi"]["speedup_vs_own_ar"] == pytest.approx(2.0)
+    # overall: 20 tokens over 4.5 s against hf's 20 over 2.5 s
+    assert report["methods"]["jacobi"]["speedup_vs_hf"] == pytest.approx(2.5 / 4.5)
+    assert report["methods"]["jacobi"]["exact_match_own_ar"] == 0.5
+    assert "| humaneval | jacobi | 1 | - | 1.000 | 2.50 | 0.250x | 0.125x | 0.00 |" in summary_markdown(report)

@@ -126,49 +126,48 @@ def summarize(rows: list[dict], ref_rows: list[dict] | None) -> dict:
 
 
 def build_eval_report(rows: dict[str, list[dict]], settings: dict) -> dict:
-    """`methods` (overall), `per_dataset` and `per_category` statistics of every method."""
-    ref = rows.get(REFERENCE)
-
-    def subset(method_rows, key, value):
-        return [r for r in method_rows if r[key] == value]
-
+    """`methods` (overall), `per_dataset` and `per_category` statistics of every method; each set of statistics
+    also against the checkpoint's own AR and against Hugging Face `generate`, over the same prompts."""
     machines: dict[str, int] = {}  # timing setting -> prompts (rows written before it was recorded: "unrecorded")
     for r in next(iter(rows.values()), []):
         tag = r.get("machine") or "unrecorded"
         machines[tag] = machines.get(tag, 0) + 1
-    report = {"settings": settings, "reference": REFERENCE, "machines": machines, "methods": {}, "per_dataset": {},
-              "per_category": {}}
-    for m, mrows in rows.items():
-        report["methods"][m] = summarize(mrows, ref)
-        for key, bucket in (("dataset", "per_dataset"), ("category", "per_category")):
-            for value in sorted({r[key] for r in mrows}):
-                report[bucket].setdefault(value, {})[m] = summarize(
-                    subset(mrows, key, value), subset(ref, key, value) if ref is not None else None)
-    if "ar" in rows:  # the checkpoint's own AR, beside the base model's
-        own = summarize(rows["ar"], None)
+    report = {"settings": settings, "reference": REFERENCE, "machines": machines,
+              "methods": _statistics(rows), "per_dataset": {}, "per_category": {}}
+    for key, bucket in (("dataset", "per_dataset"), ("category", "per_category")):
+        for value in sorted({r[key] for mrows in rows.values() for r in mrows}):
+            subset = {m: [r for r in mrows if r[key] == value] for m, mrows in rows.items()}
+            report[bucket][value] = _statistics({m: mrows for m, mrows in subset.items() if mrows})
+    report["hf_reference"] = _hf_reference(rows)
+    return report
+
+
+def _statistics(rows: dict[str, list[dict]]) -> dict[str, dict]:
+    """summarize() of every method over `rows` (one set of prompts), with the own-AR and `generate` comparisons."""
+    ref = rows.get(REFERENCE)
+    stats = {m: summarize(mrows, ref) for m, mrows in rows.items()}
+    if rows.get("ar"):  # the checkpoint's own AR, beside the base model's
+        own_rate = stats["ar"]["tokens_per_second"]
         own_tokens = {r["index"]: r["token_ids"] for r in rows["ar"]}
-        for m, s in report["methods"].items():
-            s["speedup_vs_own_ar"] = (s["tokens_per_second"] / own["tokens_per_second"]
-                                      if s["tokens_per_second"] and own["tokens_per_second"] else None)
+        for m, s in stats.items():
+            s["speedup_vs_own_ar"] = s["tokens_per_second"] / own_rate if s["tokens_per_second"] and own_rate else None
             if m != REFERENCE and not m.startswith("base_"):
                 # Lossless check of a trained checkpoint: its decoders against its own greedy AR (the base's AR
                 # differs once training moved the model).
                 same = [r["token_ids"] == own_tokens.get(r["index"]) for r in rows[m]]
                 s["exact_match_own_ar"] = sum(same) / len(same) if same else None
-    _add_hf_yardstick(report, rows)
-    return report
+    hf = _hf_reference(rows)
+    if hf is not None and hf in stats:
+        hf_rate = stats[hf]["tokens_per_second"]
+        for s in stats.values():
+            s["speedup_vs_hf"] = s["tokens_per_second"] / hf_rate if s["tokens_per_second"] and hf_rate else None
+    return stats
 
 
-def _add_hf_yardstick(report: dict, rows: dict[str, list[dict]]) -> None:
-    """Speed of every method against Hugging Face `generate` of the base model (`base_hf`, from --base-methods hf;
-    or `hf` when the evaluated model is its own base), the reference a user already has."""
-    ref = "base_hf" if "base_hf" in rows else "hf" if "hf" in rows and "hf" in report["methods"] else None
-    report["hf_reference"] = ref
-    if ref is None:
-        return
-    hf_rate = report["methods"][ref]["tokens_per_second"]
-    for s in report["methods"].values():
-        s["speedup_vs_hf"] = s["tokens_per_second"] / hf_rate if s["tokens_per_second"] and hf_rate else None
+def _hf_reference(rows: dict[str, list[dict]]) -> str | None:
+    """Hugging Face `generate` of the base model (`base_hf`, from --base-methods hf; or `hf` when the evaluated
+    model is its own base): the reference a user already has."""
+    return "base_hf" if "base_hf" in rows else "hf" if "hf" in rows else None
 
 
 def _fmt(x, spec):
@@ -223,11 +222,16 @@ def summary_markdown(report: dict) -> str:
             f"{_fmt(r['cpu_s_per_token'], '.4f')} |"
         )
     if len(report["per_dataset"]) > 1:
-        lines += ["", "| dataset | method | n | accuracy | tokens/forward | speed-up |", "|---|---|---|---|---|---|"]
+        lines += ["", "| dataset | method | n | accuracy | tokens/forward | tokens/s | speed-up | "
+                  + (f"vs {hf} | " if hf else "") + ("same as own AR |" if own else ""),
+                  "|---|---|---|---|---|---|---|" + ("---|" if hf else "") + ("---|" if own else "")]
         for d, by_method in report["per_dataset"].items():
             for m, r in by_method.items():
                 lines.append(f"| {d} | {m} | {r['n_prompts']} | {_fmt(r['accuracy'], '.3f')} | "
-                             f"{_fmt(r['tokens_per_forward'], '.3f')} | {_fmt(r.get('speedup_vs_base_ar'), '.3f')}x |")
+                             f"{_fmt(r['tokens_per_forward'], '.3f')} | {_fmt(r['tokens_per_second'], '.2f')} | "
+                             f"{_fmt(r.get('speedup_vs_base_ar'), '.3f')}x | "
+                             + (f"{_fmt(r.get('speedup_vs_hf'), '.3f')}x | " if hf else "")
+                             + (f"{_fmt(r.get('exact_match_own_ar'), '.2f')} |" if own else ""))
     return "\n".join(lines) + "\n"
 
 
