@@ -59,6 +59,20 @@ def test_prompt_lookup_is_greedy_only_and_hf_runs_through_decode(tiny_model_dir,
     assert methods["hf"]["identical_to_ar"] == 1.0 and methods["hf_prompt_lookup"]["identical_to_ar"] == 1.0
 
 
+def test_decode_reports_every_method_against_hf_and_ar(tiny_model_dir, tmp_path, capsys):
+    prompts = write_scored_prompts(tmp_path / "p.jsonl", n=2)
+    report = tmp_path / "r.json"
+    assert main(["decode", "--model", str(tiny_model_dir), "--prompts", str(prompts), "--method", "jacobi",
+                 "--compare", "hf,ar", "--max-new-tokens", "10", "--dtype", "fp64", "--report", str(report)]) == 0
+    methods = json.loads(report.read_text())["methods"]
+    hf_rate = methods["hf"]["tokens_per_second"]
+    for name in ("jacobi", "ar"):
+        assert methods[name]["speedup_vs_hf"] == pytest.approx(methods[name]["tokens_per_second"] / hf_rate)
+        assert methods[name]["identical_to_hf"] == 1.0
+    assert methods["jacobi"]["identical_to_ar"] == 1.0 and "speedup_vs_hf" not in methods["hf"]
+    assert "vs_hf" in capsys.readouterr().out
+
+
 def test_eval_reports_every_method_against_hf_generate_of_the_base(tiny_model_dir, tmp_path):
     prompts = write_scored_prompts(tmp_path / "p.jsonl", n=2)
     out = tmp_path / "eval"

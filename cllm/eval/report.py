@@ -63,24 +63,35 @@ def build_report(model: str, dtype: str, rows: dict[str, list[dict]], seconds: d
                  cpu_seconds: dict[str, float] | None = None) -> dict:
     """`{"model", "dtype", "n_prompts", "settings", "methods": {name: summary}}`; methods other than the baseline
     get `speedup_vs_ar` (ratio of tokens per second) and `identical_to_ar` (share of token-identical outputs),
-    when the baseline ran greedy on the same prompts."""
+    when the baseline ran greedy on the same prompts; with `hf` among the methods (Hugging Face `generate`, the
+    yardstick a user knows) also `speedup_vs_hf` and `identical_to_hf`."""
     joules, cpu_seconds = joules or {}, cpu_seconds or {}
     methods = {m: method_summary(rows[m], seconds[m], joules.get(m), cpu_seconds.get(m)) for m in rows}
     n_prompts = max((len(v) for v in rows.values()), default=0)
+    greedy = settings.get("temperature", 0.0) == 0.0
     if baseline in rows:
-        base = methods[baseline]
-        base_tokens = {r["index"]: r["token_ids"] for r in rows[baseline]}
-        greedy = settings.get("temperature", 0.0) == 0.0
-        for m, summary in methods.items():
-            if m == baseline:
-                continue
-            rate, base_rate = summary["tokens_per_second"], base["tokens_per_second"]
-            summary["speedup_vs_ar"] = rate / base_rate if rate and base_rate else None
-            if greedy:
-                same = [r["token_ids"] == base_tokens.get(r["index"]) for r in rows[m]]
-                summary["identical_to_ar"] = sum(same) / len(same) if same else None
-                summary["not_identical_ids"] = [r["id"] for r, s in zip(rows[m], same) if not s]
+        _compare_with(methods, rows, baseline, "ar", greedy, ids=True)
+    if "hf" in rows and baseline != "hf":
+        _compare_with(methods, rows, "hf", "hf", greedy)
     return {"model": model, "dtype": dtype, "n_prompts": n_prompts, "settings": settings, "methods": methods}
+
+
+def _compare_with(methods: dict, rows: dict[str, list[dict]], ref: str, tag: str, greedy: bool,
+                  ids: bool = False) -> None:
+    """Every other method's `speedup_vs_{tag}` against method `ref` and, greedy, `identical_to_{tag}` (with the ids
+    of the prompts that differ when `ids`)."""
+    ref_rate = methods[ref]["tokens_per_second"]
+    ref_tokens = {r["index"]: r["token_ids"] for r in rows[ref]}
+    for m, summary in methods.items():
+        if m == ref:
+            continue
+        rate = summary["tokens_per_second"]
+        summary[f"speedup_vs_{tag}"] = rate / ref_rate if rate and ref_rate else None
+        if greedy:
+            same = [r["token_ids"] == ref_tokens.get(r["index"]) for r in rows[m]]
+            summary[f"identical_to_{tag}"] = sum(same) / len(same) if same else None
+            if ids:
+                summary["not_identical_ids"] = [r["id"] for r, s in zip(rows[m], same) if not s]
 
 
 def result_row(index: int, rec, res) -> dict:
@@ -127,14 +138,17 @@ def format_table(report: dict) -> str:
     def fmt(x, spec):
         return "-" if x is None else format(x, spec)
 
+    hf = "hf" in report["methods"]
     head = (f"{'method':<10} {'tokens':>7} {'fwd':>6} {'tok/fwd':>8} {'tok/s':>7} {'speedup':>8} {'identical':>9} "
-            f"{'accept':>6} {'blk_eff':>7} {'ppl':>7}")
+            + (f"{'vs_hf':>7} " if hf else "") + f"{'accept':>6} {'blk_eff':>7} {'ppl':>7}")
     lines = [f"model {report['model']}  dtype {report['dtype']}  prompts {report['n_prompts']}", head]
     for m, s in report["methods"].items():
+        vs_hf = 1.0 if m == "hf" else s.get("speedup_vs_hf")
         lines.append(
             f"{m:<10} {s['new_tokens']:>7} {s['forwards']:>6} {fmt(s['tokens_per_forward'], '.3f'):>8} "
             f"{fmt(s['tokens_per_second'], '.2f'):>7} {fmt(s.get('speedup_vs_ar'), '.3f'):>8} "
-            f"{fmt(s.get('identical_to_ar'), '.2f'):>9} {fmt(s.get('acceptance_rate'), '.3f'):>6} "
+            f"{fmt(s.get('identical_to_ar'), '.2f'):>9} " + (f"{fmt(vs_hf, '.3f'):>7} " if hf else "")
+            + f"{fmt(s.get('acceptance_rate'), '.3f'):>6} "
             f"{fmt(s.get('block_efficiency'), '.3f'):>7} {fmt(s.get('perplexity'), '.3f'):>7}"
         )
     return "\n".join(lines)
