@@ -1,9 +1,9 @@
 """What a timing was measured on: CPU model, threads, torch build, native bf16 support.
 
 Wall-clock figures only compare within one machine. bf16 is the fast dtype on CPUs with bf16 matrix instructions
-(AVX512_BF16, AMX) and the slow one elsewhere: on an AMD EPYC with AVX2 only, a 16-token bf16 forward of
-SmolLM2-135M cost ~7.7x a 1-token one (fp32: ~2.5x; bench/window_cost.py, one thread), so an eval records the machine next to its numbers and
-`load_model` warns when bf16 is asked for on a CPU without those instructions.
+(AVX512_BF16, AMX) and an emulated, slow one elsewhere, where a multi-token forward costs several times more in bf16
+than in fp32 (bench/window_cost.py measures it; docs/experiments/machine_and_base_model.md has the figures). So an
+eval records the machine next to its numbers and `load_model` warns when bf16 is asked for on a CPU without them.
 """
 
 from __future__ import annotations

@@ -33,6 +33,14 @@ def bad(tmp_path_factory, tiny_model_dir):
     paths["not_utf8"].write_bytes(b'{"prompt": "w3"}\n{"prompt": "\xff\xfe w4"}\n')
     paths["bad_json"] = root / "bj.jsonl"
     paths["bad_json"].write_text('{"prompt": "w3"}\n\n{"prompt": "w4"\n')
+    paths["int_prompt"] = root / "ip.jsonl"
+    paths["int_prompt"].write_text('{"prompt": "w3"}\n{"prompt": 123}\n')
+    paths["long_prompt"] = root / "lp.jsonl"
+    paths["long_prompt"].write_text('{"prompt": "%s"}\n' % " ".join(["w3"] * 1100))  # the tiny context is 1024
+    paths["bad_data"] = root / "data"  # a dataset folder whose file breaks on line 3 (after a blank line)
+    (paths["bad_data"] / "gsm8k").mkdir(parents=True)
+    (paths["bad_data"] / "gsm8k" / "test.jsonl").write_text('{"question": "q", "answer": "#### 1"}\n\n{"question"\n')
+    paths["new_out"] = root / "not_yet"
     paths["no_weights"] = root / "adapter"
     paths["no_weights"].mkdir()
     (paths["no_weights"] / "adapter_config.json").write_text('{"peft_type": "LORA"}')
@@ -70,6 +78,7 @@ def test_bad_input_is_one_line_and_exit_2(case, bad, tiny_model_dir, capsys):
     assert main(argv + SMALL[argv[0]]) == 2
     err = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
     assert len(err) == 1 and expected.format(**names) in err[0], err
+    assert not bad["new_out"].exists()  # refused before any output folder was made
 
 
 def test_resuming_a_lora_checkpoint_without_use_peft(tiny_model_dir, tmp_path, capsys):

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from cllm.cli import main
-from cllm.commands.gen import generate
+from cllm.data.collect import generate
 from cllm.config import resolve
 from cllm.decoding import ar_decode
 from cllm.models import load_model

@@ -48,8 +48,10 @@ def server(tiny_model_dir):
     deadline = time.time() + 20
     while not srv.started and time.time() < deadline:
         time.sleep(0.05)
-    want = {p: registry.decode("jacobi", model, tok, [format_prompt(tok, p)], [0], cfg)[0].text for p in PROMPTS}
-    yield {"url": f"http://127.0.0.1:{port}", "engine": engine, "want": want, "model": model, "tok": tok}
+    results = {p: registry.decode("jacobi", model, tok, [format_prompt(tok, p)], [0], cfg)[0] for p in PROMPTS}
+    want = {p: r.text for p, r in results.items()}
+    tpf = {p: round(r.n_new_tokens / r.n_forwards, 4) for p, r in results.items()}
+    yield {"url": f"http://127.0.0.1:{port}", "engine": engine, "want": want, "tpf": tpf, "model": model, "tok": tok}
     srv.should_exit = True
     thread.join(timeout=10)
 
@@ -67,7 +69,7 @@ def test_streamed_and_plain_text_equal_decode(server):
         assert chat.choices[0].message.content == want
         assert chat.usage.completion_tokens == MAX or chat.choices[0].finish_reason == "stop"
         extra = chat.model_extra["cllm"]
-        assert extra["method"] == "jacobi" and extra["tokens_per_forward"] >= 1
+        assert extra["method"] == "jacobi" and extra["tokens_per_forward"] == server["tpf"][p]
         pieces, finish = [], None
         for chunk in c.chat.completions.create(model="tiny", messages=[{"role": "user", "content": p}],
                                                max_tokens=MAX, stream=True):

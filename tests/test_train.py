@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 from cllm.cli import main
-from cllm.commands.gen import generate
+from cllm.data.collect import generate
 from cllm.training.config import TrainConfig
 from cllm.training.run import train
 from cllm.config import resolve

@@ -132,7 +132,7 @@ def plan(cfg: PipelineConfig) -> list[tuple]:
 def run_pipeline(cfg: PipelineConfig) -> str:
     import yaml
 
-    from cllm.commands.gen import generate
+    from cllm.data.collect import generate
     from cllm.training.run import train
 
     out = Path(cfg.out_dir)
