@@ -1,6 +1,6 @@
 """Report arithmetic on literal rows."""
 
-from cllm.eval.report import answer_line, build_report
+from cllm.eval.report import answer_line, build_report, compare_with
 
 
 def row(i, tokens, forwards, accepts, ff=0, st=0):
@@ -34,3 +34,20 @@ def test_answer_line_is_spec_bench_format():
     line = answer_line(row(3, [1, 2, 3], 2, [2, 1]), "m-jacobi")
     assert line["question_id"] == "q3" and line["model_id"] == "m-jacobi"
     assert line["choices"][0]["new_tokens"] == [3] and line["choices"][0]["decoding_steps"] == [2]
+
+
+def test_compare_with_by_hand():
+    # ref 10 tok/s; "a" 15 tok/s matching 1 of 2 prompts; "b" without a rate; "base_x" skipped by `matched`
+    rows = {"ref": [{"index": 0, "id": "p0", "token_ids": [1, 2]}, {"index": 1, "id": "p1", "token_ids": [3]}],
+            "a": [{"index": 0, "id": "p0", "token_ids": [1, 2]}, {"index": 1, "id": "p1", "token_ids": [4]}],
+            "b": [{"index": 1, "id": "p1", "token_ids": [3]}],
+            "base_x": [{"index": 0, "id": "p0", "token_ids": [9]}]}
+    stats = {"ref": {"tokens_per_second": 10.0}, "a": {"tokens_per_second": 15.0}, "b": {"tokens_per_second": None},
+             "base_x": {"tokens_per_second": 5.0}}
+    compare_with(stats, rows, "ref", "up", "same", matched=lambda m: not m.startswith("base_"), ids_key="diff")
+    assert stats["ref"] == {"tokens_per_second": 10.0, "up": 1.0, "same": 1.0, "diff": []}
+    assert stats["a"] == {"tokens_per_second": 15.0, "up": 1.5, "same": 0.5, "diff": ["p1"]}
+    assert stats["b"]["up"] is None and stats["b"]["same"] == 1.0
+    assert stats["base_x"] == {"tokens_per_second": 5.0, "up": 0.5}
+    compare_with(stats, rows, "a", "vs_a", include_ref=False)
+    assert "vs_a" not in stats["a"] and stats["ref"]["vs_a"] == 10.0 / 15.0 and "same" in stats["a"]

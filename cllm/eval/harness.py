@@ -13,6 +13,7 @@ from pathlib import Path
 
 from cllm.eval.config import REFERENCE
 from cllm.eval.quality import extract_number, gsm8k_correct, humaneval_program, run_python, spider_exact_match
+from cllm.eval.report import compare_with
 
 
 def score(rec, text: str, spider_tables: dict | None = None, timeout: float = 10.0) -> bool | None:
@@ -147,20 +148,13 @@ def _statistics(rows: dict[str, list[dict]]) -> dict[str, dict]:
     ref = rows.get(REFERENCE)
     stats = {m: summarize(mrows, ref) for m, mrows in rows.items()}
     if rows.get("ar"):  # the checkpoint's own AR, beside the base model's
-        own_rate = stats["ar"]["tokens_per_second"]
-        own_tokens = {r["index"]: r["token_ids"] for r in rows["ar"]}
-        for m, s in stats.items():
-            s["speedup_vs_own_ar"] = s["tokens_per_second"] / own_rate if s["tokens_per_second"] and own_rate else None
-            if m != REFERENCE and not m.startswith("base_"):
-                # Lossless check of a trained checkpoint: its decoders against its own greedy AR (the base's AR
-                # differs once training moved the model).
-                same = [r["token_ids"] == own_tokens.get(r["index"]) for r in rows[m]]
-                s["exact_match_own_ar"] = sum(same) / len(same) if same else None
+        # Lossless check of a trained checkpoint: its decoders against its own greedy AR (the base's AR differs
+        # once training moved the model).
+        compare_with(stats, rows, "ar", "speedup_vs_own_ar", "exact_match_own_ar",
+                     matched=lambda m: m != REFERENCE and not m.startswith("base_"))
     hf = _hf_reference(rows)
     if hf is not None and hf in stats:
-        hf_rate = stats[hf]["tokens_per_second"]
-        for s in stats.values():
-            s["speedup_vs_hf"] = s["tokens_per_second"] / hf_rate if s["tokens_per_second"] and hf_rate else None
+        compare_with(stats, rows, hf, "speedup_vs_hf")
     return stats
 
 

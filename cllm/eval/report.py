@@ -70,28 +70,32 @@ def build_report(model: str, dtype: str, rows: dict[str, list[dict]], seconds: d
     n_prompts = max((len(v) for v in rows.values()), default=0)
     greedy = settings.get("temperature", 0.0) == 0.0
     if baseline in rows:
-        _compare_with(methods, rows, baseline, "ar", greedy, ids=True)
+        compare_with(methods, rows, baseline, "speedup_vs_ar", "identical_to_ar" if greedy else None,
+                     include_ref=False, ids_key="not_identical_ids")
     if "hf" in rows and baseline != "hf":
-        _compare_with(methods, rows, "hf", "hf", greedy)
+        compare_with(methods, rows, "hf", "speedup_vs_hf", "identical_to_hf" if greedy else None, include_ref=False)
     return {"model": model, "dtype": dtype, "n_prompts": n_prompts, "settings": settings, "methods": methods}
 
 
-def _compare_with(methods: dict, rows: dict[str, list[dict]], ref: str, tag: str, greedy: bool,
-                  ids: bool = False) -> None:
-    """Every other method's `speedup_vs_{tag}` against method `ref` and, greedy, `identical_to_{tag}` (with the ids
-    of the prompts that differ when `ids`)."""
-    ref_rate = methods[ref]["tokens_per_second"]
+def compare_with(stats: dict[str, dict], rows: dict[str, list[dict]], ref: str, speed_key: str,
+                 match_key: str | None = None, include_ref: bool = True, matched=lambda m: True,
+                 ids_key: str | None = None) -> None:
+    """Against method `ref` (the reference of a decode or eval run), in place for every method's summary in
+    `stats`: `speed_key` = its tokens/s over ref's (None when either is missing); with `match_key`, for the
+    methods `matched` accepts, the share of prompts whose tokens equal ref's (the lossless check), and with
+    `ids_key` the ids of those that differ. `include_ref=False` leaves ref's own summary alone."""
+    ref_rate = stats[ref]["tokens_per_second"]
     ref_tokens = {r["index"]: r["token_ids"] for r in rows[ref]}
-    for m, summary in methods.items():
-        if m == ref:
+    for m, summary in stats.items():
+        if m == ref and not include_ref:
             continue
         rate = summary["tokens_per_second"]
-        summary[f"speedup_vs_{tag}"] = rate / ref_rate if rate and ref_rate else None
-        if greedy:
+        summary[speed_key] = rate / ref_rate if rate and ref_rate else None
+        if match_key and matched(m):
             same = [r["token_ids"] == ref_tokens.get(r["index"]) for r in rows[m]]
-            summary[f"identical_to_{tag}"] = sum(same) / len(same) if same else None
-            if ids:
-                summary["not_identical_ids"] = [r["id"] for r, s in zip(rows[m], same) if not s]
+            summary[match_key] = sum(same) / len(same) if same else None
+            if ids_key:
+                summary[ids_key] = [r["id"] for r, s in zip(rows[m], same) if not s]
 
 
 def result_row(index: int, rec, res) -> dict:
