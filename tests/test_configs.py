@@ -50,3 +50,12 @@ def test_config_opens_with_its_command_and_resolves(path, tmp_path):
         config.resolve(TrainConfig, {**data, "data": ["x"]})
     else:
         config.resolve(cls, data)
+
+
+def test_probe_interval_must_fall_on_logging_steps():
+    from cllm.errors import CllmError
+
+    base = {"data": ["x"], "output_dir": "out", "jacobi_eval_steps": 150, "trainer": {"logging_steps": 20}}
+    with pytest.raises(CllmError, match="--jacobi-eval-steps 150 must be a multiple of --logging-steps 20"):
+        config.resolve(TrainConfig, base)
+    config.resolve(TrainConfig, {**base, "jacobi_eval_steps": 300})

@@ -218,7 +218,7 @@ def test_bad_data_and_config_are_refused(tiny_model_dir, traj_dir, tmp_path, cap
         (["--data", str(tmp_path / "missing")], "trajectory data not found"),
         (["--data", str(traj_dir), "--block-size", "4", "--jacobi-eval-steps", "1", "--jacobi-eval-held-out", "1"],
          "needs --max-prompts"),
-        (["--data", str(traj_dir), "--block-size", "4", "--jacobi-eval-steps", "1", "--max-prompts", "5",
+        (["--data", str(traj_dir), "--block-size", "4", "--jacobi-eval-steps", "10", "--max-prompts", "5",
           "--jacobi-eval-held-out", "2"], "holds only 1 prompts beyond --max-prompts 5"),
     ]
     for args, message in cases:

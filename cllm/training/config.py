@@ -157,6 +157,11 @@ class TrainConfig:
         if self.jacobi_eval_held_out and not (self.max_prompts and self.jacobi_eval_steps > 0):
             raise CllmError("--jacobi-eval-held-out needs --max-prompts (the prompts left out are the held-out ones) "
                             "and --jacobi-eval-steps > 0")
+        log_every = int(self.training_arguments()["logging_steps"])  # checked >= 1 above
+        if self.jacobi_eval_steps > 0 and self.jacobi_eval_steps % log_every:
+            # the probe runs at logging steps only: any other interval would skip it silently
+            raise CllmError(f"--jacobi-eval-steps {self.jacobi_eval_steps} must be a multiple of --logging-steps "
+                            f"{log_every} (the probe runs when the losses are logged)")
         if self.init_adapter and not (self.use_peft and Path(self.init_adapter, "adapter_config.json").is_file()):
             raise CllmError(f"--init-adapter needs --use-peft and an adapter folder: {self.init_adapter}")
 
