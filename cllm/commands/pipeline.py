@@ -83,11 +83,8 @@ def eval_config(cfg: PipelineConfig, model: str, training_log: str | None = None
 
 
 def _launch(argv: list[str], nproc: int) -> int:
-    """Run a `cllm` command in this process, or on `nproc` torchrun ranks splitting this process's CPU threads."""
-    from cllm.cli import main as cli_main
-
-    if nproc == 1:
-        return cli_main(argv)
+    """Run a `cllm` command on `nproc` torchrun ranks splitting this process's CPU threads (a stage with one
+    process runs in this one, without a launch)."""
     import torch
 
     # Set explicitly: an inherited OMP_NUM_THREADS meant for one process would oversubscribe the cores nproc times.
@@ -133,6 +130,7 @@ def run_pipeline(cfg: PipelineConfig) -> str:
     import yaml
 
     from cllm.data.collect import generate
+    from cllm.eval.runner import run_eval
     from cllm.training.run import train
 
     out = Path(cfg.out_dir)
@@ -168,12 +166,16 @@ def run_pipeline(cfg: PipelineConfig) -> str:
             train(train_cfg)
 
     print(f"[cllm pipeline] evaluation -> {eval_dir}", flush=True)
+    eval_cfg = eval_config(cfg, str(train_dir), str(train_dir))
     eval_yaml = out / "eval.yaml"  # the resolved options, for the ranks (and the record)
-    eval_yaml.write_text(yaml.safe_dump(config.to_dict(eval_config(cfg, str(train_dir), str(train_dir))),
-                                        sort_keys=False))
-    code = _launch(["eval", "--config", str(eval_yaml)], cfg.nproc)
-    if code != 0:
-        raise CllmError(f"the evaluation stage failed (exit {code}); fix the cause and run the same command again")
+    eval_yaml.write_text(yaml.safe_dump(config.to_dict(eval_cfg), sort_keys=False))
+    if cfg.nproc == 1:
+        run_eval(eval_cfg)
+    else:
+        code = _launch(["eval", "--config", str(eval_yaml)], cfg.nproc)
+        if code != 0:
+            raise CllmError(f"the evaluation stage failed (exit {code}); fix the cause and run the same command "
+                            "again")
     summary = (eval_dir / "summary.md").read_text()
     (out / "summary.md").write_text(summary)
     return summary
