@@ -287,7 +287,7 @@ def load_model(
             kwargs["device_map"] = device_map
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     if adapter:
-        model = _merge_adapter(model, adapter, spec)
+        model = _merge_adapter(model, adapter, spec, torch_dtype)
     if not device_map and device is not None:
         model.to(device)
     if not device_map:
@@ -301,11 +301,22 @@ def load_model(
     return model, tokenizer
 
 
-def _merge_adapter(model, adapter: str, spec: str):
-    """`model` with the PEFT adapter merged in; an adapter made for another base is a clear error."""
+def _merge_adapter(model, adapter: str, spec: str, dtype=None):
+    """`model` with the PEFT adapter merged in; an adapter made for another base is a clear error. A gated adapter
+    (`cllm.decoding.gate`) is loaded beside the base, never merged, and switched off but where a gate asks for it."""
+    import json
+
     from peft import PeftModel
 
+    from cllm.decoding.gate import GATE_FILE, attach_gate
+
     try:
+        if Path(adapter, GATE_FILE).is_file():
+            model = PeftModel.from_pretrained(model, adapter, autocast_adapter_dtype=False)
+            if dtype is not None:
+                model.to(dtype)
+            attach_gate(model).meta = json.loads(Path(adapter, GATE_FILE).read_text())
+            return model
         return PeftModel.from_pretrained(model, adapter).merge_and_unload()
     except (RuntimeError, ValueError, KeyError) as e:  # shapes or module names that are not this model's
         raise CllmError(f"--adapter: {adapter} does not fit model '{spec}' (made for another base?): "

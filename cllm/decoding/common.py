@@ -194,6 +194,17 @@ class SeqCache:
             self.cache.crop(-(self.n - length))  # transformers 5: a negative count of tokens to remove
             self.n = length
 
+    def keep(self, columns: list[int]) -> None:
+        """Keep the cached entries at these indices, in this order (a verified branch that was not the first one
+        fed after the prefix: its K/V move up to follow the prefix)."""
+        if columns == list(range(len(columns))):
+            self.crop(len(columns))
+            return
+        idx = torch.tensor(columns, dtype=torch.long, device=self.device)
+        for layer in self.cache.layers:
+            layer.keys, layer.values = layer.keys[..., idx, :], layer.values[..., idx, :]
+        self.n = len(columns)
+
 
 def committed_result(tokenizer, generated: list[int], accept_lengths: list[int], reason: str, t0: float,
                      extra: dict | None = None) -> DecodeResult:

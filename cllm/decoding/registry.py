@@ -45,6 +45,10 @@ class DecodeConfig:
     lookahead_window: int = _opt(5, "lookahead: window W (columns of the 2D Jacobi window)")
     lookahead_ngram: int = _opt(4, "lookahead: n-gram size N (the window has N-1 levels)")
     lookahead_guesses: int = _opt(5, "lookahead: G, n-grams verified per forward (and kept per key in the pool)")
+    draft_input: str | None = _opt(None, "gated: what the draft copy reads, the guess or mask tokens (default: what "
+                                         "the adapter was trained on)", ("guess", "mask"))
+    pool_candidates: int = _opt(2, "gated: pooled n-grams (prompt and committed text) verified per forward")
+    pool_ngram: int = _opt(4, "gated: n-gram size of the pool")
 
     @classmethod
     def from_args(cls, args, **changes) -> "DecodeConfig":
@@ -243,6 +247,25 @@ def _mtad(model, tok, prompts, seeds, c, draft):
                         c.temperature, c.top_k, c.top_p, seeds[0], c.beam_replacement, beam_weights=c.beam_weights)]
 
 
+def _gated(model, tok, prompts, seeds, c, draft, on_commit=None):
+    from cllm.decoding.gate import gate_state
+    from cllm.decoding.gated import GatedOptions, gated_decode
+
+    state = gate_state(model)
+    meta = state.meta if state is not None else {}
+    opts = GatedOptions(block_size=c.block_size, draft_input=c.draft_input or meta.get("draft_input", "guess"),
+                        pool_candidates=c.pool_candidates, pool_ngram=c.pool_ngram,
+                        mask_token_id=meta.get("mask_token_id", 0))
+    return [gated_decode(model, tok, prompts[0], c.max_new_tokens, opts, seeds[0], on_commit=on_commit)]
+
+
+def _check_gated(c: DecodeConfig) -> None:
+    from cllm.decoding.gated import GatedOptions
+
+    GatedOptions(block_size=c.block_size, draft_input=c.draft_input or "guess", pool_candidates=c.pool_candidates,
+                 pool_ngram=c.pool_ngram).check()
+
+
 def _hf(mode: str):
     def run(model, tok, prompts, seeds, c, draft):
         from cllm.decoding.hf import hf_generate
@@ -298,3 +321,5 @@ register("hf_assisted", Method(_hf("assisted"), needs_draft=True, sampling=True,
                                help="Hugging Face assisted generation with the draft model"))
 register("lookahead", Method(_lookahead, check=_check_lookahead, streams=True,
                              help="lookahead decoding: Jacobi n-grams collected and verified in one forward"))
+register("gated", Method(_gated, check=_check_gated, streams=True,
+                         help="lossless: a gated adapter drafts, the base verifies (with pooled n-grams), one forward"))

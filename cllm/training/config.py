@@ -40,8 +40,13 @@ class TrainConfig:
     output_dir: str | None = opt(None, "checkpoints and the final (merged) model")
     block_size: int = opt(16, "Jacobi block size n; must match the data")
     objective: str = opt("cllm", "cllm: one trajectory state per example (CLLM paper); jacobi_forcing: whole "
-                                 "responses packed as noisy/clean block pairs (Jacobi Forcing)",
-                         ("cllm", "jacobi_forcing"))
+                                 "responses packed as noisy/clean block pairs (Jacobi Forcing); gated: a gated "
+                                 "LoRA adapter learns to draft on that packing while the base stays exact (the "
+                                 "lossless `gated` decoding method; needs use_peft, ar_weight 0)",
+                         ("cllm", "jacobi_forcing", "gated"))
+    draft_input: str = opt("guess", "gated: what the draft copy reads, the Jacobi state (guess) or mask tokens",
+                           ("guess", "mask"))
+    mask_token_id: int = opt(0, "gated with draft_input mask: the token id the draft reads at unknown positions")
     noise_window: int = opt(16, "jacobi_forcing: window w of the progressive noise schedule "
                                 "t_j = linspace(0, 1, w)[j mod w]")
     noise_shifts: int = opt(1, "jacobi_forcing: examples per response, the schedule shifted by 0 .. this-1 blocks "
@@ -152,6 +157,8 @@ class TrainConfig:
             if not 1 <= self.noise_shifts <= self.noise_window:
                 raise CllmError(f"--noise-shifts must be in 1 .. --noise-window ({self.noise_window}), "
                                 f"got {self.noise_shifts}")
+        if self.objective == "gated":
+            self._validate_gated()
         if self.jacobi_eval_held_out < 0:
             raise CllmError(f"--jacobi-eval-held-out must be >= 0, got {self.jacobi_eval_held_out}")
         if self.jacobi_eval_held_out and not (self.max_prompts and self.jacobi_eval_steps > 0):
@@ -164,6 +171,18 @@ class TrainConfig:
                             f"{log_every} (the probe runs when the losses are logged)")
         if self.init_adapter and not (self.use_peft and Path(self.init_adapter, "adapter_config.json").is_file()):
             raise CllmError(f"--init-adapter needs --use-peft and an adapter folder: {self.init_adapter}")
+
+    def _validate_gated(self) -> None:
+        if not self.use_peft:
+            raise CllmError("--objective gated trains a gated LoRA adapter: add --use-peft")
+        if self.ar_weight or self.base_kl_weight:
+            raise CllmError("--objective gated never changes the base (gate 0 is the base exactly), so an AR or "
+                            "base-KL term has no gradient: set --ar-weight 0 and --base-kl-weight 0")
+        if self.consistency != "global" or self.use_aug or self.ar_target != "fixed_point":
+            raise CllmError("--objective gated takes the fixed point as its target: no --consistency local, "
+                            "--use-aug or --ar-target labels")
+        if self.noise_window < 1 or not 1 <= self.noise_shifts <= self.noise_window or self.max_blocks < 0:
+            raise CllmError("--noise-window must be >= 1, --noise-shifts in 1 .. --noise-window, --max-blocks >= 0")
 
     def training_arguments(self) -> dict:
         """The keyword arguments of `TrainingArguments`: the defaults above, then the given ones."""

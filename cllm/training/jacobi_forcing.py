@@ -184,6 +184,7 @@ class JacobiForcingCollator:
         check_choice("ar_scope", ar_scope, AR_SCOPES)
         self.pad_token_id, self.n, self.mask_dtype = pad_token_id, block_size, mask_dtype
         self.noisy_context, self.consistency_positions, self.ar_scope = noisy_context, consistency_positions, ar_scope
+        self.gate_noisy = False  # the gated objective (`cllm.training.gated`) adds a gate: 1 on the noisy stream
 
     def _consistency_pairs(self, k_at: int, c_at: int, st: list[int], fp: list[int], student: list[int],
                            teacher: list[int]):
@@ -255,7 +256,8 @@ class JacobiForcingCollator:
 
         # (B, 1, T, T), built once per batch
         attention_mask = additive_mask(noise_aware_mask(stream, block, self.noisy_context), self.mask_dtype)
-        return {"input_ids": input_ids, "position_ids": position_ids, "attention_mask": attention_mask,
+        extra = {"gate": (stream == NOISY).float()} if self.gate_noisy else {}  # (B, T): a gated adapter's gate
+        return {**extra, "input_ids": input_ids, "position_ids": position_ids, "attention_mask": attention_mask,
                 "student_idx": rows("student_idx", J * n), "teacher_idx": rows("teacher_idx", J * n),
                 "cons_student_idx": rows("cons_student_idx", J * n),
                 "cons_teacher_idx": rows("cons_teacher_idx", J * n),

@@ -72,8 +72,18 @@ def _jacobi_forcing_data(cfg: TrainConfig, tok, records: list[dict]):
     return dataset, collator
 
 
+def _gated_data(cfg: TrainConfig, tok, records: list[dict]):
+    """Gated: Jacobi Forcing's clean-context packing, the noisy blocks at gate 1 (`gated`)."""
+    from cllm.training.gated import GatedCollator
+    from cllm.training.jacobi_forcing import JacobiForcingDataset
+
+    dataset = JacobiForcingDataset(records, cfg.noise_window, cfg.max_blocks or None, cfg.max_context_tokens,
+                                   cfg.noise_shifts)
+    return dataset, GatedCollator(tok.pad_token_id, cfg.block_size, cfg.draft_input, cfg.mask_token_id)
+
+
 # objective -> (cfg, tokenizer, records) -> (dataset, collator whose batches honour `cllm.training.batch`)
-OBJECTIVES = {"cllm": _cllm_data, "jacobi_forcing": _jacobi_forcing_data}
+OBJECTIVES = {"cllm": _cllm_data, "jacobi_forcing": _jacobi_forcing_data, "gated": _gated_data}
 
 
 def _select_prompts(cfg: TrainConfig, records: list[dict]) -> tuple[list[dict], list[dict]]:
@@ -113,6 +123,10 @@ def build_model(cfg: TrainConfig):
         model = get_peft_model(model, LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha,
                                                  lora_dropout=cfg.lora_dropout, target_modules=targets,
                                                  task_type="CAUSAL_LM"))
+    if cfg.objective == "gated":
+        from cllm.decoding.gate import attach_gate
+
+        attach_gate(model, enabled=True)  # every training forward sets its gate (the batch's `gate`)
     model.config.use_cache = False
     return model, tok
 
@@ -208,7 +222,10 @@ def _save_final(cfg: TrainConfig, trainer, tok) -> None:
     if cfg.use_peft:
         adapter_dir = out / "adapter"
         trainer.save_model(str(adapter_dir))  # the adapter only (gathered under ZeRO-3)
-        if trainer.is_world_process_zero():
+        if cfg.objective == "gated":  # never merged: gate 0 must stay the base
+            if trainer.is_world_process_zero():
+                _write_gate_file(cfg, adapter_dir)
+        elif trainer.is_world_process_zero():
             from peft import PeftModel
 
             from cllm.models import load_model
@@ -226,12 +243,19 @@ def _save_final(cfg: TrainConfig, trainer, tok) -> None:
         (out / "log_history.json").write_text(json.dumps(history, indent=1) + "\n")
 
 
+def _write_gate_file(cfg: TrainConfig, adapter_dir: Path) -> None:
+    """Mark the adapter folder as gated, with what its draft was trained to read (`cllm.decoding.gate`)."""
+    from cllm.decoding.gate import GATE_FILE
+
+    meta = {"draft_input": cfg.draft_input, "mask_token_id": cfg.mask_token_id, "block_size": cfg.block_size,
+            "noise_window": cfg.noise_window}
+    (adapter_dir / GATE_FILE).write_text(json.dumps(meta, indent=1) + "\n")
+
+
 def _jacobi_probe(cfg: TrainConfig, records: list[dict], tok, held_out: list[dict] = ()):
     """Every `jacobi_eval_steps`: Jacobi tokens per forward on a few training prompts (held-in) and, with
     `jacobi_eval_held_out`, on as many prompts training never sees."""
     import torch
-
-    from cllm.decoding import jacobi_decode
 
     sets = {"jacobi/tokens_per_forward": _first_prompt_ids(records, cfg.jacobi_eval_prompts)}
     if cfg.jacobi_eval_held_out:
@@ -245,13 +269,26 @@ def _jacobi_probe(cfg: TrainConfig, records: list[dict], tok, held_out: list[dic
         out = {}
         with torch.no_grad():
             for key, prompts in sets.items():
-                res = jacobi_decode(model, tok, prompts, cfg.block_size, 4 * cfg.block_size)
+                res = _probe_decode(cfg, model, tok, prompts)
                 out[key] = round(sum(r.n_new_tokens for r in res) / sum(r.n_forwards for r in res), 4)
         if was_training:
             model.train()
         return out
 
     return probe
+
+
+def _probe_decode(cfg: TrainConfig, model, tok, prompts: list[list[int]]) -> list:
+    """Jacobi decoding of the prompts; for a gated adapter, gated decoding with its draft alone (no n-gram pool)."""
+    from cllm.decoding import jacobi_decode
+
+    if cfg.objective != "gated":
+        return jacobi_decode(model, tok, prompts, cfg.block_size, 4 * cfg.block_size)
+    from cllm.decoding.gated import GatedOptions, gated_decode
+
+    opts = GatedOptions(block_size=cfg.block_size, draft_input=cfg.draft_input, pool_candidates=0,
+                        mask_token_id=cfg.mask_token_id)
+    return [gated_decode(model, tok, p, 4 * cfg.block_size, opts) for p in prompts]
 
 
 def _first_prompt_ids(records: list[dict], n: int) -> list[list[int]]:

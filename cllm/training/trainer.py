@@ -37,6 +37,17 @@ def adapter_off_logits(peft_model, model, inputs: dict) -> torch.Tensor:
                      position_ids=inputs["position_ids"], use_cache=False).logits
 
 
+def _gate(model, gate):
+    """The gated objective's batches carry a gate (B, T) for the gated LoRA adapter; the others run as they are."""
+    import contextlib
+
+    if gate is None:
+        return contextlib.nullcontext()
+    from cllm.decoding.gate import gated
+
+    return gated(model, gate)
+
+
 class CllmTrainer(Trainer):
     def __init__(self, *args, loss_settings: LossSettings | None = None, jacobi_probe=None, **kwargs):
         super().__init__(*args, **kwargs)
@@ -57,8 +68,9 @@ class CllmTrainer(Trainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         s = self.loss_settings
-        out = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
-                    position_ids=inputs["position_ids"], use_cache=False)
+        with _gate(model, inputs.get("gate")):
+            out = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
+                        position_ids=inputs["position_ids"], use_cache=False)
         logits = out.logits  # (B, T, V)
         vocab = logits.shape[-1]
         block_norm = ar_norm = None

@@ -1,0 +1,232 @@
+"""Gated LoRA and gated decoding: gate 0 is the base bit for bit, gradients flow only through gate-1 positions, a
+packed mixed-gate forward equals separate forwards, and the decoder's output is the base's greedy output over
+seeds, block sizes, draft inputs and pools (the adapter's weights random, so its drafts are mostly wrong)."""
+
+from __future__ import annotations
+
+import copy
+import itertools
+
+import pytest
+import torch
+
+from cllm.decoding.gate import attach_gate, gated, is_gated
+from cllm.decoding.gated import GatedOptions, accept_length, branch_mask, gated_decode
+from cllm.errors import CllmError
+from conftest import random_prompt, tiny_model
+from test_jacobi import greedy_reference
+
+
+def gated_tiny(seed: int = 0, dtype=torch.float64, r: int = 4):
+    """(base copy, gated PEFT model) of a tiny random Llama whose LoRA B weights are random (PEFT starts them at
+    zero, which would make every test of the gate pass trivially)."""
+    from peft import LoraConfig, get_peft_model
+
+    base = tiny_model(seed, dtype)
+    model = get_peft_model(copy.deepcopy(base), LoraConfig(r=r, lora_alpha=2 * r, target_modules="all-linear"))
+    gen = torch.Generator().manual_seed(seed + 100)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=gen, dtype=p.dtype) * 0.3)
+    model.eval()
+    attach_gate(model)
+    return base, model
+
+
+def test_gate_zero_is_the_base_bit_for_bit_fp32():
+    base, model = gated_tiny(0, torch.float32)
+    ids = torch.tensor([random_prompt(torch.Generator().manual_seed(1), 12)])
+    want = base(ids).logits
+    assert torch.equal(model(ids).logits, want)  # outside `gated`: the adapter is off
+    with gated(model, torch.zeros(1, 12)):
+        assert torch.equal(model(ids).logits, want)
+    with gated(model, torch.ones(1, 12)):
+        assert not torch.allclose(model(ids).logits, want, atol=1e-3)  # the adapter does change the model
+
+
+def test_gate_one_is_base_plus_adapter():
+    _, model = gated_tiny(1)
+    ids = torch.tensor([random_prompt(torch.Generator().manual_seed(2), 9)])
+    with gated(model, torch.ones(1, 9)):
+        got = model(ids).logits
+    merged = copy.deepcopy(model).merge_and_unload()  # the LoRA update folded into the weights, no gate
+    assert torch.allclose(got, merged(ids).logits, atol=1e-10)
+
+
+def _packed(seed: int):
+    """[prompt][k0][c0][k1] with the clean-context mask of Jacobi Forcing: prompt and clean at gate 0, noisy at 1."""
+    gen = torch.Generator().manual_seed(seed)
+    prompt, k0, c0, k1 = (random_prompt(gen, n) for n in (5, 3, 3, 3))
+    ids = prompt + k0 + c0 + k1
+    pos = list(range(5)) + [5, 6, 7] * 2 + [8, 9, 10]
+    L = len(ids)
+    allowed = torch.zeros(L, L, dtype=torch.bool)
+    for q in range(L):
+        for k in range(q + 1):
+            prompt_k = k < 5
+            if q < 5 or 8 <= q < 11:  # prompt and clean: the prompt and the clean stream
+                allowed[q, k] = prompt_k or 8 <= k <= q
+            elif q < 8:  # k0: prompt and itself
+                allowed[q, k] = prompt_k or 5 <= k <= q
+            else:  # k1: prompt, c0 and itself
+                allowed[q, k] = prompt_k or 8 <= k < 11 or 11 <= k <= q
+    gate = torch.tensor([[0.0] * 5 + [1.0] * 3 + [0.0] * 3 + [1.0] * 3])
+    return prompt, k0, c0, k1, ids, pos, allowed, gate
+
+
+def _mixed_forward(model, ids, pos, allowed, gate):
+    with gated(model, gate):
+        return model(input_ids=torch.tensor([ids]), position_ids=torch.tensor([pos]),
+                     attention_mask=allowed[None, None]).logits[0]
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_packed_mixed_gate_equals_separate_forwards(seed):
+    base, model = gated_tiny(seed)
+    prompt, k0, c0, k1, ids, pos, allowed, gate = _packed(seed)
+    got = _mixed_forward(model, ids, pos, allowed, gate)
+    clean = base(torch.tensor([prompt + c0])).logits[0]  # the base on the clean text
+    assert torch.allclose(got[:5], clean[:5], atol=1e-10) and torch.allclose(got[8:11], clean[5:], atol=1e-10)
+    n = len(prompt)
+    with gated(model, torch.tensor([[0.0] * n + [1.0] * 3])):  # k0 after the prompt, adapter on k0 only
+        noisy0 = model(torch.tensor([prompt + k0])).logits[0]
+    with gated(model, torch.tensor([[0.0] * (n + 3) + [1.0] * 3])):  # k1 after prompt + c0
+        noisy1 = model(torch.tensor([prompt + c0 + k1])).logits[0]
+    assert torch.allclose(got[5:8], noisy0[n:], atol=1e-10)
+    assert torch.allclose(got[11:], noisy1[n + 3 :], atol=1e-10)
+
+
+def test_gradients_reach_only_the_adapter_through_gate_one_positions():
+    _, model = gated_tiny(3)
+    model.train()
+    attach_gate(model, enabled=True)
+    prompt, k0, c0, k1, ids, pos, allowed, gate = _packed(3)
+    logits = _mixed_forward(model, ids, pos, allowed, gate)
+    logits[8:11].sum().backward(retain_graph=True)  # clean positions see only gate-0 positions
+    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in n for n in trainable)
+    assert all(p.grad is None or not p.grad.any() for p in trainable.values())
+    logits[5:8].sum().backward()
+    assert any(p.grad is not None and p.grad.any() for p in trainable.values())
+    frozen = [p for p in model.parameters() if not p.requires_grad]
+    assert frozen and all(p.grad is None for p in frozen)
+
+
+def test_a_gated_adapter_needs_a_gate():
+    _, model = gated_tiny(0)
+    attach_gate(model, enabled=True)
+    with pytest.raises(CllmError, match="without a gate"):
+        model(torch.tensor([[3, 4, 5]]))
+    with pytest.raises(CllmError, match="no gated adapter"):
+        gated_decode(tiny_model(0), None, [3, 4, 5], 4)
+    assert is_gated(model) and not is_gated(tiny_model(0))
+
+
+def test_accept_length_and_mask_by_hand():
+    assert accept_length([5, 6, 7], [5, 6, 9]) == 2
+    assert accept_length([5, 6], [4, 6]) == 0
+    assert accept_length([5, 6], [5, 6]) == 2
+    # head of 2, two branches of 2: [h0 h1 | a0 a1 | b0 b1]
+    want = [[1, 0, 0, 0, 0, 0], [1, 1, 0, 0, 0, 0], [1, 1, 1, 0, 0, 0], [1, 1, 1, 1, 0, 0],
+            [1, 1, 0, 0, 1, 0], [1, 1, 0, 0, 1, 1]]
+    assert branch_mask(2, [2, 2]).int().tolist() == want
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_equals_base_greedy_over_block_sizes_inputs_and_pools(seed):
+    base, model = gated_tiny(seed)
+    gen = torch.Generator().manual_seed(seed)
+    prompt = random_prompt(gen, 5 + seed)
+    want = greedy_reference(base, prompt, 40)
+    for n, draft_input, (G, N) in itertools.product([2, 4, 9], ["guess", "mask"], [(0, 4), (3, 3), (5, 2)]):
+        opts = GatedOptions(block_size=n, draft_input=draft_input, pool_candidates=G, pool_ngram=N, mask_token_id=2)
+        got = gated_decode(model, None, prompt, 40, opts, seed=seed, eos_token_id=[-1])
+        assert got.token_ids == want, (n, draft_input, G, N)
+        assert sum(got.accept_lengths) == 40 and got.n_forwards == len(got.accept_lengths)
+        assert all(1 <= a <= n for a in got.accept_lengths) or G  # a pooled n-gram may beat the block
+
+
+def test_forward_counts_where_determined_and_eos():
+    base, model = gated_tiny(5)
+    prompt = random_prompt(torch.Generator().manual_seed(5), 6)
+    one = gated_decode(model, None, prompt, 1, GatedOptions(block_size=8))
+    assert one.n_forwards == 1 and one.token_ids == greedy_reference(base, prompt, 1)
+    # A repeating base: greedy text that loops is found in the pool, which commits N-1 + 1 tokens per forward.
+    want = greedy_reference(base, prompt, 30)
+    eos = want[7]
+    got = gated_decode(model, None, prompt, 30, GatedOptions(block_size=4), eos_token_id=eos)
+    assert got.token_ids == want[: want.index(eos) + 1] and got.finish_reason == "eos"
+
+
+@pytest.mark.parametrize("draft_input", ["guess", "mask"])
+def test_a_right_draft_commits_n_tokens_per_forward(draft_input):
+    """An exact count: with the final norm's weight at zero every logit is 0, so the base's greedy text is all
+    token 0 and so is every draft. The prefill commits 1 token (its random guess is wrong), then each forward
+    accepts the n - 1 drafted zeros plus the base's next one."""
+    base, model = gated_tiny(6)
+    for m in (base, model):
+        with torch.no_grad():
+            m.get_decoder().norm.weight.zero_()
+    prompt = random_prompt(torch.Generator().manual_seed(6), 6)
+    n, T = 5, 21
+    assert greedy_reference(base, prompt, T) == [0] * T
+    got = gated_decode(model, None, prompt, T, GatedOptions(block_size=n, draft_input=draft_input))
+    assert got.token_ids == [0] * T and got.accept_lengths == [1, 5, 5, 5, 5]
+
+
+def test_gated_training_changes_only_the_draft_and_decodes_losslessly(tiny_model_dir, tmp_path):
+    """A short gated run from `cllm gen` data: the adapter is saved unmerged with its gate file, `--adapter` loads
+    it gated (every other method runs the base exactly), the probe logs gated tokens per forward, and gated
+    decoding with it equals the base's greedy output; a resumed run continues from its checkpoint."""
+    import json
+
+    from cllm.config import resolve
+    from cllm.data.collect import generate
+    from cllm.data.trajectories import GenConfig
+    from cllm.decoding import registry
+    from cllm.models import load_model
+    from cllm.training.config import TrainConfig
+    from cllm.training.run import train
+
+    lines = [json.dumps({"prompt": " ".join(f"w{3 + (i * 13 + j * 7) % 60}" for j in range(3 + i % 3))})
+             for i in range(6)]
+    (tmp_path / "p.jsonl").write_text("\n".join(lines) + "\n")
+    generate(resolve(GenConfig, {"model": str(tiny_model_dir), "prompts": str(tmp_path / "p.jsonl"),
+                                 "out": str(tmp_path / "t"), "block_size": 4, "max_new_tokens": 12, "batch_size": 6,
+                                 "repeat_threshold": 0}))
+    out = tmp_path / "g"
+    cfg = dict(model=str(tiny_model_dir), data=[str(tmp_path / "t")], output_dir=str(out), block_size=4,
+               objective="gated", use_peft=True, ar_weight=0.0, lora_r=4, max_steps=4, logging_steps=2,
+               save_steps=2, learning_rate=1e-2, per_device_train_batch_size=2, jacobi_eval_steps=2)
+    metrics = train(resolve(TrainConfig, cfg))
+    assert metrics["train_loss"] > 0
+    history = json.loads((out / "log_history.json").read_text())
+    assert any("jacobi/tokens_per_forward" in h for h in history)
+    meta = json.loads((out / "adapter" / "cllm_gate.json").read_text())
+    assert meta["draft_input"] == "guess" and meta["block_size"] == 4
+    assert not (out / "model.safetensors").exists()  # never merged
+
+    base, tok = load_model(str(tiny_model_dir), dtype="fp32")
+    model, _ = load_model(str(tiny_model_dir), dtype="fp32", adapter=str(out / "adapter"))
+    assert is_gated(model)
+    ids = torch.tensor([[5, 9, 14, 20, 7]])
+    assert torch.equal(model(ids).logits, base(ids).logits)  # other methods: the base exactly
+    cfg_d = registry.DecodeConfig(block_size=4, max_new_tokens=20)
+    [want] = registry.decode("ar", base, tok, [[5, 9, 14, 20, 7]], [0], cfg_d)
+    [got] = registry.decode("gated", model, tok, [[5, 9, 14, 20, 7]], [0], cfg_d)
+    assert got.token_ids == want.token_ids
+    # resume: two more steps from the last checkpoint
+    train(resolve(TrainConfig, {**cfg, "max_steps": 6, "resume": True}))
+    assert json.loads((out / "log_history.json").read_text())[-1]["step"] == 6
+
+
+def test_gated_objective_refuses_what_cannot_train():
+    from cllm.config import resolve
+    from cllm.training.config import TrainConfig
+
+    base = dict(data=["x"], output_dir="o", objective="gated")
+    with pytest.raises(CllmError, match="--use-peft"):
+        resolve(TrainConfig, base).validate()
+    with pytest.raises(CllmError, match="--ar-weight 0"):
+        resolve(TrainConfig, {**base, "use_peft": True}).validate()
