@@ -230,3 +230,51 @@ def test_gated_objective_refuses_what_cannot_train():
         resolve(TrainConfig, base).validate()
     with pytest.raises(CllmError, match="--ar-weight 0"):
         resolve(TrainConfig, {**base, "use_peft": True}).validate()
+
+
+def test_gated_under_deepspeed_two_processes_equals_one(tiny_model_dir, tmp_path):
+    """The gated objective under DeepSpeed ZeRO-2 on 2 ranks (the gate reaches the LoRA layers through the engine)
+    ends with the adapter of one process with the same global batch."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    from cllm.config import resolve
+    from cllm.data.collect import generate
+    from cllm.data.trajectories import GenConfig
+    from cllm.training.config import TrainConfig
+    from cllm.training.run import train
+
+    repo = Path(__file__).resolve().parents[1]
+    lines = [json.dumps({"prompt": f"w{3 + i} w{9 + 2 * i} w{20 + i}"}) for i in range(4)]
+    (tmp_path / "p.jsonl").write_text("\n".join(lines) + "\n")
+    generate(resolve(GenConfig, {"model": str(tiny_model_dir), "prompts": str(tmp_path / "p.jsonl"),
+                                 "out": str(tmp_path / "t"), "block_size": 4, "max_new_tokens": 8, "batch_size": 4,
+                                 "repeat_threshold": 0}))
+    flags = ["--model", str(tiny_model_dir), "--data", str(tmp_path / "t"), "--block-size", "4", "--max-steps", "2",
+             "--save-steps", "2", "--learning-rate", "1e-2", "--objective", "gated", "--use-peft", "--ar-weight", "0",
+             "--lora-r", "4", "--lora-dropout", "0", "--optim", "sgd", "--noise-window", "2"]
+    # SGD (Trainer's optimizer handed to DeepSpeed): unlike Adam it shows a wrong gradient scale
+    ds_cfg = json.loads((repo / "configs" / "deepspeed" / "zero2.json").read_text())
+    del ds_cfg["optimizer"]
+    ds_cfg["zero_allow_untested_optimizer"] = True
+    (tmp_path / "zero2_sgd.json").write_text(json.dumps(ds_cfg))
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port",
+                           "29563", str(repo / "train" / "train_cllm.py"), *flags, "--output-dir",
+                           str(tmp_path / "ds"), "--deepspeed", str(tmp_path / "zero2_sgd.json")],
+                          capture_output=True, text=True, env=env, timeout=900)
+    assert proc.returncode == 0, (proc.stdout[-3000:], proc.stderr[-3000:])
+    cfg = dict(model=str(tiny_model_dir), data=[str(tmp_path / "t")], output_dir=str(tmp_path / "one"),
+               block_size=4, max_steps=2, save_steps=2, learning_rate=1e-2, objective="gated", use_peft=True,
+               ar_weight=0.0, lora_r=4, lora_dropout=0.0, optim="sgd", per_device_train_batch_size=2, noise_window=2)
+    train(resolve(TrainConfig, cfg))
+    ds = load_file(str(tmp_path / "ds" / "adapter" / "adapter_model.safetensors"))
+    one = load_file(str(tmp_path / "one" / "adapter" / "adapter_model.safetensors"))
+    assert ds.keys() == one.keys() and any(v.abs().sum() > 0 for k, v in ds.items() if "lora_B" in k)
+    for k in ds:
+        assert torch.allclose(ds[k], one[k], rtol=0, atol=2e-6), (k, (ds[k] - one[k]).abs().max())
