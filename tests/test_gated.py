@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from cllm.decoding.gate import attach_gate, gated, is_gated
-from cllm.decoding.gated import GatedOptions, accept_length, branch_mask, gated_decode
+from cllm.decoding.gated import GatedOptions, accept_length, branch_mask, gated_decode, lookup_continuation
 from cllm.errors import CllmError
 from conftest import random_prompt, tiny_model
 from test_jacobi import greedy_reference
@@ -131,6 +131,10 @@ def test_accept_length_and_mask_by_hand():
     want = [[1, 0, 0, 0, 0, 0], [1, 1, 0, 0, 0, 0], [1, 1, 1, 0, 0, 0], [1, 1, 1, 1, 0, 0],
             [1, 1, 0, 0, 1, 0], [1, 1, 0, 0, 1, 1]]
     assert branch_mask(2, [2, 2]).int().tolist() == want
+    # prompt lookup: the continuation of the most recent earlier match of the last bigram, else of the last token
+    assert lookup_continuation([1, 2, 3, 9, 1, 2, 4, 5, 7, 1, 2], 3) == [4, 5, 7]
+    assert lookup_continuation([5, 6, 7, 8, 6], 2) == [7, 8]
+    assert lookup_continuation([5, 6, 7], 2) == []
 
 
 @pytest.mark.parametrize("seed", range(4))
@@ -139,12 +143,14 @@ def test_equals_base_greedy_over_block_sizes_inputs_and_pools(seed):
     gen = torch.Generator().manual_seed(seed)
     prompt = random_prompt(gen, 5 + seed)
     want = greedy_reference(base, prompt, 40)
-    for n, draft_input, (G, N) in itertools.product([2, 4, 9], ["guess", "mask"], [(0, 4), (3, 3), (5, 2)]):
-        opts = GatedOptions(block_size=n, draft_input=draft_input, pool_candidates=G, pool_ngram=N, mask_token_id=2)
+    for n, draft_input, (G, N, K) in itertools.product([2, 4, 9], ["guess", "mask"],
+                                                        [(0, 4, 0), (3, 3, 0), (5, 2, 3), (0, 2, 6)]):
+        opts = GatedOptions(block_size=n, draft_input=draft_input, pool_candidates=G, pool_ngram=N, lookup_tokens=K,
+                            mask_token_id=2)
         got = gated_decode(model, None, prompt, 40, opts, seed=seed, eos_token_id=[-1])
-        assert got.token_ids == want, (n, draft_input, G, N)
+        assert got.token_ids == want, (n, draft_input, G, N, K)
         assert sum(got.accept_lengths) == 40 and got.n_forwards == len(got.accept_lengths)
-        assert all(1 <= a <= n for a in got.accept_lengths) or G  # a pooled n-gram may beat the block
+        assert all(1 <= a <= max(n, K + 1, N) for a in got.accept_lengths)
 
 
 def test_forward_counts_where_determined_and_eos():
@@ -171,7 +177,8 @@ def test_a_right_draft_commits_n_tokens_per_forward(draft_input):
     prompt = random_prompt(torch.Generator().manual_seed(6), 6)
     n, T = 5, 21
     assert greedy_reference(base, prompt, T) == [0] * T
-    got = gated_decode(model, None, prompt, T, GatedOptions(block_size=n, draft_input=draft_input))
+    got = gated_decode(model, None, prompt, T, GatedOptions(block_size=n, draft_input=draft_input,
+                                                            pool_candidates=0, lookup_tokens=0))
     assert got.token_ids == [0] * T and got.accept_lengths == [1, 5, 5, 5, 5]
 
 
@@ -278,3 +285,92 @@ def test_gated_under_deepspeed_two_processes_equals_one(tiny_model_dir, tmp_path
     assert ds.keys() == one.keys() and any(v.abs().sum() > 0 for k, v in ds.items() if "lora_B" in k)
     for k in ds:
         assert torch.allclose(ds[k], one[k], rtol=0, atol=2e-6), (k, (ds[k] - one[k]).abs().max())
+
+
+def _save_gated_adapter(model_dir, out, seed: int = 7, draft_input: str = "guess"):
+    """A gated adapter for the saved tiny model, its LoRA B weights random (as a trained one's would be)."""
+    import json
+
+    from peft import LoraConfig, get_peft_model
+
+    from cllm.models import load_model
+
+    model, _ = load_model(str(model_dir), "fp32")
+    peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
+    peft_model.save_pretrained(str(out))
+    (out / "cllm_gate.json").write_text(json.dumps({"draft_input": draft_input, "mask_token_id": 2,
+                                                    "block_size": 4}))
+    return out
+
+
+def test_decode_command_compares_gated_with_the_base(tiny_model_dir, tmp_path, capsys):
+    """The issue's command on the tiny model: --adapter of a gated adapter, --method gated, --compare ar,lookahead:
+    every method's output is the base's greedy output, the report says so."""
+    import json
+
+    from cllm.cli import main
+
+    adapter = _save_gated_adapter(tiny_model_dir, tmp_path / "gated")
+    code = main(["decode", "--model", str(tiny_model_dir), "--adapter", str(adapter), "--prompt", "w3 w4 w5",
+                 "--prompt", "w9 w30", "--method", "gated", "--compare", "ar,lookahead,gated:draft_input=mask",
+                 "--block-size", "4", "--max-new-tokens", "24", "--dtype", "fp32", "--report",
+                 str(tmp_path / "r.json")])
+    assert code == 0
+    methods = json.loads((tmp_path / "r.json").read_text())["methods"]
+    assert set(methods) == {"gated", "ar", "lookahead", "gated:draft_input=mask"}
+    assert all(methods[m]["identical_to_ar"] == 1.0 for m in methods if m != "ar")
+    assert 0 < methods["gated"]["forwards"] <= methods["gated"]["new_tokens"] == methods["ar"]["new_tokens"]
+    from cllm.decoding import registry
+    from cllm.models import load_model
+
+    base, tok = load_model(str(tiny_model_dir), "fp32")
+    gated_model, _ = load_model(str(tiny_model_dir), "fp32", adapter=str(adapter))
+    cfg = registry.DecodeConfig(block_size=4, max_new_tokens=24)
+    from cllm.data.prompts import format_prompt
+
+    for p in ("w3 w4 w5", "w9 w30"):
+        ids = format_prompt(tok, p)
+        want = registry.decode("ar", base, tok, [ids], [0], cfg)[0].token_ids
+        for method in ("gated", "gated:draft_input=mask", "lookahead", "ar"):
+            assert registry.decode(method, gated_model, tok, [ids], [0], cfg)[0].token_ids == want, method
+
+
+def test_serve_streams_gated_decoding(tiny_model_dir, tmp_path):
+    """`cllm serve --adapter GATED --method gated`: streamed per commit, text equal to the base's AR decode."""
+    import threading
+    import time
+
+    import openai
+    import uvicorn
+
+    from cllm.data.prompts import format_prompt
+    from cllm.decoding import registry
+    from cllm.serve import build_app, load_engine
+    from test_serve import _free_port
+
+    adapter = _save_gated_adapter(tiny_model_dir, tmp_path / "gated")
+    cfg = registry.DecodeConfig(block_size=4, max_new_tokens=16)
+    engine = load_engine(model=str(tiny_model_dir), adapter=str(adapter), draft=None, method="gated", dtype="fp32",
+                         device="cpu", cfg=cfg)
+    port = _free_port()
+    srv = uvicorn.Server(uvicorn.Config(build_app(engine), host="127.0.0.1", port=port, log_level="warning"))
+    threading.Thread(target=srv.run, daemon=True).start()
+    deadline = time.time() + 20
+    while not srv.started and time.time() < deadline:
+        time.sleep(0.05)
+    try:
+        base = engine.model
+        want = registry.decode("ar", base, engine.tok, [format_prompt(engine.tok, "w3 w4 w5")], [0],
+                               cfg)[0].text
+        c = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0, timeout=60)
+        pieces = [ch.choices[0].delta.content for ch in c.chat.completions.create(
+            model="x", messages=[{"role": "user", "content": "w3 w4 w5"}], max_tokens=16, stream=True)
+            if ch.choices and ch.choices[0].delta.content]
+        assert "".join(pieces) == want and len(pieces) > 1
+    finally:
+        srv.should_exit = True

@@ -44,6 +44,7 @@ class GatedOptions:
     draft_input: str = "guess"  # what the draft copy reads (DRAFT_INPUTS)
     pool_candidates: int = 2  # G: pooled n-grams verified per forward (0 = none)
     pool_ngram: int = 4  # N: pooled n-grams are the N-1 tokens after their key
+    lookup_tokens: int = 7  # prompt lookup: a branch of this many tokens copied after the text's last bigram (0 = off)
     mask_token_id: int = 0  # the token the draft copy reads with draft_input="mask"
 
     def check(self) -> None:
@@ -51,9 +52,9 @@ class GatedOptions:
             raise CllmError(f"gated decoding needs a block size >= 2, got {self.block_size!r}")
         if self.draft_input not in DRAFT_INPUTS:
             raise CllmError(f"draft input must be one of {', '.join(DRAFT_INPUTS)}, got {self.draft_input!r}")
-        if self.pool_candidates < 0 or self.pool_ngram < 2:
+        if self.pool_candidates < 0 or self.pool_ngram < 2 or self.lookup_tokens < 0:
             raise CllmError(f"pool: candidates >= 0 and n-gram size >= 2, got {self.pool_candidates}, "
-                            f"{self.pool_ngram}")
+                            f"{self.pool_ngram}; lookup tokens >= 0, got {self.lookup_tokens}")
 
 
 def accept_length(branch: list[int], pred: list[int]) -> int:
@@ -63,6 +64,17 @@ def accept_length(branch: list[int], pred: list[int]) -> int:
     while n < len(branch) and n < len(pred) and branch[n] == pred[n]:
         n += 1
     return n
+
+
+def lookup_continuation(text: list[int], length: int, max_ngram: int = 2) -> list[int]:
+    """Prompt lookup (Saxena 2023; Hugging Face's `prompt_lookup_num_tokens`): the `length` tokens that followed the
+    most recent earlier occurrence of the text's last `max_ngram` tokens (else of fewer), or [] (pure rule)."""
+    for k in range(min(max_ngram, len(text) - 1), 0, -1):
+        suffix = text[-k:]
+        for start in range(len(text) - k - 1, -1, -1):  # most recent first, the suffix itself excluded
+            if text[start : start + k] == suffix:
+                return text[start + k : start + k + length]
+    return []
 
 
 def branch_mask(n_head: int, lengths: list[int]) -> torch.Tensor:
@@ -107,7 +119,7 @@ class _GatedRun:
     def __init__(self, cache: SeqCache, prompt: list[int], opts: GatedOptions, gen: torch.Generator):
         self.cache, self.opts = cache, opts
         self.width = opts.block_size - 1
-        self.head, self.generated = list(prompt), []
+        self.head, self.generated, self.prompt = list(prompt), [], list(prompt)
         self.accept_lengths: list[int] = []
         self.pool = NgramPool(opts.pool_candidates)
         self._add_ngrams(prompt, 0)
@@ -126,6 +138,9 @@ class _GatedRun:
         committed, the finish reason once the decode ends)."""
         head, cache = self.head, self.cache
         cands = [list(c) for c in self.pool.get(head[-1])]
+        if self.opts.lookup_tokens:
+            found = lookup_continuation(self.prompt + self.generated, self.opts.lookup_tokens)
+            cands = ([found] if found else []) + [c for c in cands if c != found[: len(c)]]
         draft_in = self.guess if self.opts.draft_input == "guess" else [self.opts.mask_token_id] * self.width
         branches = [self.guess, *cands]
         lengths = [len(b) for b in branches] + [self.width]
@@ -156,9 +171,18 @@ class _GatedRun:
         self.accept_lengths.append(len(taken))
         self._add_ngrams(self.generated, len(self.generated) - len(taken) - self.opts.pool_ngram)
         drafted = pred[len(ids) - self.width :]  # drafted[i] predicts the token after guess position i
-        nxt = drafted[best_n:] if best_n < self.width else []
-        self.guess = (nxt + [nxt[-1] if nxt else taken[-1]] * self.width)[: self.width]
+        self.guess = self._fill(drafted[best_n:] if best_n < self.width else [], taken[-1])
         return taken, reason
+
+    def _fill(self, guess: list[int], last: int) -> list[int]:
+        """The next guess: the draft's tokens past the committed run, then (the window moved on by the tokens
+        committed) continued from the pool's most recent n-gram after the last token, else that token repeated."""
+        guess = list(guess)
+        while len(guess) < self.width:
+            key = guess[-1] if guess else last
+            grams = self.pool.get(key)
+            guess += list(grams[-1]) if grams else [key]
+        return guess[: self.width]
 
     def _record(self, best: int, n: int, n_cands: int) -> None:
         self.stats["pool_verified"] += n_cands

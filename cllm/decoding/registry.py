@@ -41,7 +41,7 @@ class DecodeConfig:
     spawn_ratio: float = _opt(0.85, "multiblock: a new block enters once the newest has this share r of its n "
                                     "tokens accepted")
     n_recycle: int = _opt(2, "multiblock: rejected tails verified as extra rows per forward, 0 = off")
-    lookup_tokens: int = _opt(10, "hf_prompt_lookup: candidate tokens copied from the prompt per forward")
+    lookup_tokens: int = _opt(10, "hf_prompt_lookup, gated: candidate tokens copied from the prompt per forward")
     lookahead_window: int = _opt(5, "lookahead: window W (columns of the 2D Jacobi window)")
     lookahead_ngram: int = _opt(4, "lookahead: n-gram size N (the window has N-1 levels)")
     lookahead_guesses: int = _opt(5, "lookahead: G, n-grams verified per forward (and kept per key in the pool)")
@@ -254,7 +254,7 @@ def _gated(model, tok, prompts, seeds, c, draft, on_commit=None):
     state = gate_state(model)
     meta = state.meta if state is not None else {}
     opts = GatedOptions(block_size=c.block_size, draft_input=c.draft_input or meta.get("draft_input", "guess"),
-                        pool_candidates=c.pool_candidates, pool_ngram=c.pool_ngram,
+                        pool_candidates=c.pool_candidates, pool_ngram=c.pool_ngram, lookup_tokens=c.lookup_tokens,
                         mask_token_id=meta.get("mask_token_id", 0))
     return [gated_decode(model, tok, prompts[0], c.max_new_tokens, opts, seeds[0], on_commit=on_commit)]
 
@@ -263,7 +263,7 @@ def _check_gated(c: DecodeConfig) -> None:
     from cllm.decoding.gated import GatedOptions
 
     GatedOptions(block_size=c.block_size, draft_input=c.draft_input or "guess", pool_candidates=c.pool_candidates,
-                 pool_ngram=c.pool_ngram).check()
+                 pool_ngram=c.pool_ngram, lookup_tokens=c.lookup_tokens).check()
 
 
 def _hf(mode: str):
