@@ -156,6 +156,15 @@ def _convert(alias: GgufAlias, name: str, target: Path) -> None:
     os.replace(tmp, target)
 
 
+def portable_model_name(path: str | None) -> str | None:
+    """An alias's converted cache folder as the alias (what a published adapter records as its base), else as is."""
+    if path:
+        for name in ALIASES:
+            if Path(path).resolve() == (cllm_home() / "models" / name).resolve():
+                return name
+    return path
+
+
 def resolve_model_path(spec: str) -> str:
     """Map a spec to what `from_pretrained` takes (aliases become their converted cache folder)."""
     if spec in ALIASES:
@@ -304,8 +313,6 @@ def load_model(
 def _merge_adapter(model, adapter: str, spec: str, dtype=None):
     """`model` with the PEFT adapter merged in; an adapter made for another base is a clear error. A gated adapter
     (`cllm.decoding.gate`) is loaded beside the base, never merged, and switched off but where a gate asks for it."""
-    import json
-
     from peft import PeftModel
 
     from cllm.decoding.gate import GATE_FILE, attach_gate
@@ -350,7 +357,13 @@ def export_adapter(src: str | Path, dst: str | Path, dtype: str = "bf16", max_mb
         raise CllmError(f"not a PEFT adapter folder (adapter_config.json + adapter_model.safetensors): {src}")
     tensors = _save_cast(load_file(str(weights)), dst / "adapter_model.safetensors", dtype, max_mb, "the adapter",
                          "train a lower lora_r")
-    shutil.copy2(src / "adapter_config.json", dst / "adapter_config.json")
+    config = json.loads((src / "adapter_config.json").read_text())
+    config["base_model_name_or_path"] = portable_model_name(config.get("base_model_name_or_path"))
+    (dst / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
+    from cllm.decoding.gate import GATE_FILE
+
+    if (src / GATE_FILE).is_file():  # a gated adapter stays gated
+        shutil.copy2(src / GATE_FILE, dst / GATE_FILE)
     return {"tensors": len(tensors), "parameters": sum(v.numel() for v in tensors.values()),
             "bytes": (dst / "adapter_model.safetensors").stat().st_size}
 

@@ -137,3 +137,44 @@ def test_eval_killed_mid_run_then_rerun_equals_the_uninterrupted_eval(kill_after
     for m in ("base_ar", "ar", "jacobi"):
         for key in ("n_prompts", "tokens_per_forward", "accuracy", "perplexity_base"):
             assert report["methods"][m][key] == ref["methods"][m][key], (m, key)
+
+
+def test_a_checkpoint_with_any_file_truncated_or_zeroed_is_skipped_and_named(tiny_model_dir, traj_dir, tmp_path,  # noqa: F811
+                                                                              capsys):
+    """Power loss leaves any file of a checkpoint torn whatever order it was written in: each file of the newest
+    checkpoint in turn, truncated or zeroed (same size), makes it incomplete, and the resume names it and takes the
+    one before; a torn or missing completion marker does too. A torn train_cost.json restarts the cost log."""
+    import shutil
+
+    from cllm.training.checkpoints import MARKER
+    from cllm.training.run import CostLog
+
+    out = tmp_path / "run"
+    train(resolve(TrainConfig, {**_options(tiny_model_dir, traj_dir, out, "cllm"), "max_steps": 2}))
+    newest, older = out / "checkpoint-2", out / "checkpoint-1"
+    assert is_complete(newest) and is_complete(older)
+    files = [p for p in newest.rglob("*") if p.is_file()]
+    assert len(files) >= 5 and any(p.name == MARKER for p in files)
+    pristine = tmp_path / "pristine"
+    shutil.copytree(newest, pristine)
+    for path in files:
+        rel = path.relative_to(newest)
+        size = path.stat().st_size
+        for damage in ("truncate", "zero", "delete"):
+            if damage == "truncate":
+                with open(path, "r+b") as f:
+                    f.truncate(size // 2)
+            elif damage == "zero":
+                path.write_bytes(b"\0" * size)
+            else:
+                path.unlink()
+            assert not is_complete(newest), (rel, damage)
+            capsys.readouterr()
+            assert resume_checkpoint(out, "test") == str(older), (rel, damage)
+            assert "skipped incomplete checkpoint-2" in capsys.readouterr().err
+            shutil.copy2(pristine / rel, path)
+            assert is_complete(newest), rel
+    (out / "train_cost.json").write_text('{"segments": [{"from_step": 0, ')
+    CostLog(str(out), step0=1).update(2, 1)
+    assert json.loads((out / "train_cost.json").read_text())["segments"][0]["from_step"] == 1
+    assert "was torn" in capsys.readouterr().err

@@ -1,32 +1,79 @@
-"""Which checkpoint a resumed run continues from: the newest complete one, said aloud.
+"""Which checkpoint a resumed run continues from: the newest complete one, said aloud; and what makes one complete.
 
-A run killed while saving (or on a full disk) leaves a `checkpoint-N` folder without its trainer state or weights;
-transformers' `get_last_checkpoint` would pick it and the resume would crash. The Trainer writes a checkpoint's
-`trainer_state.json` after its weights, optimizer and RNG states, and rotates older checkpoints out only after
-that, so a checkpoint whose trainer state parses and which holds weights (full, adapter or DeepSpeed) is complete,
-and the newest such one is always there: the completion mark a temp-name-and-rename would give, without
-overriding the Trainer's private saving code.
+The Trainer writes a checkpoint's files in an order (weights, optimizer, RNG, then `trainer_state.json`) but does
+not fsync them, so after a power loss the order says nothing: a valid trainer state can sit beside torn weights.
+After every save, `SealCallback` fsyncs the checkpoint's files and folders, then writes a completion marker
+(`MARKER`, itself written to a temp name, fsynced and renamed) that lists each file with its size and SHA-256. A
+checkpoint is complete only when its marker parses and every listed file is there with that size and hash: a
+missing or torn marker, or a truncated or zeroed file, means "incomplete", and the resume skips it and names it.
+Incomplete checkpoints are never deleted.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import sys
 from pathlib import Path
 
 from cllm.errors import CllmError
+from cllm.fileio import atomic_write_text, fsync_tree
+
+MARKER = "cllm_checkpoint.json"
 
 _WEIGHTS = ("model.safetensors", "adapter_model.safetensors", "pytorch_model.bin", "model.safetensors.index.json")
 
 
+def _files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MARKER and not p.name.startswith("."))
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def seal(folder: str | Path) -> None:
+    """Make a saved checkpoint durable and mark it complete (see the module docstring)."""
+    folder = Path(folder)
+    fsync_tree(folder)
+    files = {str(p.relative_to(folder)): {"bytes": p.stat().st_size, "sha256": _sha256(p)} for p in _files(folder)}
+    atomic_write_text(folder / MARKER, json.dumps({"files": files}, indent=1) + "\n")
+
+
 def is_complete(folder: Path) -> bool:
+    """The marker parses and lists a trainer state and weights, each listed file is there, whole and unchanged."""
+    folder = Path(folder)
     try:
+        files = json.loads((folder / MARKER).read_text())["files"]
         json.loads((folder / "trainer_state.json").read_text())
-    except (OSError, ValueError):  # missing, or torn by a kill mid-write
+    except (OSError, ValueError, KeyError, TypeError):  # missing, or torn by a kill mid-write
         return False
-    has_weights = any((folder / w).is_file() for w in _WEIGHTS) or any(folder.glob("global_step*"))
-    return has_weights
+    names = set(files)
+    has_weights = any(w in names for w in _WEIGHTS) or any(n.startswith("global_step") for n in names)
+    if not has_weights or "trainer_state.json" not in names:
+        return False
+    for name, want in files.items():
+        p = folder / name
+        if not p.is_file() or p.stat().st_size != want["bytes"] or _sha256(p) != want["sha256"]:
+            return False
+    return True
+
+
+def seal_callback():
+    """A TrainerCallback that seals each checkpoint right after the Trainer saved it (rank 0)."""
+    from transformers import TrainerCallback
+
+    class SealCallback(TrainerCallback):
+        def on_save(self, args, state, control, **kwargs):
+            if state.is_world_process_zero:
+                seal(Path(args.output_dir) / f"checkpoint-{state.global_step}")
+
+    return SealCallback()
 
 
 def checkpoints(output_dir: str | Path) -> list[Path]:

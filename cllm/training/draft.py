@@ -215,7 +215,7 @@ def train_draft(cfg: DraftConfig) -> dict:
     from transformers import TrainingArguments
 
     from cllm.models import load_model
-    from cllm.training.checkpoints import resume_checkpoint
+    from cllm.training.checkpoints import resume_checkpoint, seal_callback
 
     target, tok = load_model(cfg.model, dtype="fp32", device="cpu")
     sequences = dataset_sequences(tok, cfg.datasets, cfg.split, cfg.data_dir, cfg.limit) if cfg.datasets else []
@@ -238,6 +238,7 @@ def train_draft(cfg: DraftConfig) -> dict:
     trainer = DistillTrainer(model=draft, args=args, train_dataset=dataset, data_collator=PadCollator(tok.pad_token_id),
                              processing_class=tok, teacher=target, kl_temperature=cfg.kl_temperature)
     trainer.teacher.to(args.device)
+    trainer.add_callback(seal_callback())
     result = trainer.train(resume_from_checkpoint=resume_from)
 
     out = Path(cfg.output_dir)

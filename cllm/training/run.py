@@ -15,7 +15,8 @@ from pathlib import Path
 
 from cllm import config
 from cllm.errors import CllmError
-from cllm.training.checkpoints import check_kind, resume_checkpoint
+from cllm.fileio import atomic_write_text
+from cllm.training.checkpoints import check_kind, resume_checkpoint, seal_callback
 from cllm.training.config import TrainConfig
 
 
@@ -146,6 +147,7 @@ def build_trainer(cfg: TrainConfig, model, tok, dataset, collator, probe=None):
                                    cfg.temperature, cfg.label_smoothing, cfg.base_kl_weight,
                                    cfg.loss_normalization),
         jacobi_probe=probe,
+        callbacks=[seal_callback()],  # first: every checkpoint is sealed before anything else sees it
     )
 
 
@@ -182,7 +184,14 @@ class CostLog:
     def __init__(self, output_dir: str, step0: int):
         self.path = Path(output_dir) / "train_cost.json"
         self.t0, self.c0, self.step0 = time.perf_counter(), time.process_time(), step0
-        cost = json.loads(self.path.read_text()) if self.path.is_file() else {"segments": []}
+        cost = {"segments": []}
+        if self.path.is_file():
+            try:
+                cost = json.loads(self.path.read_text())
+                cost["segments"] = [s for s in cost["segments"] if {"from_step", "to_step"} <= set(s)]
+            except (ValueError, KeyError, TypeError):  # torn by a kill before the atomic write existed: start over
+                print(f"[cllm train] {self.path} was torn; the cost log restarts at step {step0}", file=sys.stderr)
+                cost = {"segments": []}
         # A segment that ran past the checkpoint we resume from is cut back to it (those steps are redone).
         self.segments = [s for s in cost["segments"] if s["from_step"] < step0]
         if self.segments and self.segments[-1]["to_step"] > step0:
@@ -195,8 +204,7 @@ class CostLog:
         cost = {"segments": segments,
                 "wall_seconds": round(sum(s["wall_seconds"] for s in segments), 2),
                 "cpu_seconds": round(sum(s["cpu_seconds"] for s in segments), 2)}
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.path.write_text(json.dumps(cost, indent=1) + "\n")
+        atomic_write_text(self.path, json.dumps(cost, indent=1) + "\n")
 
 
 def _cost_callback(cfg: TrainConfig, step0: int):
