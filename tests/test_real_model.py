@@ -84,6 +84,7 @@ def test_sps_and_mtad_with_a_cut_draft_of_smollm(smollm):
 
 MODELS = Path(__file__).resolve().parents[1] / "models"
 PUBLISHED = sorted(p for p in MODELS.glob("*") if (p / "adapter_config.json").is_file())
+GATED = [p for p in PUBLISHED if (p / "cllm_gate.json").is_file()]
 DRAFTS = sorted(p for p in MODELS.glob("*") if (p / DRAFT_WEIGHTS).is_file())
 
 
@@ -110,7 +111,8 @@ def test_published_draft_loads_beside_the_default_model_and_sps_stays_exact(smol
     assert sps.extra["accepted"] > 0
 
 
-@pytest.mark.parametrize("adapter", PUBLISHED, ids=[p.name for p in PUBLISHED])
+@pytest.mark.parametrize("adapter", [p for p in PUBLISHED if p not in GATED],
+                         ids=[p.name for p in PUBLISHED if p not in GATED])
 def test_published_adapter_loads_changes_the_model_and_keeps_jacobi_exact(smollm, adapter):
     """Every adapter under models/ is at most 20 MiB, loads onto the default model as `--adapter` does, changes its
     output, and its Jacobi decoding stays token-identical to its own greedy AR in fp32."""
@@ -124,3 +126,34 @@ def test_published_adapter_loads_changes_the_model_and_keeps_jacobi_exact(smollm
     ar = ar_decode(model, tok, ids, max_new_tokens=48)
     jac = jacobi_decode(model, tok, ids, block_size=16, max_new_tokens=48)
     assert jac.token_ids == ar.token_ids
+
+
+@pytest.mark.parametrize("adapter", GATED, ids=[p.name for p in GATED])
+def test_published_gated_adapter_leaves_the_base_exact_and_gated_decoding_lossless(smollm, adapter):
+    """Every gated adapter under models/ is at most 20 MiB, records the alias as its base, loads switched off (the
+    base bit for bit), changes the model at gate 1, and gated decoding returns the base's greedy output in fp32
+    on two GSM8K test prompts, committing more than one token per forward on average."""
+    import json
+
+    from cllm.decoding import registry
+    from cllm.decoding.gate import gated
+
+    base, tok, _ = smollm
+    assert sum(f.stat().st_size for f in adapter.iterdir()) <= 20 * 2**20
+    assert json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"] == "smollm2-135m"
+    model, _ = load_model("smollm2-135m", dtype="fp32", adapter=str(adapter))
+    prompts = [format_prompt(tok, r.prompt) for r in load_dataset_prompts("gsm8k", "test", limit=2)]
+    x = torch.tensor([prompts[0]])
+    with torch.no_grad():
+        want = base(x).logits
+        assert torch.equal(model(x).logits, want)
+        with gated(model, torch.ones(1, x.shape[1])):
+            assert (model(x).logits - want).abs().max() > 1e-2
+    cfg = registry.DecodeConfig(max_new_tokens=64)
+    tokens = forwards = 0
+    for ids in prompts:
+        ar = ar_decode(base, tok, ids, 64)
+        [res] = registry.decode("gated", model, tok, [ids], [0], cfg)
+        assert res.token_ids == ar.token_ids
+        tokens, forwards = tokens + res.n_new_tokens, forwards + res.n_forwards
+    assert tokens / forwards > 1.2
