@@ -32,7 +32,7 @@ import torch
 
 from cllm.decoding.common import DecodeResult, SeqCache, check_lengths, committed_result, eos_ids, finish, single_prompt
 from cllm.decoding.gate import gated
-from cllm.decoding.lookahead import NgramPool
+from cllm.decoding.lookahead import NgramPool, _forward
 from cllm.errors import CllmError
 
 DRAFT_INPUTS = ("guess", "mask")
@@ -188,14 +188,3 @@ class _GatedRun:
         self.stats["pool_verified"] += n_cands
         self.stats["tokens_from_pool" if best else "tokens_from_draft"] += n
 
-
-def _forward(cache: SeqCache, ids: list[int], pos: list[int], mask: torch.Tensor) -> torch.Tensor:
-    """One forward of `ids` at positions `pos` with an explicit (L, S + L) visibility mask; logits (L, V)."""
-    from cllm.decoding.common import cached_forward
-
-    input_ids = torch.tensor([ids], dtype=torch.long, device=cache.device)  # (1, L)
-    position_ids = torch.tensor([pos], dtype=torch.long, device=cache.device)  # (1, L)
-    attention_mask = mask.to(cache.device)[None, None]  # (1, 1, L, S + L), True = visible
-    logits, cache.cache = cached_forward(cache.model, input_ids, position_ids, cache.cache, attention_mask)
-    cache.n += len(ids)
-    return logits[0].float()
