@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from cllm.cli import main
+from cllm.training.checkpoints import seal
 from conftest import save_tiny_model
 
 
@@ -86,6 +87,7 @@ def test_resuming_a_lora_checkpoint_without_use_peft(tiny_model_dir, tmp_path, c
     ckpt.mkdir(parents=True)
     (ckpt / "trainer_state.json").write_text('{"global_step": 2}')
     (ckpt / "adapter_model.safetensors").write_bytes(b"")
+    seal(ckpt)  # a complete checkpoint: only the kind is wrong
     data = tmp_path / "d.jsonl"
     data.write_text("{}\n")
     argv = ["train", "--model", str(tiny_model_dir), "--data", str(data), "--output-dir", str(tmp_path / "run"),

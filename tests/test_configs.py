@@ -17,6 +17,9 @@ YAMLS = sorted(ROOT.glob("configs/**/*.yaml")) + sorted(ROOT.glob("experiments/*
 
 
 def config_class(path: Path):
+    command = path.read_text().splitlines()[0].split()[1:3]
+    if command == ["cllm", "train"]:  # a row that trains on data collected by another config
+        return TrainConfig
     if path.parent.name == "data_gen" or path.name.startswith("data_"):
         return GenConfig
     if path.parts[-3:-1] == ("ablation", "configs"):
@@ -49,6 +52,8 @@ def test_config_opens_with_its_command_and_resolves(path, tmp_path):
     elif cls is TrainConfig:
         config.resolve(TrainConfig, {**data, "data": ["x"]})
     else:
+        if cls is GenConfig and "--out" in first:  # the output folder is given on the command line
+            data.setdefault("out", str(tmp_path))
         config.resolve(cls, data)
 
 
