@@ -51,6 +51,9 @@ def bad(tmp_path_factory, tiny_model_dir):
     paths["eval_manifest"] = root / "eval"
     paths["eval_manifest"].mkdir()
     (paths["eval_manifest"] / "eval_manifest.json").write_text("{not json")
+    paths["eval_manifest_list"] = root / "eval_list"  # valid JSON, but not the object a manifest is
+    paths["eval_manifest_list"].mkdir()
+    (paths["eval_manifest_list"] / "eval_manifest.json").write_text("[1, 2]")
     # an adapter trained for another base (hidden size 48, not 32)
     other = save_tiny_model(root / "other", seed=3, hidden_size=48)
     from peft import LoraConfig, get_peft_model

@@ -296,3 +296,27 @@ def test_energy_per_token_only_where_every_row_measured_it():
     assert summarize([row(10, 3.0), row(30, None)], None)["energy_j_per_token"] is None
     assert summarize([row(10, 3.0)], None)["cpu_s_per_token"] == 2.0 / 10
 
+
+
+HUMANEVAL = REPO.parent / "shared" / "data" / "humaneval" / "HumanEval.jsonl.gz"
+
+
+@pytest.mark.skipif(not HUMANEVAL.is_file(), reason="HumanEval data not in ../shared/data")
+def test_generated_code_is_refused_at_a_weak_sandbox_unless_allowed_and_the_level_is_reported(
+        tiny_model_dir, tmp_path, monkeypatch, capsys):
+    from cllm.eval import sandbox
+
+    monkeypatch.setattr(sandbox, "_probe", lambda: ("basic", "no bubblewrap in this test"))
+    out = tmp_path / "eval"
+    argv = ["eval", "--model", str(tiny_model_dir), "--dataset", "humaneval", "--limit", "1", "--methods", "ar",
+            "--block-size", "4", "--max-new-tokens", "6", "--dtype", "fp64", "--out-dir", str(out)]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "only at the 'basic' level (no bubblewrap in this test)" in err and "--allow-weak-sandbox" in err
+    assert not out.exists()  # refused before anything was written
+    assert main(argv + ["--allow-weak-sandbox"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["sandbox_level"] == "basic"
+    assert "sandbox at the `basic` level (weak" in (out / "summary.md").read_text()
+    rows = [json.loads(x) for x in (out / "rows-rank0.jsonl").read_text().splitlines()]
+    assert {r["sandbox_level"] for r in rows} == {"basic"} and all(r["correct"] is False for r in rows)

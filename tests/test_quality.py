@@ -7,8 +7,8 @@ import json
 import pytest
 
 from cllm.data.datasets import default_data_dir
-from cllm.eval.quality import (extract_number, extract_sql, gsm8k_correct, humaneval_program, is_degenerate, repeat_rate,
-                          run_python, spider_exact_match)
+from cllm.eval.quality import (extract_number, extract_sql, gsm8k_correct, humaneval_passes, is_degenerate, repeat_rate,
+                          spider_exact_match)
 
 
 @pytest.mark.parametrize("text, expected", [
@@ -84,17 +84,18 @@ TEST = "def check(candidate):\n    assert candidate(2, 3) == 5\n    assert candi
 
 
 def test_humaneval_runner_correct_wrong_and_looping():
-    right = humaneval_program(PROMPT, TEST, "add", "```python\n    return a + b\n```")
-    assert run_python(right) == (True, "passed")
-    full = humaneval_program(PROMPT, TEST, "add", "Sure:\n```python\ndef add(a, b):\n    return b + a\n```")
-    assert run_python(full)[0]
-    wrong = humaneval_program(PROMPT, TEST, "add", "    return a - b\n")
-    ok, status = run_python(wrong)
-    assert not ok and status.startswith("failed") and "AssertionError" in status
-    loop = humaneval_program(PROMPT, TEST, "add", "    while True:\n        pass\n")
-    assert run_python(loop, timeout=2) == (False, "timeout")
-    net = humaneval_program(PROMPT, TEST, "add", "    import socket\n    socket.socket()\n    return a + b\n")
-    assert run_python(net) == (False, "failed: OSError: network disabled by cllm's HumanEval runner")
+    meta = {"code_prompt": PROMPT, "test": TEST, "entry_point": "add"}
+    for answer in ("```python\n    return a + b\n```", "Sure:\n```python\ndef add(a, b):\n    return b + a\n```"):
+        res = humaneval_passes(meta, answer)
+        assert (res.passed, res.status) == (True, "passed"), answer
+    res = humaneval_passes(meta, "    return a - b\n")
+    assert not res.passed and res.status == "failed: AssertionError"
+    assert humaneval_passes(meta, "    while True:\n        pass\n", timeout=2).status == "timeout"
+    res = humaneval_passes(meta, "    raise ValueError('no')\n")
+    assert res.status == "failed: ValueError: no"
+    # the basic level's only network guard is in the candidate's own interpreter
+    net = "    import socket\n    socket.socket()\n    return a + b\n"
+    assert humaneval_passes(meta, net, level="basic").status == "failed: OSError: network disabled by cllm's sandbox"
 
 
 def test_is_degenerate_and_repeat_rate():

@@ -38,6 +38,9 @@ class EvalConfig(DecodeConfig):
     seed: int = opt(0, "seed of initial guesses and sampling")
     warmup: int = opt(1, "untimed warm-up runs per method")
     humaneval_timeout: float = opt(10.0, "seconds per HumanEval test run")
+    allow_weak_sandbox: bool = opt(False, "score generated code (HumanEval) even where the sandbox is only at the "
+                                          "'basic' level (no root or no bubblewrap): the program can then read "
+                                          "your files, reach the network and signal your processes")
     out_dir: str | None = opt(None, "report.json, summary.md, answers/, plots (required)")
     training_log: str | None = opt(None, "also plot the loss curves of this training output folder")
     overwrite: bool = opt(False, "discard finished rows of a different earlier eval")

@@ -12,19 +12,20 @@ from collections import Counter
 from pathlib import Path
 
 from cllm.eval.config import REFERENCE
-from cllm.eval.quality import extract_number, gsm8k_correct, humaneval_program, run_python, spider_exact_match
+from cllm.eval.quality import extract_number, gsm8k_correct, humaneval_passes, spider_exact_match
 from cllm.eval.report import compare_with
 
 
-def score(rec, text: str, spider_tables: dict | None = None, timeout: float = 10.0) -> bool | None:
+def score(rec, text: str, spider_tables: dict | None = None, timeout: float = 10.0,
+          sandbox_level: str | None = None) -> bool | None:
     """Whether an answer is right, where the prompt's source lets us tell (None otherwise).
 
-    gsm8k: final number; spider: exact-set-match with the db schema; humaneval: the tests pass in a subprocess;
+    gsm8k: final number; spider: exact-set-match with the db schema; humaneval: the tests pass against the program
+    run in the sandbox at `sandbox_level` (`cllm.eval.sandbox`);
     prompt files with an `answer`: final-number match when the reference has a number, else normalised equality.
     """
     if rec.dataset == "humaneval" and "test" in rec.meta:
-        return run_python(humaneval_program(rec.meta["code_prompt"], rec.meta["test"], rec.meta["entry_point"], text),
-                          timeout)[0]
+        return humaneval_passes(rec.meta, text, timeout, sandbox_level).passed
     if rec.answer is None:
         return None
     if rec.dataset == "gsm8k":
@@ -140,6 +141,8 @@ def build_eval_report(rows: dict[str, list[dict]], settings: dict) -> dict:
             subset = {m: [r for r in mrows if r[key] == value] for m, mrows in rows.items()}
             report[bucket][value] = _statistics({m: mrows for m, mrows in subset.items() if mrows})
     report["hf_reference"] = _hf_reference(rows)
+    levels = sorted({r["sandbox_level"] for mrows in rows.values() for r in mrows if r.get("sandbox_level")})
+    report["sandbox_level"] = ", ".join(levels) or None  # how generated code was scored; None: none was run
     return report
 
 
@@ -191,6 +194,10 @@ def summary_markdown(report: dict) -> str:
         + ("  **Timings from more than one machine are mixed: compare only ratios.**"
            if len(report.get("machines", {})) > 1 else ""),
         "",
+        *([f"Generated code scored in the sandbox at the `{report['sandbox_level']}` level"
+           + (" (weak: the program could read files and reach the network)" if "basic" in report["sandbox_level"]
+              else " (bubblewrap namespaces, verdict decided outside the program)") + ".", ""]
+          if report.get("sandbox_level") else []),
     ]
     for m, r in report["methods"].items():
         if r.get("n_other_run_than_base_ar"):

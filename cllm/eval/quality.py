@@ -6,8 +6,9 @@
   direction, LIMIT presence, DISTINCT, nested INTERSECT/UNION/EXCEPT), table aliases are resolved and bare columns
   qualified with the schema of `tables.json`, literals become `value`, and every component is compared as a set.
   No databases exist here, so there is no execution accuracy.
-- HumanEval: the program (prompt or full function + tests + `check(entry_point)`) runs in a fresh interpreter in a
-  temp dir with a timeout and sockets disabled; pass@1 is the share that exits 0.
+- HumanEval: the candidate program (the prompt completed by the answer, or the answer's own function) runs in the
+  sandbox (`cllm.eval.sandbox`); the dataset's tests run outside it and call the candidate's function through a
+  pipe; pass@1 is the share whose `check` returns.
 - Repetition: an answer is degenerate when a span of at least `min_span` tokens repeats with a period of at most
   `max_period` tokens ("the the the", a sentence looping). Such answers are counted, never dropped.
 """
@@ -63,24 +64,25 @@ def extract_code(text: str) -> str:
     return m.group(1) if m else text
 
 
-def humaneval_program(code_prompt: str, test: str, entry_point: str, answer: str) -> str:
-    """A runnable program: the answer's code if it defines the entry point (after the prompt, for its imports and
-    helpers), else the prompt completed by the answer as the function body."""
+def humaneval_program(code_prompt: str, entry_point: str, answer: str) -> str:
+    """The candidate program: the answer's code if it defines the entry point (after the prompt, for its imports
+    and helpers), else the prompt completed by the answer as the function body. The tests are not in it: they run
+    in the supervisor (`cllm.eval.sandbox.run_tests`)."""
     code = extract_code(answer)
     if re.search(rf"^\s*def\s+{re.escape(entry_point)}\s*\(", code, flags=re.M):
-        body = code_prompt + "\n    pass\n\n" + code
-    else:
-        body = code_prompt + code
-    return f"{body}\n\n{test}\n\ncheck({entry_point})\n"
+        return code_prompt + "\n    pass\n\n" + code
+    return code_prompt + code
 
 
-def run_python(program: str, timeout: float = 10.0) -> tuple[bool, str]:
-    """Run a program in the sandbox (`cllm.eval.sandbox`); returns (passed, 'passed'|'failed: ...'|'timeout'), a pass
-    being decided by the harness after the program's tests return, not by the exit code."""
-    from cllm.eval.sandbox import run_python as sandboxed
+def humaneval_passes(meta: dict, answer: str, timeout: float = 10.0, level: str | None = None):
+    """Score an answer to a HumanEval problem (`meta`: code_prompt, test, entry_point) in the sandbox; returns its
+    `RunResult` (passed, status, level). The prompt's own code (helpers the tests call, such as `poly` or
+    `encode_cyclic`) is defined on the trusted side from the dataset, not from the answer."""
+    from cllm.eval.sandbox import run_tests
 
-    res = sandboxed(program, timeout)
-    return res.passed, res.status
+    program = humaneval_program(meta["code_prompt"], meta["entry_point"], answer)
+    return run_tests(program, meta["test"], meta["entry_point"], helpers=meta["code_prompt"], timeout=timeout,
+                     level=level)
 
 
 # ----------------------------------------------------------------------------------------------------- Spider

@@ -20,6 +20,7 @@ from pathlib import Path
 from cllm.decoding import registry
 from cllm.data.datasets import read_json
 from cllm.errors import CllmError
+from cllm.fileio import atomic_write_text
 from cllm.eval.config import EvalConfig
 
 SETTINGS_KEYS = ("model", "adapter", "base_model", "methods", "base_methods", "dataset", "prompts", "prompt_field", "split", "limit",
@@ -57,6 +58,9 @@ def _check_manifest(out_dir: Path, settings: dict, overwrite: bool, record_ids: 
     if path.is_file() and not overwrite:
         old = read_json(path, "eval manifest",
                         "; use --overwrite (finished rows are kept until then) or another --out-dir")
+        if not isinstance(old, dict):
+            raise CllmError(f"{path}: corrupt eval manifest, not a JSON object; use --overwrite (finished rows are "
+                            "kept until then) or another --out-dir")
         missing = [m for m in old.get("methods", []) if m not in settings["methods"]]
         if missing:
             raise CllmError(f"{out_dir} holds an eval of methods {','.join(old['methods'])}; this one leaves out "
@@ -81,7 +85,7 @@ def _check_manifest(out_dir: Path, settings: dict, overwrite: bool, record_ids: 
     if overwrite:
         for f in out_dir.glob("rows-*.jsonl"):
             f.unlink()
-    path.write_text(json.dumps(settings, indent=2) + "\n")
+    atomic_write_text(path, json.dumps(settings, indent=2) + "\n")  # a kill never leaves it torn
 
 
 def read_rows(out_dir: Path) -> list[dict]:
@@ -123,6 +127,7 @@ def run_eval(cfg: EvalConfig) -> dict | None:
     records = load_records(prompts=cfg.prompts, prompt_field=cfg.prompt_field, dataset=cfg.dataset, split=cfg.split,
                            data_dir=cfg.data_dir, limit=cfg.limit, offset=cfg.offset, spread=cfg.spread)
     out_dir = Path(cfg.out_dir)
+    check_sandbox(cfg, records)
     ctx = distributed.setup()
     try:
         settings = settings_of(cfg, methods)
@@ -230,6 +235,21 @@ def _timed_row(run, m: str, i: int, rec, ids: list[int], seed: int, dcfg, stamp:
     return row
 
 
+def check_sandbox(cfg: EvalConfig, records) -> str | None:
+    """The sandbox level generated code will be scored at (None: no code to run); refuses a level weaker than
+    namespaces unless --allow-weak-sandbox, before anything is written."""
+    if not any(r.dataset == "humaneval" and "test" in r.meta for r in records) or cfg.report_only:
+        return None
+    from cllm.eval.sandbox import isolation_level, why_basic
+
+    level = isolation_level()
+    if level != "namespaces" and not cfg.allow_weak_sandbox:
+        raise CllmError(f"HumanEval runs generated code, and the sandbox here is only at the 'basic' level "
+                        f"({why_basic()}): a hostile program could read your files and reach the network. Pass "
+                        "--allow-weak-sandbox to run it anyway (the report records the level)")
+    return level
+
+
 def _quality_scorer(cfg: EvalConfig, records, base):
     """quality(row, record, prompt ids) -> the row with its mean log-probability under the base, correctness and
     degeneracy."""
@@ -238,11 +258,14 @@ def _quality_scorer(cfg: EvalConfig, records, base):
     from cllm.eval.quality import is_degenerate
 
     spider_tables = _spider_tables(cfg, records)
+    level = check_sandbox(cfg, records)
 
     def quality(row: dict, rec, ids: list[int]) -> dict:
         lp = token_logprobs(base, ids, row["token_ids"])
         row["base_logprob_mean"] = sum(lp) / len(lp) if lp else None
-        row["correct"] = score(rec, row["text"], spider_tables, cfg.humaneval_timeout)
+        row["correct"] = score(rec, row["text"], spider_tables, cfg.humaneval_timeout, level)
+        if rec.dataset == "humaneval" and "test" in rec.meta:
+            row["sandbox_level"] = level
         row["degenerate"] = is_degenerate(row["token_ids"])
         return row
 
@@ -277,7 +300,7 @@ def finish(out_dir: Path, settings: dict, all_methods: list[str], n_prompts: int
     report = build_eval_report(by_method, settings)
     report["prompts_finished"], report["prompts_planned"] = len(complete), n_prompts
     report["fingerprint"] = hashlib.sha1(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
-    (out_dir / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    atomic_write_text(out_dir / "report.json", json.dumps(report, indent=2) + "\n")
     (out_dir / "summary.md").write_text(summary_markdown(report))
     answers = out_dir / "answers"
     answers.mkdir(exist_ok=True)
