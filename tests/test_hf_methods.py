@@ -38,6 +38,55 @@ def test_hf_methods_equal_greedy_ar(method):
         assert sum(got.accept_lengths) == got.n_new_tokens and len(got.accept_lengths) == got.n_forwards
 
 
+class _Inputs:
+    """(first position, number of input tokens) of every forward of a model: recorded here, independently of the
+    decoder's own accounting."""
+
+    def __init__(self, model):
+        self.seen, self.handle = [], model.register_forward_pre_hook(self._hook, with_kwargs=True)
+
+    def _hook(self, module, args, kwargs):
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        self.seen.append((int(kwargs["position_ids"][0, 0]), ids.shape[1]))
+
+
+def _candidates(seen, prompt_len, accept_lengths):
+    """Per forward, the tokens it was fed beyond what was committed before it (the draft's candidates)."""
+    done, out = prompt_len, []
+    for (start, length), a in zip(seen, accept_lengths):
+        out.append(start + length - done)
+        done += a
+    return out
+
+
+def test_hf_counts_one_forward_per_token_exactly():
+    model, tok = tiny_model(1), tiny_tokenizer()
+    for i, p in enumerate(PROMPTS):
+        rec = _Inputs(model)
+        got = registry.decode("hf", model, tok, [p], [i], registry.DecodeConfig(max_new_tokens=14))[0]
+        rec.handle.remove()
+        assert got.n_forwards == got.n_new_tokens == len(rec.seen) and got.accept_lengths == [1] * got.n_new_tokens
+        assert rec.seen == [(0, len(p))] + [(len(p) + k, 1) for k in range(got.n_new_tokens - 1)]
+
+
+@pytest.mark.parametrize("draft_seed", [1, 2])  # the target itself (every candidate right), another model
+def test_assisted_accept_lengths_are_what_the_target_was_fed(draft_seed):
+    model, tok = tiny_model(1), tiny_tokenizer()
+    for i, p in enumerate(PROMPTS):
+        cfg = registry.DecodeConfig(max_new_tokens=14, gamma=3)
+        rec = _Inputs(model)
+        got = registry.decode("hf_assisted", model, tok, [p], [i], cfg, tiny_model(draft_seed))[0]
+        rec.handle.remove()
+        assert got.n_forwards == len(rec.seen) and sum(got.accept_lengths) == got.n_new_tokens
+        cands = _candidates(rec.seen, len(p), got.accept_lengths)
+        left = [got.n_new_tokens - sum(got.accept_lengths[:k]) for k in range(len(cands))]
+        if draft_seed == 1:  # all candidates accepted, plus the target's own next token (unless the cap cuts it)
+            assert got.accept_lengths == [min(c + 1, n) for c, n in zip(cands, left)], (cands, got.accept_lengths)
+        else:
+            assert all(1 <= a <= c + 1 for a, c in zip(got.accept_lengths, cands)), (cands, got.accept_lengths)
+        assert max(cands) <= cfg.gamma
+
+
 def test_assisted_with_an_identical_draft_commits_several_tokens_per_forward():
     model, tok = tiny_model(1), tiny_tokenizer()
     cfg = registry.DecodeConfig(max_new_tokens=12, gamma=3)

@@ -208,6 +208,60 @@ def test_mtad_with_huge_tau_is_target_sampling(small_pair):
     assert _chi2_pvalue(counts, p_draft, n) < 1e-6
 
 
+@torch.inference_mode()
+def _mtad_ancestral_distribution(target, draft, prompt: list[int], gamma: int, tau: float) -> dict:
+    """P(x_1..x_N) of MTAD with one beam (ancestral drafting), by enumeration: every draft block with its
+    probability Q, the accepted prefix n by the tau rule, every bonus token from the target's p_{n+1}, recursively
+    until N tokens (the draft shrinks near the cap, as `draft_length` does)."""
+    def probs(model, ctx):
+        return warp_logits(model(input_ids=torch.tensor([ctx])).logits[0, -1], **SAMPLING).softmax(-1)
+
+    out: dict = {}
+
+    def walk(prefix: list[int], pr: float) -> None:
+        left = N_TOKENS - len(prefix)
+        if left == 0:
+            out[tuple(prefix)] = out.get(tuple(prefix), 0.0) + pr
+            return
+        blocks = [((), 1.0, ())]  # (tokens, Q, log q per token)
+        for _ in range(min(gamma, left - 1)):
+            grown = []
+            for x, q, lq in blocks:
+                d = probs(draft, prompt + prefix + list(x))
+                grown += [(x + (v,), q * float(d[v]), lq + (float(d[v].log()),)) for v in d.nonzero().flatten().tolist()]
+            blocks = grown
+        for x, q, lq in blocks:
+            lp = [float(probs(target, prompt + prefix + list(x[:j]))[x[j]].log()) for j in range(len(x))]
+            n = mtad_accept(lp, list(lq), tau) if x else 0
+            bonus = probs(target, prompt + prefix + list(x[:n]))
+            for y in bonus.nonzero().flatten().tolist():
+                walk(prefix + list(x[:n]) + [y], pr * q * float(bonus[y]))
+
+    walk([], 1.0)
+    return out
+
+
+def test_mtad_partial_acceptance_with_a_sampled_bonus_matches_enumeration(small_pair):
+    """Between the extremes: tau 0.6 accepts 0, 1 or 2 of 2 drafted tokens, then samples the bonus from the
+    target at the first rejected position. The committed tokens follow the enumerated distribution, which is
+    neither the target's nor the draft's (MTAD is lossy by design)."""
+    target, draft, prompt, p_target, p_draft = small_pair
+    tau, n = 0.6, 2000
+    expected = _mtad_ancestral_distribution(target, draft, prompt, 2, tau)
+    assert abs(sum(expected.values()) - 1) < 1e-5
+    results = []
+
+    def run(s):
+        res = mtad_decode(target, draft, None, prompt, N_TOKENS, gamma=2, beam_width=1, tau=tau, seed=s, **SAMPLING)
+        results.append(res)
+        return res
+
+    counts = _empirical(run, n)
+    assert {a for r in results for a in r.accept_lengths} >= {1, 2}  # partial acceptances happened
+    assert _chi2_pvalue(counts, expected, n) > 1e-3
+    assert _chi2_pvalue(counts, p_target, n) < 1e-6 and _chi2_pvalue(counts, p_draft, n) < 1e-6
+
+
 def test_mtad_with_target_as_draft_accepts_every_block():
     target = tiny_model(2)
     res = mtad_decode(target, target, None, [4, 5, 6], 21, gamma=4, beam_width=3, tau=0.5, seed=1, temperature=1.0)
