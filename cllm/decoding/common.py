@@ -167,6 +167,26 @@ class RaggedCache:
             self.valid = self.valid[:, :n_used]
 
 
+    def concat(self, other: "RaggedCache") -> None:
+        """Append `other`'s rows below these (continuous batching: a request prefilled on its own joins the running
+        batch). The side with fewer columns gets masked columns on the right, so both have S; holes stay masked and
+        every row keeps exactly the entries it owned."""
+        if self.n_rows == 0 or not self.cache.layers:
+            self.cache, self.valid = other.cache, other.valid
+            return
+        s1, s2 = self.valid.shape[1], other.valid.shape[1]
+        width = max(s1, s2)
+
+        def pad(t: torch.Tensor, s: int) -> torch.Tensor:  # (B, H, s, D) -> (B, H, width, D)
+            return torch.nn.functional.pad(t, (0, 0, 0, width - s))
+
+        for mine, theirs in zip(self.cache.layers, other.cache.layers):
+            mine.keys = torch.cat([pad(mine.keys, s1), pad(theirs.keys, s2)], dim=0)
+            mine.values = torch.cat([pad(mine.values, s1), pad(theirs.values, s2)], dim=0)
+        self.valid = torch.cat([torch.nn.functional.pad(self.valid, (0, width - s1)),
+                                torch.nn.functional.pad(other.valid, (0, width - s2))], dim=0)
+
+
 class SeqCache:
     """The KV cache of one model over one sequence (batch 1) that may lag behind the committed tokens.
 

@@ -1,0 +1,151 @@
+"""Continuous batching: requests join one running batch between forwards and leave it when done (`cllm serve`).
+
+A joining request is prefilled on its own (its first forward is exactly the one it would have alone: the prompt,
+plus the Jacobi guess for a Jacobi row) and its KV rows are then appended to the running `RaggedCache`
+(`concat`). Every later forward runs all rows at once, each on its own input (one token for AR, the open part of
+the block for Jacobi), and each keeps only its own committed entries; a finished or cancelled row's cache rows are
+dropped before the next forward. Rows never see each other (the mask), so every row's greedy output is the one it
+gets decoded alone: `tests/test_continuous.py` checks joins and leaves mid-decode against solo decodes.
+
+AR rows sample with their own generator (`seed`, as `ar_decode` seeds a batch of one) and their own temperature,
+top-k and top-p, so requests with different sampling settings share a batch. Jacobi rows are greedy.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from cllm.decoding import jacobi
+from cllm.decoding.common import RaggedCache, check_lengths
+from cllm.decoding.sampling import check_sampling_args, sample_token, warp_logits
+from cllm.errors import CllmError
+
+METHODS = ("ar", "jacobi")
+
+
+@dataclass
+class Row:
+    """One request in the batch. `on_commit(tokens) -> bool` is called with every iteration's committed tokens;
+    returning True ends the row (a stop string matched). `cancelled` ends it before its next forward."""
+
+    method: str
+    prompt: list[int]
+    max_new_tokens: int
+    on_commit: object = None
+    temperature: float = 0.0
+    top_k: int | None = None
+    top_p: float | None = None
+    seed: int = 0
+    block_size: int = 16
+    init: str = "prompt"
+    generated: list[int] = field(default_factory=list)
+    n_forwards: int = 0
+    finish_reason: str | None = None  # eos, length, stop, cancelled
+    cancelled: bool = False
+    _state: object = None
+
+    def start(self, device, pad_id: int) -> None:
+        if self.method not in METHODS:
+            raise CllmError(f"continuous batching runs {', '.join(METHODS)}, not {self.method}")
+        check_lengths(self.max_new_tokens, self.block_size if self.method == "jacobi" else None)
+        if self.method == "ar":
+            check_sampling_args(self.temperature, self.top_k, self.top_p)
+            self._state = {"head": list(self.prompt), "gen": torch.Generator(device=device).manual_seed(int(self.seed))}
+        else:
+            row = jacobi._Row(prompt=self.prompt, generator=torch.Generator().manual_seed(int(self.seed)),
+                              head=list(self.prompt))
+            jacobi._start_block(row, self.block_size, self.max_new_tokens, self.init, pad_id)
+            self._state = row
+
+    def step_input(self) -> list[int]:
+        return self._state["head"] if self.method == "ar" else self._state.step_input()
+
+    def consume(self, logits: torch.Tensor, stop: set[int], pad_id: int) -> int:
+        """Apply one forward's logits of this row's inputs (W, V); returns how many new KV entries it keeps."""
+        self.n_forwards += 1
+        if self.method == "ar":
+            head = self._state["head"]
+            last = logits[len(head) - 1 : len(head)]  # (1, V)
+            if self.temperature == 0:
+                tok = int(last.argmax(dim=-1))
+            else:
+                tok = int(sample_token(warp_logits(last, self.temperature, self.top_k, self.top_p), self._state["gen"]))
+            self._state["head"] = [tok]
+            new = [tok]
+            if tok in stop:
+                self.finish_reason = "eos"
+            n_keep = len(head)
+        else:
+            row = self._state
+            n_head = len(row.head)
+            n_new = jacobi._iterate(row, logits.argmax(dim=-1).tolist(), stop, self.block_size, self.max_new_tokens,
+                                    self.init, pad_id, False)
+            new = row.generated[-n_new:]
+            self.finish_reason = row.finish_reason
+            n_keep = n_head + n_new - 1
+        self.generated.extend(new)
+        if self.finish_reason is None and len(self.generated) >= self.max_new_tokens:
+            self.finish_reason = "length"
+        if self.on_commit is not None and self.on_commit(new) and self.finish_reason is None:
+            self.finish_reason = "stop"
+        return n_keep
+
+
+class ContinuousBatch:
+    """The running batch of one model. `step(joining)` prefills the joining rows one by one, then runs one
+    forward over all running rows; it returns the rows that finished in this step. Not thread-safe: one thread
+    (the server's worker) owns it."""
+
+    def __init__(self, model, stop: set[int], pad_id: int):
+        self.model, self.stop, self.pad_id = model, stop, pad_id
+        self.device = next(model.parameters()).device
+        self.cache = RaggedCache(0, self.device, pad_id)
+        self.rows: list[Row] = []
+        self.forwards = 0
+
+    @torch.inference_mode()
+    def step(self, joining: list[Row] = ()) -> list[Row]:
+        done = self._drop_cancelled()
+        for row in joining:
+            row.start(self.device, self.pad_id)
+            solo = RaggedCache(1, self.device, self.pad_id)
+            logits, _ = solo.forward(self.model, [row.step_input()])  # (1, W, V)
+            self.forwards += 1
+            solo.keep([row.consume(logits[0], self.stop, self.pad_id)])
+            if row.finish_reason is not None:
+                done.append(row)
+            else:
+                self.cache.concat(solo)
+                self.rows.append(row)
+        if self.rows:
+            done += self._forward()
+        return done
+
+    def _forward(self) -> list[Row]:
+        inputs = [row.step_input() for row in self.rows]
+        logits, lengths = self.cache.forward(self.model, inputs)  # (B, W, V)
+        self.forwards += 1
+        self.cache.keep([row.consume(logits[b, :n], self.stop, self.pad_id)
+                         for b, (row, n) in enumerate(zip(self.rows, lengths))])
+        return self._leave([row for row in self.rows if row.finish_reason is not None])
+
+    def _drop_cancelled(self) -> list[Row]:
+        for row in self.rows:
+            if row.cancelled and row.finish_reason is None:
+                row.finish_reason = "cancelled"
+        return self._leave([row for row in self.rows if row.finish_reason is not None])
+
+    def _leave(self, gone: list[Row]) -> list[Row]:
+        if gone:
+            still = [i for i, row in enumerate(self.rows) if row.finish_reason is None]
+            self.cache.select(still)
+            self.rows = [self.rows[i] for i in still]
+        return gone
+
+    def fail_all(self) -> list[Row]:
+        """After an exception in a forward: every running row leaves, the cache starts empty."""
+        rows, self.rows = self.rows, []
+        self.cache = RaggedCache(0, self.device, self.pad_id)
+        return rows

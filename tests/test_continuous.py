@@ -1,0 +1,83 @@
+"""Continuous batching (`cllm.decoding.continuous`): rows that join a running batch mid-decode and leave it early
+give exactly the output each gets decoded alone, greedy (AR and Jacobi, fp32 and fp64) and sampled (AR, its own
+seed and settings); a cancelled row leaves at once; a stop requested by the callback ends only its row."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from cllm.decoding import ar_decode, jacobi_decode
+from cllm.decoding.continuous import ContinuousBatch, Row
+from conftest import random_prompt, tiny_model
+
+EOS = 1
+
+
+def _solo(model, row: Row, eos=EOS) -> list[int]:
+    if row.method == "ar":
+        res = ar_decode(model, None, row.prompt, row.max_new_tokens, temperature=row.temperature, top_k=row.top_k,
+                        top_p=row.top_p, seed=row.seed, eos_token_id=eos)
+    else:
+        res = jacobi_decode(model, None, row.prompt, row.block_size, row.max_new_tokens, row.init, row.seed,
+                            eos_token_id=eos)
+    return res.token_ids
+
+
+def _run(model, schedule: dict[int, list[Row]], max_steps: int = 500) -> int:
+    """Step the batch, letting schedule[step] rows join before that step; returns the largest batch seen."""
+    batch, widest = ContinuousBatch(model, {EOS}, pad_id=0), 0
+    for step in range(max_steps):
+        batch.step(schedule.get(step, []))
+        widest = max(widest, len(batch.rows))
+        if not batch.rows and step > max(schedule):
+            return widest
+    raise AssertionError("the batch never drained")
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("seed", range(3))
+def test_rows_joining_and_leaving_mid_decode_equal_solo_decodes(dtype, seed):
+    model = tiny_model(seed, dtype=dtype)
+    gen = torch.Generator().manual_seed(100 + seed)
+    rows = []
+    for i in range(7):
+        method = "jacobi" if i % 2 else "ar"
+        rows.append(Row(method=method, prompt=random_prompt(gen, 2 + 3 * i % 11), max_new_tokens=6 + 5 * (i % 3),
+                        seed=seed * 10 + i, block_size=(3, 4, 8)[i % 3]))
+    rows[2].temperature, rows[2].top_k, rows[2].top_p = 0.9, 8, 0.9  # a sampled AR row beside greedy ones
+    rows[4].temperature = 1.3
+    # two at the start, then joins while others run (several in one step), the last after most have left
+    schedule = {0: rows[:2], 3: [rows[2]], 4: rows[3:5], 9: [rows[5]], 25: [rows[6]]}
+    widest = _run(model, schedule)
+    assert widest >= 3
+    for i, row in enumerate(rows):
+        assert row.generated == _solo(model, row), (i, row.method)
+        assert row.finish_reason in ("eos", "length")
+
+
+def test_cancel_and_stop_end_only_their_row():
+    model = tiny_model(1)
+    gen = torch.Generator().manual_seed(5)
+    seen = []
+    stopper = Row(method="ar", prompt=random_prompt(gen, 4), max_new_tokens=20, seed=1,
+                  on_commit=lambda toks: seen.extend(toks) or len(seen) >= 3)  # "a stop string matched" at 3 tokens
+    cancelled = Row(method="jacobi", prompt=random_prompt(gen, 5), max_new_tokens=20, seed=2, block_size=4)
+    keeps = Row(method="jacobi", prompt=random_prompt(gen, 6), max_new_tokens=20, seed=3, block_size=4)
+    batch = ContinuousBatch(model, set(), pad_id=0)  # no EOS: only the stop, the cancel and the cap end rows
+    batch.step([stopper, cancelled, keeps])
+    cancelled.cancelled = True
+    finished = []
+    while batch.rows:
+        finished += batch.step()
+    assert stopper.finish_reason == "stop" and len(stopper.generated) == 3 and stopper.generated == seen
+    assert cancelled.finish_reason == "cancelled" and cancelled in finished
+    assert keeps.generated == _solo(model, keeps, eos=[]) and keeps.finish_reason == "length"
+
+
+def test_a_row_done_in_its_prefill_never_joins():
+    model = tiny_model(2)
+    row = Row(method="ar", prompt=[5, 6, 7], max_new_tokens=1)
+    batch = ContinuousBatch(model, {EOS}, pad_id=0)
+    assert batch.step([row]) == [row] and batch.rows == [] and row.finish_reason == "length"
+    assert row.generated == _solo(model, row)
