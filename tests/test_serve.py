@@ -4,6 +4,8 @@ server; SIGTERM ends it after the running request."""
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import pty
 import select
@@ -21,7 +23,7 @@ import pytest
 from cllm.decoding import registry
 from cllm.models import load_model
 from cllm.data.prompts import format_prompt
-from cllm.serve import Engine, build_app
+from cllm.serve import Engine, Limits, build_app
 
 PROMPTS = ["w3 w4 w5", "w10 w11", "w20 w21 w22 w23", "w7"]
 MAX = 12
@@ -33,14 +35,11 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def server(tiny_model_dir):
-    """A server on a free loopback port in this process (uvicorn in a thread), Jacobi n = 4, fp64."""
+@contextlib.contextmanager
+def _serving(engine):
+    """`engine` served on a free loopback port in this process (uvicorn in a thread); yields the base URL."""
     import uvicorn
 
-    model, tok = load_model(str(tiny_model_dir), "fp64", "cpu")
-    cfg = registry.DecodeConfig(block_size=4, max_new_tokens=MAX)
-    engine = Engine(model, tok, "jacobi", cfg, model_id="tiny")
     port = _free_port()
     srv = uvicorn.Server(uvicorn.Config(build_app(engine), host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=srv.run, daemon=True)
@@ -48,12 +47,24 @@ def server(tiny_model_dir):
     deadline = time.time() + 20
     while not srv.started and time.time() < deadline:
         time.sleep(0.05)
-    results = {p: registry.decode("jacobi", model, tok, [format_prompt(tok, p)], [0], cfg)[0] for p in PROMPTS}
-    want = {p: r.text for p, r in results.items()}
-    tpf = {p: round(r.n_new_tokens / r.n_forwards, 4) for p, r in results.items()}
-    yield {"url": f"http://127.0.0.1:{port}", "engine": engine, "want": want, "tpf": tpf, "model": model, "tok": tok}
-    srv.should_exit = True
-    thread.join(timeout=10)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        srv.should_exit = True
+        thread.join(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def server(tiny_model_dir):
+    """A server of Jacobi n = 4 in fp64 with continuous batching (the default --max-batch 8)."""
+    model, tok = load_model(str(tiny_model_dir), "fp64", "cpu")
+    cfg = registry.DecodeConfig(block_size=4, max_new_tokens=MAX)
+    engine = Engine(model, tok, "jacobi", cfg, model_id="tiny")
+    with _serving(engine) as url:
+        results = {p: registry.decode("jacobi", model, tok, [format_prompt(tok, p)], [0], cfg)[0] for p in PROMPTS}
+        want = {p: r.text for p, r in results.items()}
+        tpf = {p: round(r.n_new_tokens / r.n_forwards, 4) for p, r in results.items()}
+        yield {"url": url, "engine": engine, "want": want, "tpf": tpf, "model": model, "tok": tok}
 
 
 def _client(server) -> openai.OpenAI:
@@ -233,3 +244,219 @@ def test_serve_refuses_bad_flags(tiny_model_dir, tmp_path):
 
     assert main(["serve", "--model", str(tmp_path / "nope")]) == 2
     assert main(["serve", "--model", str(tiny_model_dir), "--method", "sps"]) == 2  # needs --draft
+
+
+# ------------------------------------------------------------------------------ load, limits and the edges (issue 46)
+
+def _ask(url: str, prompt: str, max_tokens: int = MAX, **kw):
+    c = openai.OpenAI(base_url=url + "/v1", api_key=kw.pop("api_key", "none"), max_retries=0, timeout=120)
+    return c.chat.completions.create(model="tiny", messages=[{"role": "user", "content": prompt}],
+                                     max_tokens=max_tokens, **kw)
+
+
+def _metric(url: str, name: str) -> float:
+    for line in httpx.get(url + "/metrics", timeout=10).text.splitlines():
+        if line.startswith(name + " ") or line.startswith(name + "{"):
+            return float(line.rsplit(" ", 1)[1])
+    raise AssertionError(f"{name} not in /metrics")
+
+
+@pytest.mark.parametrize("method", ["ar", "jacobi"])
+def test_concurrent_requests_share_forwards_and_each_equals_its_solo_decode(tiny_model_dir, method):
+    """Eight clients at once, prompts and lengths all different, in fp32: they join and leave one running batch,
+    every answer is the solo greedy decode, and the server ran fewer forwards than the answers did in all."""
+    model, tok = load_model(str(tiny_model_dir), "fp32", "cpu")
+    cfg = registry.DecodeConfig(block_size=4, max_new_tokens=40)
+    prompts = [f"w{3 + i} w{30 - i}" + " w9" * (i % 3) for i in range(8)]
+    lengths = [8 + 4 * i for i in range(8)]
+    want = {p: registry.decode(method, model, tok, [format_prompt(tok, p)], [0],
+                               registry.DecodeConfig(block_size=4, max_new_tokens=n))[0].text
+            for p, n in zip(prompts, lengths)}
+    engine = Engine(model, tok, method, cfg, model_id="tiny", limits=Limits(max_batch=8))
+    with _serving(engine) as url:
+        got, errors = {}, []
+
+        def client(i):
+            try:
+                time.sleep(0.05 * i)  # arrivals spread out: later ones join a batch already running
+                got[i] = _ask(url, prompts[i], lengths[i])
+            except Exception as e:  # noqa: BLE001 (asserted below)
+                errors.append(repr(e))
+
+        threads = [threading.Thread(target=client, args=(i,)) for i in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=300)
+        assert errors == []
+        assert {i: r.choices[0].message.content for i, r in got.items()} == {i: want[p] for i, p in enumerate(prompts)}
+        answered = sum(r.model_extra["cllm"]["forwards"] for r in got.values())
+        assert _metric(url, "cllm_forwards_total") < answered  # rows shared forwards
+        assert _metric(url, "cllm_generation_tokens_total") == sum(r.usage.completion_tokens for r in got.values())
+        assert _metric(url, 'cllm_requests_total{outcome="ok"}') == 8
+
+
+def test_metrics_in_prometheus_text_format(server):
+    _ask(server["url"], PROMPTS[0])
+    text = httpx.get(server["url"] + "/metrics", timeout=10).text
+    for name in ("cllm_queue_length", "cllm_running_rows", "cllm_tokens_per_second", "cllm_tokens_per_forward",
+                 "cllm_request_latency_seconds_bucket", "cllm_time_to_first_token_seconds_count",
+                 "cllm_generation_tokens_total", "cllm_forwards_total"):
+        assert f"\n{name}" in text, name
+    assert _metric(server["url"], "cllm_tokens_per_forward") > 0
+
+
+def test_body_limits_and_malformed_bodies_are_openai_errors(tiny_model_dir):
+    model, tok = load_model(str(tiny_model_dir), "fp64", "cpu")
+    engine = Engine(model, tok, "ar", registry.DecodeConfig(max_new_tokens=4), model_id="tiny",
+                    limits=Limits(max_body_bytes=4000))
+    with _serving(engine) as url:
+        chat = url + "/v1/chat/completions"
+        r = httpx.post(chat, json={"messages": [{"role": "user", "content": "w3 " * 2000}]}, timeout=10)
+        assert r.status_code == 413 and r.json()["error"]["message"].startswith("the request body is over 4000")
+        r = httpx.post(chat, content=b'{"messages": "\xff\xfe"}', timeout=10)
+        assert r.status_code == 400 and "not UTF-8" in r.json()["error"]["message"]
+        r = httpx.post(chat, content=b"[" * 1500 + b"]" * 1500, timeout=10)  # deeper than json can parse
+        assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request_error"
+        r = httpx.post(chat, content=b"[1, 2]", timeout=10)
+        assert r.status_code == 400 and "JSON object" in r.json()["error"]["message"]
+
+
+def test_max_tokens_must_be_a_positive_integer_within_the_limit(server):
+    for value in (0, True, 1.5, -3, "8", 5000):
+        r = httpx.post(server["url"] + "/v1/chat/completions", timeout=10,
+                       json={"messages": [{"role": "user", "content": "w3"}], "max_tokens": value})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "max_tokens", value
+
+
+def test_api_key(tiny_model_dir):
+    model, tok = load_model(str(tiny_model_dir), "fp64", "cpu")
+    engine = Engine(model, tok, "ar", registry.DecodeConfig(max_new_tokens=4), model_id="tiny",
+                    limits=Limits(api_key="s3cret"))
+    with _serving(engine) as url:
+        for key in ("none", "s3cre", "s3crett"):
+            with pytest.raises(openai.AuthenticationError):
+                _ask(url, "w3", api_key=key)
+        assert _ask(url, "w3", api_key="s3cret").choices[0].message.content is not None
+        assert httpx.get(url + "/health", timeout=10).status_code == 200  # health and metrics stay open
+        assert httpx.get(url + "/v1/models", timeout=10).status_code == 401
+
+
+def _no_eos_model(tmp_path):
+    """A saved tiny model that never ends early (no EOS anywhere): long requests stay running."""
+    import torch
+
+    from conftest import tiny_model, tiny_tokenizer
+
+    model_dir = tmp_path / "no-eos"
+    tiny_model(1, torch.float32).save_pretrained(model_dir)
+    tok = tiny_tokenizer()
+    tok.eos_token = None
+    tok.save_pretrained(model_dir)
+    return model_dir
+
+
+def test_a_full_queue_answers_503_with_retry_after(tmp_path):
+    model, tok = load_model(str(_no_eos_model(tmp_path)), "fp32", "cpu")
+    engine = Engine(model, tok, "ar", registry.DecodeConfig(max_new_tokens=4), model_id="tiny",
+                    limits=Limits(max_batch=1, max_queue=1))
+    with _serving(engine) as url:
+        statuses = []
+
+        def post():
+            r = httpx.post(url + "/v1/completions", json={"prompt": "w3 w4", "max_tokens": 1000}, timeout=120)
+            statuses.append((r.status_code, r.headers.get("retry-after"), r.json()))
+
+        threads = [threading.Thread(target=post) for _ in range(4)]
+        for t in threads:
+            t.start()
+            time.sleep(0.05)  # one runs (1000 tokens), one waits, the rest find the queue full
+        for t in threads:
+            t.join(timeout=120)
+        full = [s for s in statuses if s[0] == 503]
+        assert len(full) >= 1 and all(s[1] == "1" and s[2]["error"]["type"] == "server_error" for s in full)
+        assert sum(s[0] == 200 for s in statuses) >= 2
+
+
+def test_a_plain_request_whose_client_hung_up_stops_decoding(tmp_path):
+    model, tok = load_model(str(_no_eos_model(tmp_path)), "fp32", "cpu")
+    engine = Engine(model, tok, "ar", registry.DecodeConfig(max_new_tokens=4), model_id="tiny",
+                    limits=Limits(max_tokens_limit=100000))
+    with _serving(engine) as url:
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(url + "/v1/completions", json={"prompt": "w3 w4", "max_tokens": 900}, timeout=0.5)
+        deadline = time.time() + 20
+        while httpx.get(url + "/health").json()["cancelled"] == 0 and time.time() < deadline:
+            time.sleep(0.05)
+        health = httpx.get(url + "/health").json()
+        assert health["cancelled"] == 1 and health["running"] == 0
+
+
+def test_streamed_text_equals_plain_text_with_stop_strings_across_commits(tiny_model_dir):
+    """A stop string whose first part arrives in one commit and the rest in the next: the stream holds the first
+    part back, so what it sent is the plain answer, cut where the stop string starts."""
+    model, tok = load_model(str(tiny_model_dir), "fp64", "cpu")
+    engine = Engine(model, tok, "ar", registry.DecodeConfig(max_new_tokens=MAX), model_id="tiny")
+    with _serving(engine) as url:
+        c = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=60)
+        full = c.completions.create(model="tiny", prompt=PROMPTS[2], max_tokens=MAX).choices[0].text
+        words = full.split(" ")
+        checked = 0
+        for i in range(1, len(words) - 1):
+            stop = words[i][-1] + " " + words[i + 1][:1]  # spans two tokens: two commits of AR
+            plain = c.completions.create(model="tiny", prompt=PROMPTS[2], max_tokens=MAX, stop=[stop]).choices[0]
+            streamed = "".join(ch.choices[0].text for ch in c.completions.create(
+                model="tiny", prompt=PROMPTS[2], max_tokens=MAX, stop=[stop], stream=True))
+            assert streamed == plain.text == full[: full.find(stop)], stop
+            checked += 1
+        assert checked >= 3
+
+
+def test_a_failed_decode_is_a_500_or_a_final_error_event_and_the_server_goes_on(server, monkeypatch):
+    model = server["model"]
+    real = model.forward
+
+    def boom(*args, **kwargs):
+        raise RuntimeError("the accelerator caught fire")
+
+    monkeypatch.setattr(model, "forward", boom)
+    r = httpx.post(server["url"] + "/v1/chat/completions", timeout=30,
+                   json={"messages": [{"role": "user", "content": "w3"}], "max_tokens": 4})
+    assert r.status_code == 500 and r.json()["error"]["type"] == "server_error"
+    assert "caught fire" in r.json()["error"]["message"]
+    events = []
+    with httpx.stream("POST", server["url"] + "/v1/chat/completions", timeout=30,
+                      json={"messages": [{"role": "user", "content": "w3"}], "max_tokens": 4, "stream": True}) as s:
+        assert s.status_code == 200
+        events = [line[len("data: "):] for line in s.iter_lines() if line.startswith("data: ")]
+    assert events[-1] == "[DONE]" and json.loads(events[-2])["error"]["type"] == "server_error"
+    monkeypatch.setattr(model, "forward", real)
+    assert _ask(server["url"], PROMPTS[1]).choices[0].message.content == server["want"][PROMPTS[1]]
+
+
+def test_tokenizing_a_huge_prompt_does_not_stall_other_clients(tiny_model_dir):
+    model, tok = load_model(str(tiny_model_dir), "fp64", "cpu")
+    engine = Engine(model, tok, "ar", registry.DecodeConfig(max_new_tokens=4), model_id="tiny")
+    slow = threading.Event()
+    real_call = type(tok).__call__
+
+    class SlowTokenizer(type(tok)):  # a tokenizer that takes 3 s on one prompt, as a huge one would
+        def __call__(self, text, *a, **kw):
+            if text.startswith("SLOW"):
+                slow.set()
+                time.sleep(3)
+            return real_call(self, text, *a, **kw)
+
+    tok.__class__ = SlowTokenizer
+    try:
+        with _serving(engine) as url:
+            t = threading.Thread(target=lambda: httpx.post(url + "/v1/completions", timeout=30,
+                                                           json={"prompt": "SLOW w3", "max_tokens": 2}))
+            t.start()
+            assert slow.wait(10)
+            t0 = time.perf_counter()
+            assert httpx.get(url + "/health", timeout=10).status_code == 200
+            assert time.perf_counter() - t0 < 1.0  # served while the other prompt is being tokenized
+            t.join(timeout=30)
+    finally:
+        tok.__class__ = SlowTokenizer.__mro__[1]

@@ -19,11 +19,11 @@ def add_model_arguments(p: argparse.ArgumentParser, default_method: str = "jacob
     registry.add_arguments(p)
 
 
-def load_engine(args):
+def load_engine(args, limits=None):
     """Check the flags, load model (and draft), and return a `cllm.serve.Engine`."""
     from cllm.serve import load_engine as load
 
     cfg = registry.DecodeConfig.from_args(args)
     cfg.validate([args.method], has_draft=bool(args.draft))
     return load(model=args.model, adapter=args.adapter, draft=args.draft, method=args.method, dtype=args.dtype,
-                device=args.device, cfg=cfg)
+                device=args.device, cfg=cfg, limits=limits)
