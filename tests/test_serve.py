@@ -67,6 +67,15 @@ def server(tiny_model_dir):
         yield {"url": url, "engine": engine, "want": want, "tpf": tpf, "model": model, "tok": tok}
 
 
+def _in_threads(fn, n: int, timeout: float) -> None:
+    """Run fn(0) .. fn(n - 1) at once, one thread each, and wait for all."""
+    threads = [threading.Thread(target=fn, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=timeout)
+
+
 def _client(server) -> openai.OpenAI:
     return openai.OpenAI(base_url=server["url"] + "/v1", api_key="none", max_retries=0, timeout=60)
 
@@ -117,11 +126,7 @@ def test_eight_concurrent_clients_are_all_answered_right(server):
         except Exception as e:  # noqa: BLE001 (collected and asserted below)
             errors.append(repr(e))
 
-    threads = [threading.Thread(target=ask, args=(i,)) for i in range(8)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=120)
+    _in_threads(ask, 8, timeout=120)
     assert errors == [] and results == {i: True for i in range(8)}
 
 
@@ -283,11 +288,7 @@ def test_concurrent_requests_share_forwards_and_each_equals_its_solo_decode(tiny
             except Exception as e:  # noqa: BLE001 (asserted below)
                 errors.append(repr(e))
 
-        threads = [threading.Thread(target=client, args=(i,)) for i in range(8)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(timeout=300)
+        _in_threads(client, 8, timeout=300)
         assert errors == []
         assert {i: r.choices[0].message.content for i, r in got.items()} == {i: want[p] for i, p in enumerate(prompts)}
         answered = sum(r.model_extra["cllm"]["forwards"] for r in got.values())
