@@ -45,6 +45,7 @@ def naive_trajectories(model, prompt: list[int], n: int, max_new_tokens: int, eo
 def main(argv=None) -> int:
     from cllm.data.datasets import load_dataset_prompts
     from cllm.decoding import jacobi_decode
+    from cllm.decoding.options import JacobiOptions
     from cllm.models import load_model
     from cllm.data.prompts import format_prompt
 
@@ -65,12 +66,15 @@ def main(argv=None) -> int:
     prompts = [format_prompt(tok, r.prompt) for r in recs]
     eos = tok.eos_token_id
 
-    jacobi_decode(model, tok, prompts[:1], args.block_size, args.block_size)  # warm-up, untimed
+    jacobi_decode(model, tok, prompts[:1], JacobiOptions(block_size=args.block_size),
+                  max_new_tokens=args.block_size)  # warm-up, untimed
     t0 = time.perf_counter()
     ours = []
     for i in range(0, len(prompts), args.batch_size):
-        ours += jacobi_decode(model, tok, prompts[i : i + args.batch_size], args.block_size, args.max_new_tokens,
-                              seed=list(range(i, i + len(prompts[i : i + args.batch_size]))), record_trajectory=True)
+        batch = prompts[i : i + args.batch_size]
+        opts = JacobiOptions(block_size=args.block_size, record_trajectory=True)
+        ours += jacobi_decode(model, tok, batch, opts, max_new_tokens=args.max_new_tokens,
+                              seed=list(range(i, i + len(batch))))
     t_ours = time.perf_counter() - t0
     tokens_ours = sum(r.n_new_tokens for r in ours)
 

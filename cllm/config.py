@@ -22,10 +22,10 @@ import yaml
 from cllm.errors import CllmError
 
 
-def opt(default, help: str, choices: tuple | None = None, pass_through: bool = False):
+def opt(default, help: str, choices: tuple | None = None, pass_through: bool = False, flag: bool = True):
     """A config field with its help text (and allowed values); `pass_through` marks the dict that collects another
-    library's options (see the module doc)."""
-    meta = {"help": help, "choices": choices, "pass_through": pass_through}
+    library's options (see the module doc); `flag=False`: set by code, no CLI flag or YAML key."""
+    meta = {"help": help, "choices": choices, "pass_through": pass_through, "flag": flag}
     if isinstance(default, (list, dict)):
         return dataclasses.field(default_factory=lambda: type(default)(default), metadata=meta)
     return dataclasses.field(default=default, metadata=meta)
@@ -46,6 +46,8 @@ def add_arguments(parser: argparse.ArgumentParser, cls) -> None:
     parser.add_argument("--config", default=None, metavar="FILE.yaml", help="YAML defaults (flags override them)")
     hints = typing.get_type_hints(cls)
     skip = _pass_through_field(cls)
+    if skip and hasattr(cls, "add_pass_through_arguments"):  # the other options' own flags
+        cls.add_pass_through_arguments(parser)
     for f in dataclasses.fields(cls):
         if f.name == skip:  # its keys come as the other library's own flags (see `pass_through_flags`)
             continue
@@ -123,8 +125,17 @@ def read_yaml(cls, path: str | Path) -> dict:
     own, forwarded = _split_keys(cls, data, str(path))
     values = {k: _check_type(cls, k, v, str(path)) for k, v in own.items()}
     if forwarded:
-        values[cls.pass_through()[0]] = forwarded
+        values[cls.pass_through()[0]] = _check_forwarded(cls, forwarded, str(path))
     return values
+
+
+def _check_forwarded(cls, forwarded: dict, where: str) -> dict:
+    """Type-check passed-through values where the class declares their flags itself (the decoding options);
+    another library's (TrainingArguments) are checked by that library."""
+    if not hasattr(cls, "add_pass_through_arguments"):
+        return forwarded
+    target = cls.pass_through()[1]
+    return {k: _check_type(target, k, v, where) for k, v in forwarded.items()}
 
 
 def _split_keys(cls, data: dict, where: str) -> tuple[dict, dict]:
@@ -162,7 +173,7 @@ def resolve(cls, args: argparse.Namespace | dict | None = None, config_path: str
         values[k] = _check_type(cls, k, v, f"--{k.replace('_', '-')}")
     if forwarded:  # flags override the YAML's passed-through keys one by one, not as a whole mapping
         field = cls.pass_through()[0]
-        values[field] = {**values.get(field, {}), **forwarded}
+        values[field] = {**values.get(field, {}), **_check_forwarded(cls, forwarded, "options")}
     cfg = cls(**values)
     if hasattr(cfg, "validate"):
         cfg.validate()

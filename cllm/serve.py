@@ -243,11 +243,10 @@ class Engine:
             raise RequestError(f"{n_prompt} prompt tokens + max_tokens {max_tokens} exceed the model's context of "
                                f"{self.context}", "max_tokens")
         temperature, top_p = _number(body, "temperature"), _number(body, "top_p")
-        temperature = self.cfg.temperature if temperature is None else float(temperature)
-        if temperature > 0 and not registry.get(self.method).sampling:
+        if temperature is not None and temperature > 0 and not registry.get(self.method).sampling:
             raise RequestError(f"method {self.method} is greedy only: temperature must be 0 or unset", "temperature")
-        cfg = dataclasses.replace(self.cfg, max_new_tokens=max_tokens, temperature=temperature,
-                                  top_p=None if top_p in (None, 1, 1.0) else float(top_p))
+        given = {"temperature": temperature, "top_p": top_p} if registry.get(self.method).sampling else {}
+        cfg = self.cfg.replace(max_new_tokens=max_tokens, **{k: float(v) for k, v in given.items() if v is not None})
         try:
             cfg.validate([self.method])
         except CllmError as e:
@@ -308,10 +307,10 @@ class Engine:
             self._batch = ContinuousBatch(self.model, eos_ids(self.model, self.tok), pad)
         rows = []
         for job in joining:
-            c = job.cfg
-            row = Row(method=self.method, prompt=job.ids, max_new_tokens=c.max_new_tokens, on_commit=job.on_tokens,
-                      temperature=c.temperature, top_k=c.top_k, top_p=c.top_p, seed=job.seed,
-                      block_size=c.block_size, init=c.init)
+            opts = dataclasses.asdict(job.cfg.options_for(self.method))  # ar: sampling; jacobi: block size, init
+            opts.pop("record_trajectory", None)
+            row = Row(method=self.method, prompt=job.ids, max_new_tokens=job.cfg.max_new_tokens,
+                      on_commit=job.on_tokens, seed=job.seed, **opts)
             self._jobs[id(row)] = job
             rows.append(row)
         for row in self._batch.rows:

@@ -8,6 +8,7 @@ import torch
 from cllm.decoding import ar_decode
 from cllm.decoding.sampling import check_sampling_args, warp_logits
 from cllm.errors import CllmError
+from cllm.decoding.options import SamplingOptions
 from conftest import random_prompt, tiny_model
 
 
@@ -37,8 +38,9 @@ def test_batch_equals_single_rows_greedy_and_sampled():
     gen = torch.Generator().manual_seed(2)
     prompts = [random_prompt(gen, n) for n in (1, 8, 3)]
     for temp in (0.0, 1.0):
-        batch = ar_decode(model, None, prompts, max_new_tokens=20, temperature=temp, top_k=20, seed=[7, 8, 9])
-        singles = [ar_decode(model, None, p, max_new_tokens=20, temperature=temp, top_k=20, seed=s)
+        batch = ar_decode(model, None, prompts, SamplingOptions(temperature=temp, top_k=20), max_new_tokens=20,
+                          seed=[7, 8, 9])
+        singles = [ar_decode(model, None, p, SamplingOptions(temperature=temp, top_k=20), max_new_tokens=20, seed=s)
                    for p, s in zip(prompts, [7, 8, 9])]
         assert [r.token_ids for r in batch] == [r.token_ids for r in singles]
 
@@ -46,9 +48,9 @@ def test_batch_equals_single_rows_greedy_and_sampled():
 def test_sampling_is_seeded():
     model = tiny_model(4)
     prompt = [5, 6, 7]
-    a = ar_decode(model, None, prompt, max_new_tokens=25, temperature=1.0, seed=1).token_ids
-    b = ar_decode(model, None, prompt, max_new_tokens=25, temperature=1.0, seed=1).token_ids
-    c = ar_decode(model, None, prompt, max_new_tokens=25, temperature=1.0, seed=2).token_ids
+    a = ar_decode(model, None, prompt, SamplingOptions(temperature=1.0), max_new_tokens=25, seed=1).token_ids
+    b = ar_decode(model, None, prompt, SamplingOptions(temperature=1.0), max_new_tokens=25, seed=1).token_ids
+    c = ar_decode(model, None, prompt, SamplingOptions(temperature=1.0), max_new_tokens=25, seed=2).token_ids
     assert a == b and a != c
 
 

@@ -9,6 +9,7 @@ import torch
 
 from cllm.decoding import ar_decode, jacobi_decode
 from cllm.decoding.continuous import ContinuousBatch, Row
+from cllm.decoding.options import JacobiOptions, SamplingOptions
 from conftest import random_prompt, tiny_model
 
 EOS = 1
@@ -16,11 +17,11 @@ EOS = 1
 
 def _solo(model, row: Row, eos=EOS) -> list[int]:
     if row.method == "ar":
-        res = ar_decode(model, None, row.prompt, row.max_new_tokens, temperature=row.temperature, top_k=row.top_k,
-                        top_p=row.top_p, seed=row.seed, eos_token_id=eos)
+        res = ar_decode(model, None, row.prompt, SamplingOptions(temperature=row.temperature, top_k=row.top_k,
+                        top_p=row.top_p), max_new_tokens=row.max_new_tokens, seed=row.seed, eos_token_id=eos)
     else:
-        res = jacobi_decode(model, None, row.prompt, row.block_size, row.max_new_tokens, row.init, row.seed,
-                            eos_token_id=eos)
+        res = jacobi_decode(model, None, row.prompt, JacobiOptions(block_size=row.block_size, init=row.init),
+                            max_new_tokens=row.max_new_tokens, seed=row.seed, eos_token_id=eos)
     return res.token_ids
 
 

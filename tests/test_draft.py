@@ -92,7 +92,7 @@ def test_decode_sps_greedy_is_identical_to_ar(tiny_model_dir, draft_dirs, tmp_pa
         (["--method", "mtad", "--draft", "{good}", "--temperature", "1", "--tau", "-2"], "tau must be > 0"),
         (["--method", "mtad", "--draft", "{good}", "--temperature", "1", "--top-p", "0"], "top_p"),
         (["--method", "sps", "--draft", "{good}", "--top-p", "1.01", "--temperature", "1"], "top_p"),
-        (["--method", "mtad", "--draft", "{good}"], "temperature > 0"),
+        (["--method", "mtad", "--draft", "{good}", "--temperature", "0"], "temperature > 0"),
         (["--method", "sps"], "needs --draft"),
         (["--method", "sps", "--draft", "{good}", "--batch-size", "2"], "--batch-size 1"),
         (["--method", "ar", "--compare", "jacobi,beam"], "unknown method 'beam'"),

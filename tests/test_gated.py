@@ -119,7 +119,7 @@ def test_a_gated_adapter_needs_a_gate():
     with pytest.raises(CllmError, match="without a gate"):
         model(torch.tensor([[3, 4, 5]]))
     with pytest.raises(CllmError, match="no gated adapter"):
-        gated_decode(tiny_model(0), None, [3, 4, 5], 4)
+        gated_decode(tiny_model(0), None, [3, 4, 5], max_new_tokens=4)
     assert is_gated(model) and not is_gated(tiny_model(0))
 
 
@@ -147,7 +147,7 @@ def test_equals_base_greedy_over_block_sizes_inputs_and_pools(seed):
                                                         [(0, 4, 0), (3, 3, 0), (5, 2, 3), (0, 2, 6)]):
         opts = GatedOptions(block_size=n, draft_input=draft_input, pool_candidates=G, pool_ngram=N, lookup_tokens=K,
                             mask_token_id=2)
-        got = gated_decode(model, None, prompt, 40, opts, seed=seed, eos_token_id=[-1])
+        got = gated_decode(model, None, prompt, opts, max_new_tokens=40, seed=seed, eos_token_id=[-1])
         assert got.token_ids == want, (n, draft_input, G, N, K)
         assert sum(got.accept_lengths) == 40 and got.n_forwards == len(got.accept_lengths)
         assert all(1 <= a <= max(n, K + 1, N) for a in got.accept_lengths)
@@ -156,12 +156,12 @@ def test_equals_base_greedy_over_block_sizes_inputs_and_pools(seed):
 def test_forward_counts_where_determined_and_eos():
     base, model = gated_tiny(5)
     prompt = random_prompt(torch.Generator().manual_seed(5), 6)
-    one = gated_decode(model, None, prompt, 1, GatedOptions(block_size=8))
+    one = gated_decode(model, None, prompt, GatedOptions(block_size=8), max_new_tokens=1)
     assert one.n_forwards == 1 and one.token_ids == greedy_reference(base, prompt, 1)
     # A repeating base: greedy text that loops is found in the pool, which commits N-1 + 1 tokens per forward.
     want = greedy_reference(base, prompt, 30)
     eos = want[7]
-    got = gated_decode(model, None, prompt, 30, GatedOptions(block_size=4), eos_token_id=eos)
+    got = gated_decode(model, None, prompt, GatedOptions(block_size=4), max_new_tokens=30, eos_token_id=eos)
     assert got.token_ids == want[: want.index(eos) + 1] and got.finish_reason == "eos"
 
 
@@ -177,8 +177,8 @@ def test_a_right_draft_commits_n_tokens_per_forward(draft_input):
     prompt = random_prompt(torch.Generator().manual_seed(6), 6)
     n, T = 5, 21
     assert greedy_reference(base, prompt, T) == [0] * T
-    got = gated_decode(model, None, prompt, T, GatedOptions(block_size=n, draft_input=draft_input,
-                                                            pool_candidates=0, lookup_tokens=0))
+    got = gated_decode(model, None, prompt, GatedOptions(block_size=n, draft_input=draft_input, pool_candidates=0,
+                       lookup_tokens=0), max_new_tokens=T)
     assert got.token_ids == [0] * T and got.accept_lengths == [1, 5, 5, 5, 5]
 
 

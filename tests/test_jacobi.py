@@ -10,6 +10,7 @@ import torch
 from cllm.decoding import jacobi_decode
 from cllm.decoding.jacobi import _commit, _Row, n_to_commit
 from cllm.errors import CllmError
+from cllm.decoding.options import JacobiOptions
 from conftest import VOCAB, random_prompt, tiny_model
 
 
@@ -42,7 +43,7 @@ def test_jacobi_equals_greedy_over_seeds_blocks_and_lengths(seed):
     max_new = [37, 50, 23][seed % 3]  # never a multiple of most block sizes
     ref = greedy_reference(model, prompt, max_new)
     for n in range(1, 33):
-        res = jacobi_decode(model, None, prompt, block_size=n, max_new_tokens=max_new, seed=seed)
+        res = jacobi_decode(model, None, prompt, JacobiOptions(block_size=n), max_new_tokens=max_new, seed=seed)
         assert res.token_ids == ref, f"block size {n}"
         assert res.n_new_tokens == max_new and res.finish_reason == "length"
         assert sum(res.accept_lengths) == max_new and len(res.accept_lengths) == res.n_forwards
@@ -62,7 +63,7 @@ def test_eos_inside_a_block_stops_and_trims(seed):
     ref = greedy_reference(model, prompt, 40, eos=eos)
     assert ref[-1] == eos and len(ref) <= pos + 1
     for n in (3, 8, 16):
-        res = jacobi_decode(model, None, prompt, block_size=n, max_new_tokens=40, eos_token_id=eos)
+        res = jacobi_decode(model, None, prompt, JacobiOptions(block_size=n), max_new_tokens=40, eos_token_id=eos)
         assert res.token_ids == ref
         assert res.finish_reason == "eos"
 
@@ -73,7 +74,7 @@ def test_init_strategy_changes_speed_not_output(init):
     prompt = random_prompt(torch.Generator().manual_seed(7), 9)
     ref = greedy_reference(model, prompt, 45)
     for seed in range(3):
-        res = jacobi_decode(model, None, prompt, block_size=16, max_new_tokens=45, init=init, seed=seed)
+        res = jacobi_decode(model, None, prompt, JacobiOptions(block_size=16, init=init), max_new_tokens=45, seed=seed)
         assert res.token_ids == ref
 
 
@@ -84,9 +85,10 @@ def test_batch_rows_commit_at_their_own_pace_and_match_single_runs():
     eos = greedy_reference(model, prompts[2], 30)[9]  # row 2 (at least) stops early on EOS
     refs = [greedy_reference(model, p, 30, eos=eos) for p in prompts]
     for n in (4, 16):
-        batch = jacobi_decode(model, None, prompts, block_size=n, max_new_tokens=30, eos_token_id=eos)
+        batch = jacobi_decode(model, None, prompts, JacobiOptions(block_size=n), max_new_tokens=30, eos_token_id=eos)
         assert [r.token_ids for r in batch] == refs
-        singles = [jacobi_decode(model, None, p, block_size=n, max_new_tokens=30, eos_token_id=eos, seed=i)
+        singles = [jacobi_decode(model, None, p, JacobiOptions(block_size=n), max_new_tokens=30, eos_token_id=eos,
+                                 seed=i)
                    for i, p in enumerate(prompts)]
         # Same seeds per row, so even the iteration counts agree with single-prompt runs.
         assert [r.n_forwards for r in batch] == [r.n_forwards for r in singles]
@@ -116,11 +118,11 @@ def test_predictable_model_converges_in_minimum_forwards():
     prompt = [3, 4, 5, token]
     for n, max_new in [(16, 64), (16, 70), (5, 23), (1, 7)]:
         # Guessing the last token is exactly right here: every block converges in its first forward.
-        res = jacobi_decode(model, None, prompt, block_size=n, max_new_tokens=max_new, init="repeat")
+        res = jacobi_decode(model, None, prompt, JacobiOptions(block_size=n, init='repeat'), max_new_tokens=max_new)
         assert res.token_ids == [token] * max_new
         assert res.n_forwards == math.ceil(max_new / n)
         # Random guesses from the prompt: the first forward fixes the whole block, the second confirms it.
-        res = jacobi_decode(model, None, [3, 4, 5, 6], block_size=n, max_new_tokens=max_new, init="pad")
+        res = jacobi_decode(model, None, [3, 4, 5, 6], JacobiOptions(block_size=n, init='pad'), max_new_tokens=max_new)
         full, rest = divmod(max_new, n)
         expected = full * min(n, 2) + (min(rest, 2) if rest else 0)
         assert res.n_forwards == expected
@@ -130,7 +132,8 @@ def test_trajectories_follow_the_textbook_iteration_and_end_in_the_fixed_point()
     model = tiny_model(11)
     prompt = random_prompt(torch.Generator().manual_seed(11), 8)
     n, max_new = 8, 44
-    res = jacobi_decode(model, None, prompt, block_size=n, max_new_tokens=max_new, record_trajectory=True)
+    res = jacobi_decode(model, None, prompt, JacobiOptions(block_size=n, record_trajectory=True),
+                        max_new_tokens=max_new)
     ref = greedy_reference(model, prompt, max_new)
     assert res.token_ids == ref
     traj = res.trajectory
@@ -179,13 +182,13 @@ def test_fast_forward_and_stationary_counts_on_a_scripted_block():
 def test_bad_arguments_raise_clear_errors():
     model = tiny_model(0)
     with pytest.raises(CllmError, match="block_size"):
-        jacobi_decode(model, None, [3, 4], block_size=0)
+        jacobi_decode(model, None, [3, 4], JacobiOptions(block_size=0))
     with pytest.raises(CllmError, match="max_new_tokens"):
         jacobi_decode(model, None, [3, 4], max_new_tokens=-1)
     with pytest.raises(CllmError, match="empty"):
         jacobi_decode(model, None, [[3], []])
     with pytest.raises(CllmError, match="init"):
-        jacobi_decode(model, None, [3], init="zeros")
+        jacobi_decode(model, None, [3], JacobiOptions(init='zeros'))
 
 
 def test_vocab_constant_is_the_models():
@@ -240,5 +243,5 @@ def test_jacobi_decode_uses_no_deprecated_cache_argument(lora):
     prompt = random_prompt(torch.Generator().manual_seed(4), 6)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        jacobi_decode(model, None, prompt, block_size=4, max_new_tokens=12)
+        jacobi_decode(model, None, prompt, JacobiOptions(block_size=4), max_new_tokens=12)
     assert not [w for w in caught if "past_key_values" in str(w.message)]

@@ -124,3 +124,20 @@ def test_no_library_function_over_60_lines():
 def test_commands_stay_thin():
     lines = sum(len(p.read_text(encoding="utf-8").splitlines()) for p in (ROOT / "commands").glob("*.py"))
     assert lines <= 1100, lines
+
+
+def _n_params(node: ast.FunctionDef | ast.AsyncFunctionDef) -> int:
+    a = node.args
+    names = [x.arg for x in a.posonlyargs + a.args + a.kwonlyargs] + [x.arg for x in (a.vararg, a.kwarg) if x]
+    return len(names) - (names[:1] in (["self"], ["cls"]))
+
+
+def test_no_library_function_takes_more_than_8_parameters():
+    """Options travel as objects (each method's options dataclass, a config), not as long positional lists."""
+    wide = []
+    for p in ROOT.rglob("*.py"):
+        for node in ast.walk(ast.parse(p.read_text(encoding="utf-8"))):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and _n_params(node) > 8:
+                wide.append(f"{p.relative_to(ROOT.parent)}:{node.lineno} {node.name} ({_n_params(node)})")
+    assert wide == []
+    assert _n_params(ast.parse("def f(self, a, *b, c, **d): pass").body[0]) == 4  # the count itself

@@ -11,6 +11,7 @@ import torch
 from cllm.decoding import registry
 from cllm.decoding.lookahead import NgramPool, allowed_mask, lookahead_decode, positions
 from cllm.errors import CllmError
+from cllm.decoding.options import LookaheadOptions
 from conftest import random_prompt, tiny_model
 from test_jacobi import greedy_reference
 
@@ -57,7 +58,8 @@ def test_equals_greedy_over_windows_levels_and_pools(seed):
     prompt = random_prompt(gen, 6 + seed)
     want = greedy_reference(model, prompt, 32)
     for window, ngram, guesses in itertools.product([1, 3, 6], [2, 3, 5], [0, 2, 7]):
-        got = lookahead_decode(model, None, prompt, 32, window, ngram, guesses, seed=seed, eos_token_id=[-1])
+        got = lookahead_decode(model, None, prompt, LookaheadOptions(window=window, ngram=ngram, guesses=guesses),
+                               max_new_tokens=32, seed=seed, eos_token_id=[-1])
         assert got.token_ids == want, (window, ngram, guesses)
         assert got.n_forwards == len(got.accept_lengths) and sum(got.accept_lengths) == 32
 
@@ -68,7 +70,8 @@ def test_verified_ngrams_commit_several_tokens_per_forward():
     model = tiny_model(1)
     prompt = [5, 6, 7, 8] * 6
     want = greedy_reference(model, prompt, 48)
-    got = lookahead_decode(model, None, prompt, 48, 4, 4, 4, eos_token_id=[-1])
+    got = lookahead_decode(model, None, prompt, LookaheadOptions(window=4, ngram=4, guesses=4), max_new_tokens=48,
+                           eos_token_id=[-1])
     assert got.token_ids == want
     assert got.extra["tokens_from_guesses"] >= 10 and got.n_forwards <= 48 - 10
     assert max(got.accept_lengths) >= 3
@@ -79,7 +82,8 @@ def test_stops_at_eos_and_registry_entry():
     prompt = [3, 4, 5]
     want = greedy_reference(model, prompt, 20)
     eos = want[5]
-    got = lookahead_decode(model, None, prompt, 20, 3, 3, 3, eos_token_id=eos)
+    got = lookahead_decode(model, None, prompt, LookaheadOptions(window=3, ngram=3, guesses=3), max_new_tokens=20,
+                           eos_token_id=eos)
     assert got.token_ids == want[: want.index(eos) + 1] and got.finish_reason == "eos"
     cfg = registry.DecodeConfig(max_new_tokens=20, lookahead_window=3, lookahead_ngram=3, lookahead_guesses=3)
     streamed = []

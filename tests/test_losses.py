@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from cllm.training.losses import ar_loss, consistency_loss, converged_prefix, divergence
+from cllm.training.losses import Reduction, ar_loss, consistency_loss, converged_prefix, divergence
 
 
 def test_forward_kl_hand_computed():
@@ -63,7 +63,8 @@ def test_ar_loss_masking_smoothing_and_normalizer():
     ce = F.cross_entropy(logits[0, :2], target[0, :2])
     assert ar_loss(logits, target, mask).item() == pytest.approx(ce.item(), rel=1e-6)
     # A normalizer (tokens of a whole accumulation window) replaces the local count.
-    assert ar_loss(logits, target, mask, normalizer=4).item() == pytest.approx(ce.item() * 2 / 4, rel=1e-6)
+    windowed = ar_loss(logits, target, mask, reduction=Reduction(normalizer=4))
+    assert windowed.item() == pytest.approx(ce.item() * 2 / 4, rel=1e-6)
     sm = F.cross_entropy(logits[0, :2], target[0, :2], label_smoothing=0.1)
     assert ar_loss(logits, target, mask, label_smoothing=0.1).item() == pytest.approx(sm.item(), rel=1e-6)
 
@@ -74,7 +75,8 @@ def test_accumulation_normalisation_is_token_weighted():
     logits = torch.randn(2, 3, 5, generator=g)
     target = torch.randint(5, (2, 3), generator=g)
     masks = [torch.tensor([[True, False, False]]), torch.tensor([[True, True, True]])]
-    window = sum(ar_loss(logits[i : i + 1], target[i : i + 1], masks[i], normalizer=4 / 2) for i in range(2)) / 2
+    half = Reduction(normalizer=4 / 2)
+    window = sum(ar_loss(logits[i : i + 1], target[i : i + 1], masks[i], reduction=half) for i in range(2)) / 2
     full = ar_loss(logits, target, torch.cat(masks))
     assert window.item() == pytest.approx(full.item(), rel=1e-6)
 

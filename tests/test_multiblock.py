@@ -14,6 +14,7 @@ from cllm.decoding.multiblock import (
     n_leading_matches,
     pick_row,
 )
+from cllm.decoding.options import MultiblockOptions
 from cllm.errors import CllmError
 from conftest import random_prompt, tiny_model
 from test_jacobi import greedy_reference
@@ -49,8 +50,8 @@ def test_multiblock_equals_greedy():
         ref = greedy_reference(model, prompt, max_new)
         for n in (1, 3, 4, 8):
             for K, r, n_recycle in [(1, 0.85, 0), (2, 0.5, 0), (3, 0.25, 2), (4, 1.0, 3), (2, 0.85, 1)]:
-                res = multiblock_decode(model, None, prompt, block_size=n, max_new_tokens=max_new, n_blocks=K,
-                                        spawn_ratio=r, n_recycle=n_recycle, seed=seed)
+                res = multiblock_decode(model, None, prompt, MultiblockOptions(block_size=n, n_blocks=K,
+                                        spawn_ratio=r, n_recycle=n_recycle), max_new_tokens=max_new, seed=seed)
                 assert res.token_ids == ref, (seed, n, K, r, n_recycle)
                 assert res.finish_reason == "length" and sum(res.accept_lengths) == max_new
                 assert len(res.accept_lengths) == res.n_forwards and all(a >= 1 for a in res.accept_lengths)
@@ -69,8 +70,8 @@ def test_multiblock_stops_at_eos(seed):
     free = greedy_reference(model, prompt, 40)
     eos = free[9 + seed]
     ref = greedy_reference(model, prompt, 40, eos=eos)
-    res = multiblock_decode(model, None, prompt, block_size=4, max_new_tokens=40, n_blocks=3, spawn_ratio=0.5,
-                            eos_token_id=eos)
+    res = multiblock_decode(model, None, prompt, MultiblockOptions(block_size=4, n_blocks=3, spawn_ratio=0.5),
+                            max_new_tokens=40, eos_token_id=eos)
     assert res.token_ids == ref and res.finish_reason == "eos"
 
 
@@ -80,7 +81,7 @@ def test_bad_arguments():
                     ({"spawn_ratio": 1.5}, "spawn_ratio"), ({"n_recycle": -1}, "n_recycle"),
                     ({"block_size": 0}, "block_size"), ({"init": "zeros"}, "init strategy")]:
         with pytest.raises(CllmError, match=msg):
-            multiblock_decode(model, None, [3, 4], **kw)
+            multiblock_decode(model, None, [3, 4], MultiblockOptions(**kw))
     with pytest.raises(CllmError, match="batch size 1"):
         multiblock_decode(model, None, [[3, 4], [5, 6]])
 

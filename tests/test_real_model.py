@@ -12,6 +12,7 @@ from cllm.data.datasets import load_dataset_prompts
 from cllm.decoding import ar_decode, jacobi_decode
 from cllm.models import DRAFT_WEIGHTS, load_model
 from cllm.data.prompts import format_prompt
+from cllm.decoding.options import JacobiOptions, MtadOptions, MultiblockOptions, SpeculativeOptions
 
 pytestmark = pytest.mark.real_model
 
@@ -44,7 +45,7 @@ def test_jacobi_equals_ar_equals_generate_on_gsm8k(smollm):
         ids = format_prompt(tok, rec.prompt)
         gen = model.generate(torch.tensor([ids]), max_new_tokens=48, do_sample=False)[0, len(ids):].tolist()
         ar = ar_decode(model, tok, ids, max_new_tokens=48)
-        jac = jacobi_decode(model, tok, ids, block_size=16, max_new_tokens=48)
+        jac = jacobi_decode(model, tok, ids, JacobiOptions(block_size=16), max_new_tokens=48)
         assert ar.token_ids == gen
         assert jac.token_ids == gen
         assert jac.n_forwards <= ar.n_forwards
@@ -58,8 +59,8 @@ def test_multiblock_equals_ar_on_gsm8k(smollm):
     for rec in load_dataset_prompts("gsm8k", limit=2):
         ids = format_prompt(tok, rec.prompt)
         ar = ar_decode(model, tok, ids, max_new_tokens=48)
-        mb = multiblock_decode(model, tok, ids, block_size=8, max_new_tokens=48, n_blocks=3, spawn_ratio=0.25,
-                               n_recycle=2)
+        mb = multiblock_decode(model, tok, ids, MultiblockOptions(block_size=8, n_blocks=3, spawn_ratio=0.25,
+                               n_recycle=2), max_new_tokens=48)
         assert mb.token_ids == ar.token_ids
         assert mb.extra["max_in_flight"] >= 2
 
@@ -75,10 +76,11 @@ def test_sps_and_mtad_with_a_cut_draft_of_smollm(smollm):
     draft = build_draft(model, spread_layers(model.config.num_hidden_layers, 3))
     check_draft_compatible(model, tok, draft, tok)
     ids = format_prompt(tok, load_dataset_prompts("gsm8k", "test", limit=1)[0].prompt)
-    ar = ar_decode(model, tok, ids, 24)
-    sps = speculative_decode(model, draft, tok, ids, 24, gamma=3)
+    ar = ar_decode(model, tok, ids, max_new_tokens=24)
+    sps = speculative_decode(model, draft, tok, ids, SpeculativeOptions(gamma=3), max_new_tokens=24)
     assert sps.token_ids == ar.token_ids
-    mt = mtad_decode(model, model, tok, ids, 20, gamma=4, beam_width=2, tau=0.5, temperature=1.0, top_k=10, seed=0)
+    mt = mtad_decode(model, model, tok, ids, MtadOptions(gamma=4, beam_width=2, tau=0.5, temperature=1.0, top_k=10),
+                     max_new_tokens=20, seed=0)
     assert mt.extra["accepted"] == mt.extra["drafted"] and len(mt.token_ids) == 20
 
 
@@ -105,8 +107,8 @@ def test_published_draft_loads_beside_the_default_model_and_sps_stays_exact(smol
     assert sum(f.stat().st_size for f in draft_dir.iterdir()) <= 30 * 2**20
     draft = load_draft(str(draft_dir), model, tok)
     ids = format_prompt(tok, load_dataset_prompts("gsm8k", "test", limit=1)[0].prompt)
-    ar = ar_decode(model, tok, ids, 32)
-    sps = speculative_decode(model, draft, tok, ids, 32, gamma=4)
+    ar = ar_decode(model, tok, ids, max_new_tokens=32)
+    sps = speculative_decode(model, draft, tok, ids, SpeculativeOptions(gamma=4), max_new_tokens=32)
     assert sps.token_ids == ar.token_ids
     assert sps.extra["accepted"] > 0
 
@@ -124,7 +126,7 @@ def test_published_adapter_loads_changes_the_model_and_keeps_jacobi_exact(smollm
     with torch.no_grad():
         assert (model(x).logits - base(x).logits).abs().max() > 1e-2  # the adapter is not a no-op
     ar = ar_decode(model, tok, ids, max_new_tokens=48)
-    jac = jacobi_decode(model, tok, ids, block_size=16, max_new_tokens=48)
+    jac = jacobi_decode(model, tok, ids, JacobiOptions(block_size=16), max_new_tokens=48)
     assert jac.token_ids == ar.token_ids
 
 
@@ -152,7 +154,7 @@ def test_published_gated_adapter_leaves_the_base_exact_and_gated_decoding_lossle
     cfg = registry.DecodeConfig(max_new_tokens=64)
     tokens = forwards = 0
     for ids in prompts:
-        ar = ar_decode(base, tok, ids, 64)
+        ar = ar_decode(base, tok, ids, max_new_tokens=64)
         [res] = registry.decode("gated", model, tok, [ids], [0], cfg)
         assert res.token_ids == ar.token_ids
         tokens, forwards = tokens + res.n_new_tokens, forwards + res.n_forwards

@@ -52,7 +52,7 @@ def data_dir(tmp_path):
 def oracle():
     answers = list(ORACLE)
 
-    def answer(model, tok, prompts, seeds, cfg, draft):
+    def answer(model, tok, prompts, seeds, max_new_tokens, opts, draft, on_commit):
         return [DecodeResult(token_ids=[5, 6], text=answers.pop(0), n_forwards=1, accept_lengths=[2],
                              finish_reason="length")]
 

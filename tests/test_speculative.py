@@ -15,6 +15,7 @@ from cllm.decoding.mtad import beam_draft, mtad_accept
 from cllm.decoding.sampling import warp_logits
 from cllm.decoding.speculative import greedy_verify, next_gamma, sps_verify
 from cllm.errors import CllmError
+from cllm.decoding.options import MtadOptions, SpeculativeOptions
 from conftest import random_prompt, tiny_model, tiny_tokenizer
 
 
@@ -106,13 +107,14 @@ def test_sps_greedy_equals_target_greedy(seed):
     target, draft, tok = tiny_model(seed), tiny_model(seed + 100), tiny_tokenizer()
     gen = torch.Generator().manual_seed(seed)
     prompt = random_prompt(gen, 3 + seed)
-    expected = ar_decode(target, None, prompt, 37).token_ids
+    expected = ar_decode(target, None, prompt, max_new_tokens=37).token_ids
     for gamma, adaptive in [(1, False), (3, False), (5, False), (2, True)]:
-        res = speculative_decode(target, draft, None, prompt, 37, gamma=gamma, adaptive_gamma=adaptive)
+        res = speculative_decode(target, draft, None, prompt, SpeculativeOptions(gamma=gamma,
+                                 adaptive_gamma=adaptive), max_new_tokens=37)
         assert res.token_ids == expected, (gamma, adaptive)
         assert sum(res.accept_lengths) == len(expected) and res.n_forwards == len(res.accept_lengths)
     # A draft equal to the target is always right: every round accepts gamma tokens and adds one.
-    res = speculative_decode(target, target, None, prompt, 37, gamma=4)
+    res = speculative_decode(target, target, None, prompt, SpeculativeOptions(gamma=4), max_new_tokens=37)
     assert res.token_ids == expected and res.extra["accepted"] == res.extra["drafted"]
     assert res.accept_lengths[:7] == [5] * 7
     del tok
@@ -121,10 +123,11 @@ def test_sps_greedy_equals_target_greedy(seed):
 def test_sps_stops_at_eos():
     target, draft, tok = tiny_model(3), tiny_model(4), tiny_tokenizer()
     prompt = [5, 6, 7]
-    ar = ar_decode(target, tok, prompt, 30).token_ids
+    ar = ar_decode(target, tok, prompt, max_new_tokens=30).token_ids
     stop = ar[5]  # make the 6th generated token the EOS
-    ar_eos = ar_decode(target, tok, prompt, 30, eos_token_id=stop).token_ids
-    res = speculative_decode(target, draft, tok, prompt, 30, gamma=4, eos_token_id=stop)
+    ar_eos = ar_decode(target, tok, prompt, max_new_tokens=30, eos_token_id=stop).token_ids
+    res = speculative_decode(target, draft, tok, prompt, SpeculativeOptions(gamma=4), max_new_tokens=30,
+                             eos_token_id=stop)
     assert res.token_ids == ar_eos and res.finish_reason == "eos" and res.token_ids[-1] == stop
 
 
@@ -148,7 +151,8 @@ def _chi2_pvalue(counts: dict, probs: dict, n: int) -> float:
         cells.append((pooled_obs, max(pooled_exp, 1e-12)))
     stat = sum((o - e) ** 2 / e for o, e in cells)
     df = len(cells) - 1
-    return float(torch.special.gammaincc(torch.tensor(df / 2, dtype=torch.float64), torch.tensor(stat / 2, dtype=torch.float64)))
+    return float(torch.special.gammaincc(torch.tensor(df / 2, dtype=torch.float64), torch.tensor(stat / 2,
+                 dtype=torch.float64)))
 
 
 @torch.inference_mode()
@@ -186,8 +190,8 @@ def test_sps_sampling_preserves_target_distribution(small_pair):
     target, draft, prompt, p_target, p_draft = small_pair
     assert _chi2_pvalue({k: round(v * 1000) for k, v in p_draft.items()}, p_target, 1000) < 1e-6  # they differ
     n = 2500
-    counts = _empirical(lambda s: speculative_decode(target, draft, None, prompt, N_TOKENS, gamma=2, seed=s,
-                                                     **SAMPLING), n)
+    counts = _empirical(lambda s: speculative_decode(target, draft, None, prompt, SpeculativeOptions(gamma=2,
+                        **SAMPLING), max_new_tokens=N_TOKENS, seed=s), n)
     assert _chi2_pvalue(counts, p_target, n) > 1e-3
     assert _chi2_pvalue(counts, p_draft, n) < 1e-6  # the test has the power to see the draft's distribution
 
@@ -198,7 +202,8 @@ def test_mtad_with_huge_tau_is_target_sampling(small_pair):
     results = []
 
     def run(s):
-        res = mtad_decode(target, draft, None, prompt, N_TOKENS, gamma=2, beam_width=3, tau=1e30, seed=s, **SAMPLING)
+        res = mtad_decode(target, draft, None, prompt, MtadOptions(gamma=2, beam_width=3, tau=1e+30, **SAMPLING),
+                          max_new_tokens=N_TOKENS, seed=s)
         results.append(res)
         return res
 
@@ -228,7 +233,8 @@ def _mtad_ancestral_distribution(target, draft, prompt: list[int], gamma: int, t
             grown = []
             for x, q, lq in blocks:
                 d = probs(draft, prompt + prefix + list(x))
-                grown += [(x + (v,), q * float(d[v]), lq + (float(d[v].log()),)) for v in d.nonzero().flatten().tolist()]
+                grown += [(x + (v,), q * float(d[v]),
+                           lq + (float(d[v].log()),)) for v in d.nonzero().flatten().tolist()]
             blocks = grown
         for x, q, lq in blocks:
             lp = [float(probs(target, prompt + prefix + list(x[:j]))[x[j]].log()) for j in range(len(x))]
@@ -252,7 +258,8 @@ def test_mtad_partial_acceptance_with_a_sampled_bonus_matches_enumeration(small_
     results = []
 
     def run(s):
-        res = mtad_decode(target, draft, None, prompt, N_TOKENS, gamma=2, beam_width=1, tau=tau, seed=s, **SAMPLING)
+        res = mtad_decode(target, draft, None, prompt, MtadOptions(gamma=2, beam_width=1, tau=tau, **SAMPLING),
+                          max_new_tokens=N_TOKENS, seed=s)
         results.append(res)
         return res
 
@@ -264,7 +271,8 @@ def test_mtad_partial_acceptance_with_a_sampled_bonus_matches_enumeration(small_
 
 def test_mtad_with_target_as_draft_accepts_every_block():
     target = tiny_model(2)
-    res = mtad_decode(target, target, None, [4, 5, 6], 21, gamma=4, beam_width=3, tau=0.5, seed=1, temperature=1.0)
+    res = mtad_decode(target, target, None, [4, 5, 6], MtadOptions(gamma=4, beam_width=3, tau=0.5, temperature=1.0),
+                      max_new_tokens=21, seed=1)
     assert res.extra["accepted"] == res.extra["drafted"]  # P == Q: ratio 1 > 0.5 for every prefix
     assert res.accept_lengths[:4] == [5] * 4 and len(res.token_ids) == 21
 
@@ -307,24 +315,24 @@ def test_beam_draft_cache_equals_recomputation(beam_width, replacement):
 def test_bad_arguments_raise_clear_errors():
     target, draft = tiny_model(0), tiny_model(1)
     with pytest.raises(CllmError, match="gamma"):
-        speculative_decode(target, draft, None, [3, 4], 5, gamma=0)
+        speculative_decode(target, draft, None, [3, 4], SpeculativeOptions(gamma=0), max_new_tokens=5)
     with pytest.raises(CllmError, match="tau must be > 0"):
-        mtad_decode(target, draft, None, [3, 4], 5, tau=0.0)
+        mtad_decode(target, draft, None, [3, 4], MtadOptions(tau=0.0), max_new_tokens=5)
     with pytest.raises(CllmError, match="tau must be > 0"):
-        mtad_decode(target, draft, None, [3, 4], 5, tau=-1.0)
+        mtad_decode(target, draft, None, [3, 4], MtadOptions(tau=-1.0), max_new_tokens=5)
     with pytest.raises(CllmError, match="temperature > 0"):
-        mtad_decode(target, draft, None, [3, 4], 5, temperature=0.0)
+        mtad_decode(target, draft, None, [3, 4], MtadOptions(temperature=0.0), max_new_tokens=5)
     with pytest.raises(CllmError, match="top_p"):
-        mtad_decode(target, draft, None, [3, 4], 5, top_p=1.5)
+        mtad_decode(target, draft, None, [3, 4], MtadOptions(top_p=1.5), max_new_tokens=5)
     with pytest.raises(CllmError, match="batch size 1"):
-        speculative_decode(target, draft, None, [[3, 4], [5, 6]], 5)
+        speculative_decode(target, draft, None, [[3, 4], [5, 6]], max_new_tokens=5)
     with pytest.raises(CllmError, match="batch size 1"):
-        mtad_decode(target, draft, None, [[3, 4], [5, 6]], 5)
+        mtad_decode(target, draft, None, [[3, 4], [5, 6]], max_new_tokens=5)
 
 
 def test_single_prompt_batch_of_one_returns_list():
     target, draft = tiny_model(0), tiny_model(1)
-    out = speculative_decode(target, draft, None, [[3, 4]], 6)
+    out = speculative_decode(target, draft, None, [[3, 4]], max_new_tokens=6)
     assert isinstance(out, list) and len(out) == 1 and len(out[0].token_ids) == 6
 
 
@@ -378,7 +386,8 @@ def test_beam_weights_reach_mtad_through_the_registry():
     for rule in ("joint", "released"):
         cfg = registry.DecodeConfig(max_new_tokens=24, temperature=1.0, gamma=4, beam_width=4, beam_weights=rule)
         via = registry.decode("mtad", target, None, [prompt], [11], cfg, draft)[0]
-        direct = mtad_decode(target, draft, None, prompt, 24, 4, 4, 0.5, 1.0, None, None, 11, beam_weights=rule)
+        direct = mtad_decode(target, draft, None, prompt, MtadOptions(gamma=4, beam_width=4, tau=0.5, temperature=1.0,
+                             top_k=None, top_p=None, beam_weights=rule), max_new_tokens=24, seed=11)
         assert via.token_ids == direct.token_ids
         outs[rule] = direct.token_ids
     assert outs["joint"] != outs["released"]  # the rule changes which beams survive and which one is drafted
@@ -395,8 +404,8 @@ def test_sps_with_a_pruned_vocabulary_draft_is_still_target_sampling(small_pair)
     p_pruned = _exact_block_distribution(pruned, prompt)
     assert all(set(k) <= {0, 2, 3, 5} for k in p_pruned)  # the draft can only say these
     n = 2500
-    counts = _empirical(lambda s: speculative_decode(target, pruned, None, prompt, N_TOKENS, gamma=2, seed=s,
-                                                     **SAMPLING), n)
+    counts = _empirical(lambda s: speculative_decode(target, pruned, None, prompt, SpeculativeOptions(gamma=2,
+                        **SAMPLING), max_new_tokens=N_TOKENS, seed=s), n)
     assert _chi2_pvalue(counts, p_target, n) > 1e-3
     assert any(set(k) - {0, 2, 3, 5} for k in counts)  # tokens the draft never proposes still come out
     assert _chi2_pvalue(counts, p_pruned, n) < 1e-6

@@ -21,6 +21,7 @@ from cllm.training.run import train
 from cllm.config import resolve
 from cllm.training.train_data import CONTEXT, FIXED, LABELS, NEXT, PAD, PROMPT, STATE, PackedCollator, segment_mask
 from cllm.data.trajectories import GenConfig
+from cllm.decoding.options import JacobiOptions
 from conftest import tiny_model
 
 REPO = Path(__file__).resolve().parents[1]
@@ -112,7 +113,8 @@ def _probe_value(model_dir, records, data_ids, block_size=4) -> float:
     prompts = {}
     for r in records:
         prompts.setdefault(r["data_id"], r["prompt_ids"][: r["prompt_len"]])
-    res = jacobi_decode(model, tok, [prompts[i] for i in data_ids], block_size, 4 * block_size)
+    res = jacobi_decode(model, tok, [prompts[i] for i in data_ids], JacobiOptions(block_size=block_size),
+                        max_new_tokens=4 * block_size)
     return round(sum(r.n_new_tokens for r in res) / sum(r.n_forwards for r in res), 4)
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import time
 from pathlib import Path
@@ -100,9 +99,7 @@ def run(args) -> None:
     from cllm.eval.report import format_table
 
     cfg = validate(args)
-    records = load_records(texts=args.prompt, prompts=args.prompts, prompt_field=args.prompt_field,
-                           dataset=args.dataset, split=args.split, data_dir=args.data_dir, limit=args.limit,
-                           offset=args.offset, spread=args.spread)
+    records = load_records(args)
     ctx = distributed.setup()
     try:
         methods = method_list(args)
@@ -110,7 +107,7 @@ def run(args) -> None:
         mine = ctx.shard(list(range(len(records))))
         prompt_ids = _prompt_ids(model, tokenizer, records, mine, cfg.max_new_tokens)
         if mine and args.warmup:  # untimed: first calls pay for allocation and kernel selection
-            short = dataclasses.replace(cfg, max_new_tokens=min(cfg.max_new_tokens, 2 * cfg.block_size))
+            short = cfg.replace(max_new_tokens=min(cfg.max_new_tokens, 32))
             for _ in range(args.warmup):
                 for m in methods:
                     registry.decode(m, model, tokenizer, [prompt_ids[mine[0]]], [args.seed], short, draft)
@@ -125,7 +122,7 @@ def run(args) -> None:
         gathered = distributed.gather_to_main(ctx, measured)
         if not ctx.is_main:
             return
-        report, all_rows = _report(args, ctx, methods, gathered, with_draft=draft is not None)
+        report, all_rows = _report(args, cfg, ctx, methods, gathered)
         if args.out and answers is None:
             _AnswerFiles(args, methods).write_all(all_rows)
         if args.report:
@@ -196,7 +193,7 @@ def _decode_interleaved(args, cfg, ctx, methods, records, prompt_ids, models, an
     return {"rows": rows, "seconds": seconds, "cpu_seconds": cpu, "joules": {m: meters[m].joules for m in methods}}
 
 
-def _report(args, ctx, methods: list[str], gathered: list[dict], with_draft: bool) -> tuple[dict, dict]:
+def _report(args, cfg, ctx, methods: list[str], gathered: list[dict]) -> tuple[dict, dict]:
     """(the summary report, every rank's rows per method in prompt order)."""
     from cllm.eval.report import build_report
 
@@ -204,14 +201,10 @@ def _report(args, ctx, methods: list[str], gathered: list[dict], with_draft: boo
     seconds = {m: sum(g["seconds"][m] for g in gathered) for m in methods}
     joules = {m: None if any(g["joules"][m] is None for g in gathered) else sum(g["joules"][m] for g in gathered)
               for m in methods}
-    settings = {"block_size": args.block_size, "max_new_tokens": args.max_new_tokens, "batch_size": args.batch_size,
-                "init": args.init, "temperature": args.temperature, "world_size": ctx.world_size,
-                "adapter": args.adapter, "top_k": args.top_k, "top_p": args.top_p, "seed": args.seed}
-    if with_draft:
-        settings.update(draft=args.draft, gamma=args.gamma, adaptive_gamma=args.adaptive_gamma)
-    if "mtad" in methods:
-        settings.update(beam_width=args.beam_width, tau=args.tau, beam_replacement=args.beam_replacement,
-                        beam_weights=args.beam_weights)
+    settings = {"max_new_tokens": cfg.max_new_tokens, "batch_size": args.batch_size, "world_size": ctx.world_size,
+                "adapter": args.adapter, "seed": args.seed, "draft": args.draft,
+                "temperature": cfg.options.get("temperature", 0.0), **cfg.options,
+                "method_options": {m: cfg.settings(m) for m in methods}}
     cpu = {m: sum(g["cpu_seconds"][m] for g in gathered) for m in methods}
     report = build_report(model=args.model, dtype=args.dtype, rows=rows, seconds=seconds, settings=settings,
                           joules=joules, cpu_seconds=cpu)

@@ -140,6 +140,7 @@ def _prompt_ids(cfg: GenConfig, tok, max_prompt: int, batch) -> tuple[list, dict
 def _collect_batch(cfg: GenConfig, model, tok, max_prompt: int, batch, store) -> dict:
     """Decode one batch with trajectories recorded and commit its records; returns the batch's statistics."""
     from cllm.decoding import jacobi_decode
+    from cllm.decoding.options import JacobiOptions
     from cllm.data.trajectories import block_records
 
     t0, c0 = time.perf_counter(), time.process_time()
@@ -148,8 +149,9 @@ def _collect_batch(cfg: GenConfig, model, tok, max_prompt: int, batch, store) ->
                               "new_tokens": 0, "forwards": 0, "state_tokens": 0}
     if ready:
         results = jacobi_decode(
-            model, tok, [ids for _, ids in ready], cfg.block_size, cfg.max_new_tokens, cfg.init,
-            seed=[cfg.seed * 1_000_003 + rec.index for rec, _ in ready], record_trajectory=True,
+            model, tok, [ids for _, ids in ready],
+            JacobiOptions(block_size=cfg.block_size, init=cfg.init, record_trajectory=True), cfg.max_new_tokens,
+            seed=[cfg.seed * 1_000_003 + rec.index for rec, _ in ready],
         )
         for (rec, ids), res in zip(ready, results):
             labels = None

@@ -377,16 +377,17 @@ def read_json(path: Path, what: str = "dataset file", hint: str = ""):
         raise CllmError(f"{path}: corrupt {what}, not valid JSON ({e}){hint}") from None
 
 
-def load_records(*, texts: list[str] | None = None, prompts: str | None = None, prompt_field: str = "prompt",
-                 dataset: str | None = None, split: str | None = None, data_dir=None, limit: int | None = None,
-                 offset: int = 0, spread: bool = False) -> list[PromptRecord]:
-    """The prompts of a command, from exactly one source: texts given on the command line, a JSONL file, or
-    dataset name(s) (comma-separated; --limit and --offset then apply to each)."""
+def load_records(source) -> list[PromptRecord]:
+    """The prompts of a command, from exactly one source: texts given on the command line (`source.prompt`, a list,
+    where the command has it), a JSONL file (`prompts`, `prompt_field`), or dataset name(s) (`dataset`, `split`,
+    `data_dir`, `spread`; comma-separated, --limit and --offset then apply to each). `source` is the command's
+    config or parsed flags."""
+    texts, prompts, limit, offset = getattr(source, "prompt", None), source.prompts, source.limit, source.offset
     if texts is not None:
         for i, text in enumerate(texts):
             if not text.strip():
                 raise CllmError(f"--prompt number {i + 1} is empty")
         return [PromptRecord(id=str(i), prompt=text, dataset="cli") for i, text in enumerate(texts)]
     if prompts is not None:
-        return load_prompt_file(prompts, prompt_field, limit, offset)
-    return load_dataset_mix(dataset, split, data_dir, limit, offset, spread)
+        return load_prompt_file(prompts, source.prompt_field, limit, offset)
+    return load_dataset_mix(source.dataset, source.split, source.data_dir, limit, offset, source.spread)

@@ -10,7 +10,8 @@ import time
 import torch
 
 from cllm.decoding.common import DecodeResult, RaggedCache, as_batch, check_lengths, eos_ids
-from cllm.decoding.sampling import check_sampling_args, sample_token, warp_logits
+from cllm.decoding.options import SamplingOptions
+from cllm.decoding.sampling import sample_token, warp_logits
 
 
 @torch.inference_mode()
@@ -18,15 +19,14 @@ def ar_decode(
     model,
     tokenizer,
     prompt_ids,
+    options: SamplingOptions | None = None,
     max_new_tokens: int = 256,
-    temperature: float = 0.0,
-    top_k: int | None = None,
-    top_p: float | None = None,
     seed: int | list[int] = 0,
     eos_token_id: int | list[int] | None = None,
     on_commit=None,
 ) -> list[DecodeResult] | DecodeResult:
-    """Decode one prompt (list of ids) or a batch (list of lists). `temperature=0` is greedy.
+    """Decode one prompt (list of ids) or a batch (list of lists); greedy with the default options
+    (`SamplingOptions(temperature=0)`).
 
     Each row of a batch gets its own random generator (`seed + row` or the given list), so a row's sample does
     not depend on the batch it ran in. `on_commit(row, [token])`, if given, is called with every token (streaming);
@@ -34,7 +34,9 @@ def ar_decode(
     """
     batch, single = as_batch(prompt_ids)
     check_lengths(max_new_tokens)
-    check_sampling_args(temperature, top_k, top_p)
+    opts = options or SamplingOptions()
+    opts.check()
+    temperature, top_k, top_p = opts.temperature, opts.top_k, opts.top_p
     device = next(model.parameters()).device
     stop = eos_ids(model, tokenizer, eos_token_id)
     seeds = seed if isinstance(seed, list) else [seed + i for i in range(len(batch))]

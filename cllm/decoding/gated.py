@@ -25,37 +25,15 @@ guess in the same forward.
 
 from __future__ import annotations
 
+import dataclasses
 import time
-from dataclasses import dataclass
 
 import torch
 
 from cllm.decoding.common import DecodeResult, SeqCache, check_lengths, committed_result, eos_ids, finish, single_prompt
 from cllm.decoding.gate import gated
 from cllm.decoding.lookahead import NgramPool, _forward
-from cllm.errors import CllmError
-
-DRAFT_INPUTS = ("guess", "mask")
-
-
-@dataclass
-class GatedOptions:
-    block_size: int = 16  # n: the guess and the draft copy hold n - 1 tokens each
-    draft_input: str = "guess"  # what the draft copy reads (DRAFT_INPUTS)
-    pool_candidates: int = 2  # G: pooled n-grams verified per forward (0 = none)
-    pool_ngram: int = 4  # N: pooled n-grams are the N-1 tokens after their key
-    lookup_tokens: int = 7  # prompt lookup: a branch of this many tokens copied after the text's last bigram (0 = off)
-    mask_token_id: int = 0  # the token the draft copy reads with draft_input="mask"
-
-    def check(self) -> None:
-        if not isinstance(self.block_size, int) or self.block_size < 2:
-            raise CllmError(f"gated decoding needs a block size >= 2, got {self.block_size!r}")
-        if self.draft_input not in DRAFT_INPUTS:
-            raise CllmError(f"draft input must be one of {', '.join(DRAFT_INPUTS)}, got {self.draft_input!r}")
-        if self.pool_candidates < 0 or self.pool_ngram < 2 or self.lookup_tokens < 0:
-            raise CllmError(f"pool: candidates >= 0 and n-gram size >= 2, got {self.pool_candidates}, "
-                            f"{self.pool_ngram}; lookup tokens >= 0, got {self.lookup_tokens}")
-
+from cllm.decoding.options import DRAFT_INPUTS, GatedOptions  # noqa: F401 (re-exported)
 
 def accept_length(branch: list[int], pred: list[int]) -> int:
     """How many leading tokens of `branch` the base confirms: pred[i] is the base's greedy token at branch[i]'s
@@ -92,12 +70,14 @@ def branch_mask(n_head: int, lengths: list[int]) -> torch.Tensor:
 
 
 @torch.inference_mode()
-def gated_decode(model, tokenizer, prompt_ids, max_new_tokens: int = 256, options: GatedOptions | None = None,
+def gated_decode(model, tokenizer, prompt_ids, options: GatedOptions | None = None, max_new_tokens: int = 256,
                  seed: int | list[int] = 0, eos_token_id=None, on_commit=None) -> DecodeResult | list[DecodeResult]:
     """Greedy gated decoding of one prompt with a model loaded with a gated adapter (`cllm.decoding.gate`).
     `on_commit(0, token_ids)`, if given, is called with the tokens each forward commits (streaming)."""
     opts = options or GatedOptions()
     opts.check()
+    if opts.draft_input is None:
+        opts = dataclasses.replace(opts, draft_input="guess")
     prompt, single = single_prompt(prompt_ids, "gated decoding")
     check_lengths(max_new_tokens)
     stop = eos_ids(model, tokenizer, eos_token_id)

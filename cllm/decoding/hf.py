@@ -14,6 +14,7 @@ import time
 import torch
 
 from cllm.decoding.common import DecodeResult, check_lengths, eos_ids
+from cllm.decoding.options import AssistedOptions, PromptLookupOptions, SamplingOptions
 from cllm.decoding.pruned_draft import PrunedVocabDraft
 from cllm.errors import CllmError
 
@@ -52,30 +53,34 @@ def accept_lengths_from_starts(starts: list[int], prompt_len: int, n_new: int) -
 
 
 @torch.inference_mode()
-def hf_generate(model, tokenizer, prompt_ids: list[int], max_new_tokens: int = 256, mode: str = "greedy",
-                temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None, seed: int = 0,
-                lookup_tokens: int = 10, draft=None, draft_tokens: int = 4) -> DecodeResult:
-    """Decode one prompt with `model.generate`; `mode` picks plain generation, prompt lookup or assisted."""
+def hf_generate(model, tokenizer, prompt_ids: list[int], options=None, max_new_tokens: int = 256, seed: int = 0,
+                mode: str = "greedy", draft=None) -> DecodeResult:
+    """Decode one prompt with `model.generate`; `mode` picks plain generation (`SamplingOptions`), prompt lookup
+    (`PromptLookupOptions`) or assisted generation (`AssistedOptions`)."""
     if mode not in MODES:
         raise CllmError(f"mode must be one of {MODES}, got {mode!r}")
+    opts = options or {"greedy": SamplingOptions, "prompt_lookup": PromptLookupOptions,
+                       "assisted": AssistedOptions}[mode]()
+    opts.check()
     check_lengths(max_new_tokens)
+    temperature = getattr(opts, "temperature", 0.0)
     stop = eos_ids(model, tokenizer)
     device = next(model.parameters()).device
     ids = torch.tensor([prompt_ids], device=device)  # (1, P)
     kwargs = {"max_new_tokens": max_new_tokens, "do_sample": temperature > 0, "eos_token_id": sorted(stop) or None,
               "pad_token_id": tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0}
     if temperature > 0:
-        kwargs.update(temperature=temperature, top_k=top_k or 0, top_p=top_p or 1.0)
+        kwargs.update(temperature=temperature, top_k=opts.top_k or 0, top_p=opts.top_p or 1.0)
         torch.manual_seed(seed)  # generate samples from torch's global generator
     if mode == "prompt_lookup":
-        kwargs["prompt_lookup_num_tokens"] = lookup_tokens
+        kwargs["prompt_lookup_num_tokens"] = opts.lookup_tokens
     elif mode == "assisted":
         if draft is None:
             raise CllmError("assisted generation needs a draft model")
         # generate() needs a PreTrainedModel with the full vocabulary: a pruned-head draft drafts with the head
         # it wraps here (recorded in the result's extra)
         draft = draft.draft if isinstance(draft, PrunedVocabDraft) else draft
-        draft.generation_config.num_assistant_tokens = draft_tokens
+        draft.generation_config.num_assistant_tokens = opts.gamma
         draft.generation_config.num_assistant_tokens_schedule = "constant"  # gamma fixed, as --method sps
         kwargs["assistant_model"] = draft
     t0 = time.perf_counter()

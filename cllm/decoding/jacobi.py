@@ -28,9 +28,9 @@ from cllm.decoding.common import (
     check_lengths,
     eos_ids,
 )
+from cllm.decoding.options import INIT_STRATEGIES, JacobiOptions
 from cllm.errors import CllmError
 
-INIT_STRATEGIES = ("prompt", "repeat", "pad")
 
 
 def n_to_commit(guess: list[int], pred: list[int]) -> int:
@@ -89,12 +89,10 @@ def jacobi_decode(
     model,
     tokenizer,
     prompt_ids,
-    block_size: int = 16,
+    options: JacobiOptions | None = None,
     max_new_tokens: int = 256,
-    init: str = "prompt",
     seed: int | list[int] = 0,
     eos_token_id: int | list[int] | None = None,
-    record_trajectory: bool = False,
     on_commit=None,
 ) -> list[DecodeResult] | DecodeResult:
     """Greedy Jacobi decoding of one prompt (list of ids) or a batch (list of lists).
@@ -105,9 +103,10 @@ def jacobi_decode(
     stops the decode.
     """
     batch, single = as_batch(prompt_ids)
-    check_lengths(max_new_tokens, block_size)
-    if init not in INIT_STRATEGIES:
-        raise CllmError(f"unknown init strategy {init!r}; choose one of {INIT_STRATEGIES}")
+    opts = options or JacobiOptions()
+    opts.check()
+    check_lengths(max_new_tokens)
+    block_size, init, record_trajectory = opts.block_size, opts.init, opts.record_trajectory
     device = next(model.parameters()).device
     stop = eos_ids(model, tokenizer, eos_token_id)
     pad_id = tokenizer.pad_token_id if tokenizer is not None and tokenizer.pad_token_id is not None else 0

@@ -28,16 +28,7 @@ import torch
 
 from cllm.decoding.common import (DecodeResult, SeqCache, cached_forward, check_lengths, committed_result, eos_ids,
                                   finish, single_prompt)
-from cllm.errors import CllmError
-
-
-def check_lookahead_args(window: int, ngram: int, guesses: int) -> None:
-    if not isinstance(window, int) or window < 1:
-        raise CllmError(f"lookahead window W must be a positive integer, got {window!r}")
-    if not isinstance(ngram, int) or ngram < 2:
-        raise CllmError(f"lookahead n-gram size N must be an integer >= 2, got {ngram!r}")
-    if not isinstance(guesses, int) or guesses < 0:
-        raise CllmError(f"lookahead guesses G must be an integer >= 0, got {guesses!r}")
+from cllm.decoding.options import LookaheadOptions
 
 
 class NgramPool:
@@ -91,18 +82,19 @@ def positions(last_pos: int, n_head: int, n_levels: int, width: int, guess_lens:
 
 
 @torch.inference_mode()
-def lookahead_decode(model, tokenizer, prompt_ids, max_new_tokens: int = 256, window: int = 5, ngram: int = 4,
-                     guesses: int = 5, seed: int | list[int] = 0, eos_token_id: int | list[int] | None = None,
+def lookahead_decode(model, tokenizer, prompt_ids, options: LookaheadOptions | None = None, max_new_tokens: int = 256,
+                     seed: int | list[int] = 0, eos_token_id: int | list[int] | None = None,
                      on_commit=None) -> DecodeResult | list[DecodeResult]:
     """Greedy lookahead decoding of one prompt: window W, n-gram size N, at most G verified n-grams per step.
     `on_commit(0, token_ids)`, if given, is called with the tokens each forward commits (streaming)."""
     prompt, single = single_prompt(prompt_ids, "lookahead decoding")
+    opts = options or LookaheadOptions()
+    opts.check()
     check_lengths(max_new_tokens)
-    check_lookahead_args(window, ngram, guesses)
     stop = eos_ids(model, tokenizer, eos_token_id)
     gen = torch.Generator().manual_seed(int(seed[0] if isinstance(seed, list) else seed))
     t0 = time.perf_counter()
-    run = _Lookahead(SeqCache(model), prompt, window, ngram, guesses, gen)
+    run = _Lookahead(SeqCache(model), prompt, opts.window, opts.ngram, opts.guesses, gen)
     reason = None
     while reason is None:
         reason = run.step(stop, max_new_tokens)

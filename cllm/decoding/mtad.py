@@ -34,8 +34,8 @@ from cllm.decoding.common import (
     check_lengths,
     single_prompt,
 )
-from cllm.decoding.sampling import check_sampling_args, warp_logits
-from cllm.decoding.speculative import check_draft_args
+from cllm.decoding.options import BEAM_WEIGHTS, MtadOptions
+from cllm.decoding.sampling import warp_logits
 from cllm.errors import CllmError
 
 
@@ -49,9 +49,6 @@ def mtad_accept(target_logprobs, draft_logprobs, tau: float) -> int:
     return int(passing.max()) + 1 if passing.numel() else 0
 
 
-BEAM_WEIGHTS = ("joint", "released")
-
-
 def renormalize(log_s: torch.Tensor, rule: str = "joint") -> torch.Tensor:
     """Log-weights of the drawn beams (B,) from their log scores log s = log w_parent + log q (B,).
 
@@ -63,15 +60,6 @@ def renormalize(log_s: torch.Tensor, rule: str = "joint") -> torch.Tensor:
     if rule == "released":
         return log_s.exp().log_softmax(0)
     raise CllmError(f"beam_weights must be one of {BEAM_WEIGHTS}, got {rule!r}")
-
-
-def check_mtad_args(tau: float, beam_width: int, temperature: float) -> None:
-    if not tau > 0:
-        raise CllmError(f"tau must be > 0, got {tau}")
-    if not isinstance(beam_width, int) or beam_width < 1:
-        raise CllmError(f"beam width must be a positive integer, got {beam_width!r}")
-    if temperature <= 0:
-        raise CllmError("mtad samples from the joint distribution: give a temperature > 0 (e.g. --temperature 1)")
 
 
 @dataclass
@@ -129,25 +117,19 @@ def mtad_decode(
     draft,
     tokenizer,
     prompt_ids,
+    options: MtadOptions | None = None,
     max_new_tokens: int = 256,
-    gamma: int = 4,
-    beam_width: int = 4,
-    tau: float = 0.5,
-    temperature: float = 1.0,
-    top_k: int | None = None,
-    top_p: float | None = None,
     seed: int = 0,
-    replacement: bool = False,
     eos_token_id: int | list[int] | None = None,
-    beam_weights: str = "joint",
 ) -> DecodeResult | list[DecodeResult]:
     """Decode one prompt with MTAD. Statistics in `extra`: iterations, drafted, accepted, draft_forwards."""
+    opts = options or MtadOptions()
+    opts.check()
     prompt, single = single_prompt(prompt_ids, "mtad")
     check_lengths(max_new_tokens)
-    check_draft_args(gamma)
-    check_mtad_args(tau, beam_width, temperature)
-    check_sampling_args(temperature, top_k, top_p)
-    renormalize(torch.zeros(1), beam_weights)  # the rule's name, checked before any forward
+    gamma, beam_width, tau, replacement, beam_weights = (opts.gamma, opts.beam_width, opts.tau,
+                                                         opts.beam_replacement, opts.beam_weights)
+    temperature, top_k, top_p = opts.temperature, opts.top_k, opts.top_p
 
     def warp(logits):  # both models warped identically
         return warp_logits(logits, temperature, top_k, top_p)

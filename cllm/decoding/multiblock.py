@@ -36,8 +36,8 @@ from cllm.decoding.common import (
     finish,
     single_prompt,
 )
-from cllm.decoding.jacobi import INIT_STRATEGIES, init_guess
-from cllm.errors import CllmError
+from cllm.decoding.jacobi import init_guess
+from cllm.decoding.options import MultiblockOptions
 
 
 def n_leading_matches(guess: list[int], pred: list[int]) -> int:
@@ -83,43 +83,27 @@ class RecyclePool:
         return [list(t) for t in list(self.tails.get(token, ()))[:k]]
 
 
-def check_multiblock_args(block_size: int, n_blocks: int, spawn_ratio: float, n_recycle: int) -> None:
-    check_lengths(1, block_size)
-    if not isinstance(n_blocks, int) or n_blocks < 1:
-        raise CllmError(f"n_blocks (K) must be a positive integer, got {n_blocks!r}")
-    if not 0.0 < spawn_ratio <= 1.0:
-        raise CllmError(f"spawn_ratio (r) must be in (0, 1], got {spawn_ratio!r}")
-    if not isinstance(n_recycle, int) or n_recycle < 0:
-        raise CllmError(f"n_recycle must be an integer >= 0, got {n_recycle!r}")
-
-
 @torch.inference_mode()
 def multiblock_decode(
     model,
     tokenizer,
     prompt_ids,
-    block_size: int = 16,
+    options: MultiblockOptions | None = None,
     max_new_tokens: int = 256,
-    n_blocks: int = 2,
-    spawn_ratio: float = 0.85,
-    n_recycle: int = 2,
-    init: str = "prompt",
     seed: int | list[int] = 0,
     eos_token_id: int | list[int] | None = None,
 ) -> DecodeResult | list[DecodeResult]:
     """Greedy multi-block Jacobi decoding of one prompt. `n_blocks` K blocks of `block_size` n in flight, a new
     one once the newest has `spawn_ratio` r * n accepted, `n_recycle` extra verification rows from the pool."""
     prompt, single = single_prompt(prompt_ids, "multi-block Jacobi")
-    check_lengths(max_new_tokens, block_size)
-    check_multiblock_args(block_size, n_blocks, spawn_ratio, n_recycle)
-    if init not in INIT_STRATEGIES:
-        raise CllmError(f"unknown init strategy {init!r}; choose one of {INIT_STRATEGIES}")
+    opts = options or MultiblockOptions()
+    opts.check()
+    check_lengths(max_new_tokens)
     pad_id = tokenizer.pad_token_id if tokenizer is not None and tokenizer.pad_token_id is not None else 0
     stop = eos_ids(model, tokenizer, eos_token_id)
     gen = torch.Generator().manual_seed(int(seed[0] if isinstance(seed, list) else seed))
     t0 = time.perf_counter()
-    run = _Window(SeqCache(model), prompt, block_size, max_new_tokens, n_blocks, math.ceil(spawn_ratio * block_size),
-                  n_recycle, init, pad_id, gen)
+    run = _Window(SeqCache(model), prompt, opts, max_new_tokens, pad_id, gen)
     run.start_block(None)
     reason = None
     while reason is None:
@@ -132,15 +116,16 @@ def multiblock_decode(
 class _Window:
     """The state of one multi-block decode: the committed text, the blocks in flight and their guesses, the pool."""
 
-    def __init__(self, cache: SeqCache, prompt: list[int], block_size: int, max_new_tokens: int, n_blocks: int,
-                 need: int, n_recycle: int, init: str, pad_id: int, gen: torch.Generator):
+    def __init__(self, cache: SeqCache, prompt: list[int], opts: MultiblockOptions, max_new_tokens: int, pad_id: int,
+                 gen: torch.Generator):
         self.cache, self.prompt, self.gen = cache, prompt, gen
-        self.block_size, self.max_new_tokens, self.n_blocks, self.need = block_size, max_new_tokens, n_blocks, need
-        self.n_recycle, self.init, self.pad_id = n_recycle, init, pad_id
+        self.block_size, self.max_new_tokens, self.n_blocks = opts.block_size, max_new_tokens, opts.n_blocks
+        self.need = math.ceil(opts.spawn_ratio * opts.block_size)  # accepted tokens before the next block enters
+        self.n_recycle, self.init, self.pad_id = opts.n_recycle, opts.init, pad_id
         self.head, self.generated = list(prompt), []
         self.accept_lengths: list[int] = []
         self.stats = {"rows": 0, "recycled_wins": 0, "blocks_started": 0, "max_in_flight": 0}
-        self.pool = RecyclePool(per_key=max(n_recycle, 1) if n_recycle else 0)
+        self.pool = RecyclePool(per_key=max(opts.n_recycle, 1) if opts.n_recycle else 0)
         self.blocks: list[_Block] = []
         self.guess: list[int] = []  # the window's open slots, block after block
 

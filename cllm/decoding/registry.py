@@ -1,8 +1,11 @@
-"""One registry of decoding methods, and the one config they read.
+"""One registry of decoding methods, each with its own options dataclass, and the one config that carries them.
 
-Each method is registered once: `name -> Method(fn, needs_draft, supports_batch, sampling, check)`. `cllm decode`,
-`cllm eval` and the pipeline build a `DecodeConfig` (flags or YAML) and call `decode(name, ...)` with keywords, so
-a new method is one decoder file plus one `register` call (tests/test_registry.py registers a toy one).
+Each method is registered once: `name -> Method(fn, options=XOptions, needs_draft, supports_batch, streams)`.
+The options class (`cllm.decoding.options`, or the new method's own file) is the single source of the method's
+settings: `add_arguments` makes one CLI flag per option name, `DecodeConfig` accepts the same names as keywords and
+YAML keys, `NAME:OPTION=VALUE...` runs a method with some of its options changed, and `DecodeConfig.options_for`
+gives the options object the decoder receives and the report records (`asdict`). A new method is one decoder file
+plus one `register` call (tests/test_registry.py registers a toy one with two options).
 
 Importing this module imports no torch: the built-in methods import their decoder when first called, so `--help`
 stays fast.
@@ -12,108 +15,31 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import typing
 from dataclasses import dataclass
 from typing import Callable
 
-from cllm.config import opt as _opt
+from cllm.decoding import options as o
 from cllm.errors import CllmError
 
-
-@dataclass
-class DecodeConfig:
-    """What every method reads; a method ignores the fields that are not its own."""
-
-    block_size: int = _opt(16, "Jacobi block size n")
-    max_new_tokens: int = _opt(256, "new tokens per prompt, at most")
-    init: str = _opt("prompt", "Jacobi initial guess", ("prompt", "repeat", "pad"))
-    temperature: float = _opt(0.0, "ar/sps/mtad: 0 = greedy, > 0 samples")
-    top_k: int | None = _opt(None, "sampling: keep the k most likely tokens")
-    top_p: float | None = _opt(None, "sampling: nucleus mass in (0, 1]")
-    gamma: int = _opt(4, "sps/mtad: draft tokens per iteration")
-    adaptive_gamma: bool = _opt(False, "sps: +2 after a fully accepted round, -1 otherwise")
-    beam_width: int = _opt(4, "mtad: beams of the draft's beam sampling")
-    beam_replacement: bool = _opt(False, "mtad: draw beams with replacement")
-    tau: float = _opt(0.5, "mtad: acceptance threshold on P/Q, > 0")
-    beam_weights: str = _opt("joint", "mtad: beam weights w = s / sum(s), proportional to the joint draft probability "
-                                      "(the paper), or the released code's log_softmax of s (near uniform)",
-                             ("joint", "released"))
-    n_blocks: int = _opt(2, "multiblock: blocks in flight K")
-    spawn_ratio: float = _opt(0.85, "multiblock: a new block enters once the newest has this share r of its n "
-                                    "tokens accepted")
-    n_recycle: int = _opt(2, "multiblock: rejected tails verified as extra rows per forward, 0 = off")
-    lookup_tokens: int = _opt(10, "hf_prompt_lookup, gated: candidate tokens copied from the prompt per forward")
-    lookahead_window: int = _opt(5, "lookahead: window W (columns of the 2D Jacobi window)")
-    lookahead_ngram: int = _opt(4, "lookahead: n-gram size N (the window has N-1 levels)")
-    lookahead_guesses: int = _opt(5, "lookahead: G, n-grams verified per forward (and kept per key in the pool)")
-    draft_input: str | None = _opt(None, "gated: what the draft copy reads, the guess or mask tokens (default: what "
-                                         "the adapter was trained on)", ("guess", "mask"))
-    pool_candidates: int = _opt(2, "gated: pooled n-grams (prompt and committed text) verified per forward")
-    pool_ngram: int = _opt(4, "gated: n-gram size of the pool")
-
-    @classmethod
-    def from_args(cls, args, **changes) -> "DecodeConfig":
-        """The config from an argparse namespace (or any object with these attributes), with `changes` applied."""
-        values = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if hasattr(args, f.name)}
-        return cls(**{**values, **changes})
-
-    def greedy(self) -> "DecodeConfig":
-        return dataclasses.replace(self, temperature=0.0, top_k=None, top_p=None)
-
-    def validate(self, methods: list[str], batch_size: int = 1, has_draft: bool = True) -> None:
-        """Check the settings for these methods before any model is loaded."""
-        from cllm.decoding.sampling import check_sampling_args
-
-        if self.block_size < 1:
-            raise CllmError(f"--block-size must be >= 1, got {self.block_size}")
-        if self.max_new_tokens < 1:
-            raise CllmError(f"--max-new-tokens must be >= 1, got {self.max_new_tokens}")
-        check_sampling_args(self.temperature, self.top_k, self.top_p)
-        for name in methods:
-            m = get(name)
-            base, over = split_variant(name)
-            if over:  # a variant: the method's checks on the config with its own options
-                DecodeConfig.validate(dataclasses.replace(self, **over), [base], batch_size, has_draft)
-                continue
-            if not m.supports_batch and batch_size != 1:
-                raise CllmError(f"{name} decodes one prompt at a time: use --batch-size 1")
-            if m.needs_draft and not has_draft:
-                raise CllmError(f"{name} needs --draft MODEL")
-            if self.temperature > 0 and not m.sampling:
-                sampling = ", ".join(n for n in names() if _METHODS[n].sampling)
-                raise CllmError(f"{name} is greedy-only: --temperature {self.temperature:g} would be ignored; "
-                                f"drop it or use a sampling method ({sampling})")
-            if m.check is not None:
-                m.check(self)
-
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    """One flag per `DecodeConfig` field, with its default and help (shared by `cllm decode` and `cllm eval`)."""
-    import typing
-
-    hints = typing.get_type_hints(DecodeConfig)
-    for f in dataclasses.fields(DecodeConfig):
-        flag = "--" + f.name.replace("_", "-")
-        help_text = f.metadata["help"] + " (default: %(default)s)"
-        if f.default is False:
-            p.add_argument(flag, action="store_true", help=f.metadata["help"])
-            continue
-        kind = next(a for a in typing_args(hints[f.name]) if a is not type(None))  # int | None -> int
-        p.add_argument(flag, type=kind, default=f.default, choices=f.metadata["choices"], help=help_text)
-
-
-# fn(model, tokenizer, prompt_ids (B lists of ids), seeds (B ints), cfg, draft) -> B DecodeResults
+# fn(model, tokenizer, prompt_ids (B lists of ids), seeds (B ints), max_new_tokens, options, draft, on_commit)
+#   -> B DecodeResults
 DecodeFn = Callable[..., list]
 
 
 @dataclass(frozen=True)
 class Method:
     fn: DecodeFn
+    options: type = o.NoOptions  # a dataclass of the method's options with `check()` (see cllm.decoding.options)
     needs_draft: bool = False
     supports_batch: bool = False  # False: `decode` calls fn one prompt at a time
-    sampling: bool = False  # honours temperature / top-k / top-p (greedy-only otherwise)
-    check: Callable[[DecodeConfig], None] | None = None  # extra validation of the config
-    streams: bool = False  # fn takes on_commit(row, token_ids), called as tokens are committed
+    streams: bool = False  # fn's on_commit(row, token_ids) is called as tokens are committed
     help: str = ""
+
+    @property
+    def sampling(self) -> bool:
+        """Honours temperature / top-k / top-p (greedy-only otherwise)."""
+        return issubclass(self.options, o.SamplingOptions)
 
 
 _METHODS: dict[str, Method] = {}
@@ -122,49 +48,15 @@ _METHODS: dict[str, Method] = {}
 def register(name: str, method: Method) -> None:
     if name in _METHODS:
         raise CllmError(f"decoding method {name!r} is registered twice")
+    table = option_table()
+    for key, (field, _) in _option_fields(method.options).items():
+        if key in table and _hint(table[key]) != _hint(field):
+            raise CllmError(f"method {name!r}: option {key!r} has another type than the registered one")
     _METHODS[name] = method
 
 
 def unregister(name: str) -> None:
     _METHODS.pop(name, None)
-
-
-def split_variant(name: str) -> tuple[str, dict]:
-    """`mtad:tau=0.3:beam_width=2` -> ("mtad", {"tau": 0.3, "beam_width": 2}): a method run with some decoding
-    options of its own, so that one interleaved run compares settings (a tau sweep, block sizes)."""
-    import typing
-
-    base, *pairs = name.split(":")
-    hints = typing.get_type_hints(DecodeConfig)
-    over = {}
-    for pair in pairs:
-        key, sep, raw = pair.partition("=")
-        if not sep or key not in hints:
-            raise CllmError(f"method {name!r}: {pair!r} is not OPTION=VALUE of a decoding option "
-                            f"({', '.join(hints)})")
-        over[key] = _parse_option(name, key, raw, hints[key])
-    return base, over
-
-
-def _parse_option(name: str, key: str, raw: str, hint) -> object:
-    kinds = [a for a in typing_args(hint) if a is not type(None)]
-    if raw.lower() == "none" and type(None) in typing_args(hint):
-        return None
-    kind = kinds[0]
-    try:
-        if kind is bool:
-            if raw.lower() not in ("true", "false"):
-                raise ValueError(raw)
-            return raw.lower() == "true"
-        return kind(raw)
-    except ValueError:
-        raise CllmError(f"method {name!r}: {key}={raw!r} is not a {kind.__name__}") from None
-
-
-def typing_args(hint) -> tuple:
-    import typing
-
-    return typing.get_args(hint) or (hint,)
 
 
 def get(name: str) -> Method:
@@ -184,6 +76,202 @@ def known(name: str) -> bool:
     return split_variant(name)[0] in _METHODS
 
 
+# ------------------------------------------------------------------------------------------------- option names
+
+def _option_fields(cls) -> dict[str, tuple[dataclasses.Field, type]]:
+    """{option key: (field, options class)} of one options class; the key is `<prefix>_<field>` where the class
+    has a prefix. Fields with flag=False are code's, not the user's."""
+    out = {}
+    for f in dataclasses.fields(cls):
+        if f.metadata.get("flag", True):
+            out[f"{cls.prefix}_{f.name}" if cls.prefix else f.name] = (f, cls)
+    return out
+
+
+def _hint(field: dataclasses.Field):
+    return field.type
+
+
+def option_table() -> dict[str, dataclasses.Field]:
+    """{option key: its field (of the first method registering it)} over every registered method."""
+    table: dict[str, dataclasses.Field] = {}
+    for m in _METHODS.values():
+        for key, (field, _) in _option_fields(m.options).items():
+            table.setdefault(key, field)
+    return table
+
+
+def option_type(key: str) -> tuple[type, bool]:
+    """(the option's base type, whether None is allowed)."""
+    cls = next(cls for m in _METHODS.values() for k, (_, cls) in _option_fields(m.options).items() if k == key)
+    field = next(f for f in dataclasses.fields(cls) if key in (f.name, f"{cls.prefix}_{f.name}"))
+    hint = typing.get_type_hints(cls)[field.name]
+    args = typing.get_args(hint) or (hint,)
+    return next(a for a in args if a is not type(None)), type(None) in args
+
+
+def option_keys(name: str) -> dict[str, str]:
+    """{option key: field name} of a method (variants allowed)."""
+    return {key: f.name for key, (f, _) in _option_fields(get(name).options).items()}
+
+
+def _defaults(key: str) -> str:
+    seen: dict[str, list[str]] = {}
+    for name, m in _METHODS.items():
+        for k, (f, _) in _option_fields(m.options).items():
+            if k == key:
+                seen.setdefault(repr(f.default), []).append(name)
+    if len(seen) == 1:
+        return f"default: {next(iter(seen))}"
+    return "defaults: " + ", ".join(f"{v} ({'/'.join(ms)})" for v, ms in seen.items())
+
+
+def options_dataclass() -> type:
+    """A dataclass with one field per option key of the registered methods, each `type | None = None` (None: the
+    method's default): what config files and `cllm.config` check option keys and values against."""
+    fields = []
+    for key, field in option_table().items():
+        kind, _ = option_type(key)
+        meta = {"help": field.metadata["help"], "choices": field.metadata.get("choices")}
+        fields.append((key, kind | None, dataclasses.field(default=None, metadata=meta)))
+    return dataclasses.make_dataclass("DecodingOptions", fields)
+
+
+def add_arguments(p: argparse.ArgumentParser, max_new_tokens: bool = True) -> None:
+    """(`--max-new-tokens` and) one flag per option key of the registered methods (shared by `cllm decode`, `eval`,
+    `serve` and `chat`); a flag not given leaves each method its own default."""
+    g = p.add_argument_group("decoding options (each applies to the methods that have it)")
+    if max_new_tokens:
+        g.add_argument("--max-new-tokens", type=int, default=argparse.SUPPRESS,
+                       help="new tokens per prompt, at most (default: 256)")
+    for key, field in option_table().items():
+        flag = "--" + key.replace("_", "-")
+        help_text = f"{field.metadata['help']} ({_defaults(key)})"
+        kind, _ = option_type(key)
+        if kind is bool:
+            g.add_argument(flag, dest=key, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
+                           help=help_text)
+        else:
+            g.add_argument(flag, dest=key, type=kind, default=argparse.SUPPRESS,
+                           choices=field.metadata.get("choices"), help=help_text)
+
+
+def split_variant(name: str) -> tuple[str, dict]:
+    """`mtad:tau=0.3:beam_width=2` -> ("mtad", {"tau": 0.3, "beam_width": 2}): a method run with some options of
+    its own, so that one interleaved run compares settings (a tau sweep, block sizes)."""
+    base, *pairs = name.split(":")
+    keys = {k: f for m in ([_METHODS[base]] if base in _METHODS else []) for k, (f, _) in
+            _option_fields(m.options).items()}
+    over = {}
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        if not sep or (base in _METHODS and key not in keys):
+            raise CllmError(f"method {name!r}: {pair!r} is not OPTION=VALUE of an option of {base} "
+                            f"({', '.join(keys) or 'it has none'})")
+        over[key] = _parse_option(name, key, raw) if base in _METHODS else raw
+    return base, over
+
+
+def _parse_option(name: str, key: str, raw: str) -> object:
+    kind, optional = option_type(key)
+    if raw.lower() == "none" and optional:
+        return None
+    try:
+        if kind is bool:
+            if raw.lower() not in ("true", "false"):
+                raise ValueError(raw)
+            return raw.lower() == "true"
+        return kind(raw)
+    except ValueError:
+        raise CllmError(f"method {name!r}: {key}={raw!r} is not a {kind.__name__}") from None
+
+
+# ------------------------------------------------------------------------------------------------- the config
+
+class DecodeConfig:
+    """What a decode run sets: `max_new_tokens` and option values by key (flags, YAML keys or keywords:
+    `DecodeConfig(max_new_tokens=64, block_size=8)`). Each method takes the options it has, and keeps its own
+    defaults for the rest (`options_for`)."""
+
+    def __init__(self, max_new_tokens: int = 256, **options):
+        self.max_new_tokens = max_new_tokens
+        self.options = {k: v for k, v in options.items() if v is not None}  # None: the method's default
+        unknown = sorted(set(self.options) - set(option_table()))
+        if unknown:
+            raise CllmError(f"unknown decoding option(s) {', '.join(unknown)}; known: {', '.join(option_table())}")
+
+    def __repr__(self) -> str:
+        return f"DecodeConfig(max_new_tokens={self.max_new_tokens}, {self.options})"
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, DecodeConfig) and (self.max_new_tokens, self.options) == (
+            other.max_new_tokens, other.options)
+
+    def __getattr__(self, key: str):
+        """An option's value as given, else its default where every method that has it agrees (`cfg.block_size`)."""
+        if key.startswith("__") or key == "options":
+            raise AttributeError(key)
+        if key in self.options:
+            return self.options[key]
+        defaults = {f.default for m in _METHODS.values() for k, (f, _) in _option_fields(m.options).items()
+                    if k == key}
+        if len(defaults) == 1:
+            return next(iter(defaults))
+        raise AttributeError(f"decoding option {key!r} is not set and has no single default")
+
+    @classmethod
+    def from_args(cls, args, **changes) -> "DecodeConfig":
+        """The config from an argparse namespace (or any object with these attributes), with `changes` applied;
+        an option not given is left out, so each method keeps its default."""
+        keys = ["max_new_tokens", *option_table()]
+        values = {k: getattr(args, k) for k in keys if hasattr(args, k)}
+        return cls(**{**values, **changes})
+
+    def replace(self, **changes) -> "DecodeConfig":
+        values = {**self.options, **changes}
+        return DecodeConfig(values.pop("max_new_tokens", self.max_new_tokens), **values)
+
+    def greedy(self) -> "DecodeConfig":
+        return self.replace(temperature=0.0, top_k=None, top_p=None)
+
+    def options_for(self, name: str):
+        """The options object of a method (or variant): its defaults, the config's values of its options, the
+        variant's own; checked."""
+        base, over = split_variant(name)
+        m = get(base)
+        keys = option_keys(base)
+        given = {**{k: v for k, v in self.options.items() if k in keys}, **over}
+        opts = m.options(**{keys[k]: v for k, v in given.items()})
+        opts.check()
+        return opts
+
+    def settings(self, name: str) -> dict:
+        """The method's options as the report records them (every user option, defaults included)."""
+        opts = self.options_for(name)
+        return {f.name: getattr(opts, f.name) for f in dataclasses.fields(opts) if f.metadata.get("flag", True)}
+
+    def validate(self, methods: list[str], batch_size: int = 1, has_draft: bool = True) -> None:
+        """Check the settings for these methods before any model is loaded."""
+        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
+            raise CllmError(f"--max-new-tokens must be >= 1, got {self.max_new_tokens}")
+        if self.options.get("block_size", 1) < 1:
+            raise CllmError(f"--block-size must be >= 1, got {self.options['block_size']}")
+        sampling_set = any(self.options.get(k) not in (None, 0, 0.0) for k in ("temperature",))
+        o.SamplingOptions(**{k: self.options[k] for k in ("temperature", "top_k", "top_p")
+                             if k in self.options}).check()
+        for name in methods:
+            m = get(name)
+            if not m.supports_batch and batch_size != 1:
+                raise CllmError(f"{name} decodes one prompt at a time: use --batch-size 1")
+            if m.needs_draft and not has_draft:
+                raise CllmError(f"{name} needs --draft MODEL")
+            if sampling_set and not m.sampling:
+                sampling = ", ".join(n for n in names() if _METHODS[n].sampling)
+                raise CllmError(f"{name} is greedy-only: --temperature {self.options['temperature']:g} would be "
+                                f"ignored; drop it or use a sampling method ({sampling})")
+            self.options_for(name)
+
+
 def decode(name: str, model, tokenizer, prompt_ids: list[list[int]], seeds: list[int], cfg: DecodeConfig,
            draft=None, on_commit=None) -> list:
     """Decode a batch of prompts with the named method; one `DecodeResult` per prompt, in order.
@@ -191,14 +279,14 @@ def decode(name: str, model, tokenizer, prompt_ids: list[list[int]], seeds: list
     `on_commit(row, token_ids)` streams the tokens as they are committed where the method `streams`; for the
     others it is called once per prompt with all of its tokens when that prompt is done."""
     m = get(name)
-    over = split_variant(name)[1]
-    cfg = dataclasses.replace(cfg, **over) if over else cfg
-    extra = {"on_commit": on_commit} if m.streams and on_commit is not None else {}
+    opts = cfg.options_for(name)
+    stream = on_commit if m.streams else None
     if m.supports_batch or len(prompt_ids) == 1:
-        results = m.fn(model, tokenizer, prompt_ids, seeds, cfg, draft, **extra)
+        results = m.fn(model, tokenizer, prompt_ids, seeds, cfg.max_new_tokens, opts, draft, stream)
     else:
-        results = [m.fn(model, tokenizer, [p], [s], cfg, draft)[0] for p, s in zip(prompt_ids, seeds)]
-    if on_commit is not None and not extra:
+        results = [m.fn(model, tokenizer, [p], [s], cfg.max_new_tokens, opts, draft, None)[0]
+                   for p, s in zip(prompt_ids, seeds)]
+    if on_commit is not None and stream is None:
         for row, res in enumerate(results):
             on_commit(row, res.token_ids)
     return results
@@ -206,120 +294,77 @@ def decode(name: str, model, tokenizer, prompt_ids: list[list[int]], seeds: list
 
 # The built-in methods. Each wrapper imports its decoder when called (this module stays torch-free).
 
-def _ar(model, tok, prompts, seeds, c, draft, on_commit=None):
+def _ar(model, tok, prompts, seeds, max_new, opts, draft, on_commit):
     from cllm.decoding.ar import ar_decode
 
-    return ar_decode(model, tok, prompts, c.max_new_tokens, c.temperature, c.top_k, c.top_p, seeds,
-                     on_commit=on_commit)
+    return ar_decode(model, tok, prompts, opts, max_new, seeds, on_commit=on_commit)
 
 
-def _jacobi(model, tok, prompts, seeds, c, draft, on_commit=None):
+def _jacobi(model, tok, prompts, seeds, max_new, opts, draft, on_commit):
     from cllm.decoding.jacobi import jacobi_decode
 
-    return jacobi_decode(model, tok, prompts, c.block_size, c.max_new_tokens, c.init, seeds, on_commit=on_commit)
+    return jacobi_decode(model, tok, prompts, opts, max_new, seeds, on_commit=on_commit)
 
 
-def _multiblock(model, tok, prompts, seeds, c, draft):
+def _multiblock(model, tok, prompts, seeds, max_new, opts, draft, on_commit):
     from cllm.decoding.multiblock import multiblock_decode
 
-    return [multiblock_decode(model, tok, prompts[0], c.block_size, c.max_new_tokens, c.n_blocks, c.spawn_ratio,
-                              c.n_recycle, c.init, seeds[0])]
+    return [multiblock_decode(model, tok, prompts[0], opts, max_new, seeds[0])]
 
 
-def _lookahead(model, tok, prompts, seeds, c, draft, on_commit=None):
+def _lookahead(model, tok, prompts, seeds, max_new, opts, draft, on_commit):
     from cllm.decoding.lookahead import lookahead_decode
 
-    return [lookahead_decode(model, tok, prompts[0], c.max_new_tokens, c.lookahead_window, c.lookahead_ngram,
-                             c.lookahead_guesses, seeds[0], on_commit=on_commit)]
+    return [lookahead_decode(model, tok, prompts[0], opts, max_new, seeds[0], on_commit=on_commit)]
 
 
-def _sps(model, tok, prompts, seeds, c, draft):
+def _sps(model, tok, prompts, seeds, max_new, opts, draft, on_commit):
     from cllm.decoding.speculative import speculative_decode
 
-    return [speculative_decode(model, draft, tok, prompts[0], c.max_new_tokens, c.gamma, c.adaptive_gamma,
-                               c.temperature, c.top_k, c.top_p, seeds[0])]
+    return [speculative_decode(model, draft, tok, prompts[0], opts, max_new, seeds[0])]
 
 
-def _mtad(model, tok, prompts, seeds, c, draft):
+def _mtad(model, tok, prompts, seeds, max_new, opts, draft, on_commit):
     from cllm.decoding.mtad import mtad_decode
 
-    return [mtad_decode(model, draft, tok, prompts[0], c.max_new_tokens, c.gamma, c.beam_width, c.tau,
-                        c.temperature, c.top_k, c.top_p, seeds[0], c.beam_replacement, beam_weights=c.beam_weights)]
+    return [mtad_decode(model, draft, tok, prompts[0], opts, max_new, seeds[0])]
 
 
-def _gated(model, tok, prompts, seeds, c, draft, on_commit=None):
+def _gated(model, tok, prompts, seeds, max_new, opts, draft, on_commit):
     from cllm.decoding.gate import gate_state
-    from cllm.decoding.gated import GatedOptions, gated_decode
+    from cllm.decoding.gated import gated_decode
 
     state = gate_state(model)
     meta = state.meta if state is not None else {}
-    opts = GatedOptions(block_size=c.block_size, draft_input=c.draft_input or meta.get("draft_input", "guess"),
-                        pool_candidates=c.pool_candidates, pool_ngram=c.pool_ngram, lookup_tokens=c.lookup_tokens,
-                        mask_token_id=meta.get("mask_token_id", 0))
-    return [gated_decode(model, tok, prompts[0], c.max_new_tokens, opts, seeds[0], on_commit=on_commit)]
-
-
-def _check_gated(c: DecodeConfig) -> None:
-    from cllm.decoding.gated import GatedOptions
-
-    GatedOptions(block_size=c.block_size, draft_input=c.draft_input or "guess", pool_candidates=c.pool_candidates,
-                 pool_ngram=c.pool_ngram, lookup_tokens=c.lookup_tokens).check()
+    opts = dataclasses.replace(opts, draft_input=opts.draft_input or meta.get("draft_input", "guess"),
+                               mask_token_id=meta.get("mask_token_id", 0))
+    return [gated_decode(model, tok, prompts[0], opts, max_new, seeds[0], on_commit=on_commit)]
 
 
 def _hf(mode: str):
-    def run(model, tok, prompts, seeds, c, draft):
+    def run(model, tok, prompts, seeds, max_new, opts, draft, on_commit):
         from cllm.decoding.hf import hf_generate
 
-        return [hf_generate(model, tok, prompts[0], c.max_new_tokens, mode, c.temperature, c.top_k, c.top_p,
-                            seeds[0], c.lookup_tokens, draft, c.gamma)]
+        return [hf_generate(model, tok, prompts[0], opts, max_new, seeds[0], mode=mode, draft=draft)]
 
     return run
 
 
-def _check_prompt_lookup(c: DecodeConfig) -> None:
-    if c.lookup_tokens < 1:
-        raise CllmError(f"--lookup-tokens must be >= 1, got {c.lookup_tokens}")
-
-
-def _check_multiblock(c: DecodeConfig) -> None:
-    from cllm.decoding.multiblock import check_multiblock_args
-
-    check_multiblock_args(c.block_size, c.n_blocks, c.spawn_ratio, c.n_recycle)
-
-
-def _check_lookahead(c: DecodeConfig) -> None:
-    from cllm.decoding.lookahead import check_lookahead_args
-
-    check_lookahead_args(c.lookahead_window, c.lookahead_ngram, c.lookahead_guesses)
-
-
-def _check_sps(c: DecodeConfig) -> None:
-    from cllm.decoding.speculative import check_draft_args
-
-    check_draft_args(c.gamma)
-
-
-def _check_mtad(c: DecodeConfig) -> None:
-    from cllm.decoding.mtad import check_mtad_args
-
-    _check_sps(c)
-    check_mtad_args(c.tau, c.beam_width, c.temperature)
-
-
-register("ar", Method(_ar, supports_batch=True, sampling=True, streams=True,
+register("ar", Method(_ar, o.SamplingOptions, supports_batch=True, streams=True,
                       help="autoregressive, one token per forward"))
-register("jacobi", Method(_jacobi, supports_batch=True, streams=True, help="Jacobi decoding of blocks of n guesses"))
-register("multiblock", Method(_multiblock, check=_check_multiblock,
+register("jacobi", Method(_jacobi, o.JacobiOptions, supports_batch=True, streams=True,
+                          help="Jacobi decoding of blocks of n guesses"))
+register("multiblock", Method(_multiblock, o.MultiblockOptions,
                               help="multi-block Jacobi decoding with rejection recycling"))
-register("sps", Method(_sps, needs_draft=True, sampling=True, check=_check_sps, help="speculative sampling"))
-register("mtad", Method(_mtad, needs_draft=True, sampling=True, check=_check_mtad,
-                        help="multi-token assisted decoding"))
-register("hf", Method(_hf("greedy"), sampling=True, help="Hugging Face generate with its own cache (the yardstick)"))
-register("hf_prompt_lookup", Method(_hf("prompt_lookup"), check=_check_prompt_lookup,
+register("sps", Method(_sps, o.SpeculativeOptions, needs_draft=True, help="speculative sampling"))
+register("mtad", Method(_mtad, o.MtadOptions, needs_draft=True, help="multi-token assisted decoding"))
+register("hf", Method(_hf("greedy"), o.SamplingOptions,
+                      help="Hugging Face generate with its own cache (the yardstick)"))
+register("hf_prompt_lookup", Method(_hf("prompt_lookup"), o.PromptLookupOptions,
                                     help="Hugging Face generate with prompt lookup decoding"))
-register("hf_assisted", Method(_hf("assisted"), needs_draft=True, sampling=True, check=_check_sps,
+register("hf_assisted", Method(_hf("assisted"), o.AssistedOptions, needs_draft=True,
                                help="Hugging Face assisted generation with the draft model"))
-register("lookahead", Method(_lookahead, check=_check_lookahead, streams=True,
+register("lookahead", Method(_lookahead, o.LookaheadOptions, streams=True,
                              help="lookahead decoding: Jacobi n-grams collected and verified in one forward"))
-register("gated", Method(_gated, check=_check_gated, streams=True,
+register("gated", Method(_gated, o.GatedOptions, streams=True,
                          help="lossless: a gated adapter drafts, the base verifies (with pooled n-grams), one forward"))

@@ -7,16 +7,11 @@ from __future__ import annotations
 
 import torch
 
-from cllm.errors import CllmError
+from cllm.decoding.options import SamplingOptions
 
 
 def check_sampling_args(temperature: float, top_k: int | None, top_p: float | None) -> None:
-    if temperature < 0:
-        raise CllmError(f"temperature must be >= 0 (0 means greedy), got {temperature}")
-    if top_k is not None and top_k < 0:
-        raise CllmError(f"top_k must be >= 0 (0 disables it), got {top_k}")
-    if top_p is not None and not (0.0 < top_p <= 1.0):
-        raise CllmError(f"top_p must be in (0, 1], got {top_p}")
+    SamplingOptions(temperature, top_k, top_p).check()
 
 
 def warp_logits(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None):

@@ -15,8 +15,8 @@ from __future__ import annotations
 import torch
 
 from cllm.decoding.common import DecodeResult, DraftVerifyRun, SeqCache, check_lengths, single_prompt
-from cllm.decoding.sampling import check_sampling_args, warp_logits
-from cllm.errors import CllmError
+from cllm.decoding.options import SpeculativeOptions
+from cllm.decoding.sampling import warp_logits
 
 
 def greedy_verify(draft_ids: list[int], target_argmax: list[int]) -> tuple[int, int]:
@@ -51,31 +51,24 @@ def next_gamma(gamma: int, n_accepted: int, n_drafted: int) -> int:
     return gamma + 2 if n_accepted == n_drafted else max(1, gamma - 1)
 
 
-def check_draft_args(gamma: int) -> None:
-    if not isinstance(gamma, int) or gamma < 1:
-        raise CllmError(f"gamma (draft length) must be a positive integer, got {gamma!r}")
-
-
 @torch.inference_mode()
 def speculative_decode(
     target,
     draft,
     tokenizer,
     prompt_ids,
+    options: SpeculativeOptions | None = None,
     max_new_tokens: int = 256,
-    gamma: int = 4,
-    adaptive_gamma: bool = False,
-    temperature: float = 0.0,
-    top_k: int | None = None,
-    top_p: float | None = None,
     seed: int = 0,
     eos_token_id: int | list[int] | None = None,
 ) -> DecodeResult | list[DecodeResult]:
-    """Decode one prompt with the draft proposing and the target verifying. `temperature=0` is greedy."""
+    """Decode one prompt with the draft proposing and the target verifying; greedy with the default options."""
+    opts = options or SpeculativeOptions()
+    opts.check()
     prompt, single = single_prompt(prompt_ids, "sps")
     check_lengths(max_new_tokens)
-    check_draft_args(gamma)
-    check_sampling_args(temperature, top_k, top_p)
+    gamma, adaptive_gamma = opts.gamma, opts.adaptive_gamma
+    temperature, top_k, top_p = opts.temperature, opts.top_k, opts.top_p
     greedy = temperature == 0
 
     def warp(logits):  # both models warped identically

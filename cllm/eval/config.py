@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cllm.config import opt
+from cllm.decoding import registry
 from cllm.decoding.registry import DecodeConfig
 from cllm.errors import CllmError
 
@@ -13,8 +14,12 @@ REFERENCE = "base_ar"  # AR greedy of the base model: the speed reference of eve
 
 
 @dataclass
-class EvalConfig(DecodeConfig):
-    """The decoding settings (`DecodeConfig`; --temperature applies to the checkpoint's methods) and the eval's own."""
+class EvalConfig:
+    """The eval's settings and the decoding options (`decoding`: option key -> value, given as the methods' own
+    flags or top-level YAML keys, e.g. `block_size: 16`; --temperature applies to the checkpoint's methods)."""
+
+    max_new_tokens: int = opt(256, "new tokens per prompt, at most")
+    decoding: dict = opt({}, "decoding options by key (flags of the registered methods)", pass_through=True)
 
     model: str = opt("smollm2-135m", "checkpoint to evaluate: alias, folder, HF id, .gguf")
     adapter: str | None = opt(None, "PEFT adapter folder merged into --model")
@@ -54,7 +59,7 @@ class EvalConfig(DecodeConfig):
         if sum(x is not None for x in (self.dataset, self.prompts)) != 1:
             raise CllmError("give exactly one of --dataset NAME or --prompts FILE")
         methods = self.method_names()
-        DecodeConfig.validate(self, [m.removeprefix("base_") for m in methods])
+        self.decode_config().validate([m.removeprefix("base_") for m in methods])
         from cllm.models import check_model_spec  # before the manifest: a typo must not block the corrected rerun
 
         check_model_spec(self.model, "--model", self.adapter)
@@ -63,6 +68,18 @@ class EvalConfig(DecodeConfig):
                 check_model_spec(spec, flag)
         if self.training_log and not Path(self.training_log).exists():
             raise CllmError(f"--training-log: folder not found: {self.training_log}")
+
+    @staticmethod
+    def pass_through() -> tuple[str, type]:
+        """The decoding options are the registered methods' own (cllm.config's pass-through)."""
+        return "decoding", registry.options_dataclass()
+
+    @staticmethod
+    def add_pass_through_arguments(parser) -> None:
+        registry.add_arguments(parser, max_new_tokens=False)
+
+    def decode_config(self, **changes) -> DecodeConfig:
+        return DecodeConfig(**{"max_new_tokens": self.max_new_tokens, **self.decoding, **changes})
 
     def method_names(self) -> list[str]:
         """Every method of the run: base_ar (the reference), base_<m> for --base-methods, then --methods."""

@@ -184,7 +184,7 @@ def summary_markdown(report: dict) -> str:
         f"# cllm eval: {s.get('model')}" + (f" (adapter {s['adapter']})" if s.get("adapter") else ""),
         "",
         f"Base model `{s.get('base_model')}`, dtype {s.get('dtype')}, {s.get('max_new_tokens')} new tokens at most, "
-        f"block size {s.get('block_size')}, {report['methods'][next(iter(report['methods']))]['n_prompts']} prompts. "
+        f"{report['methods'][next(iter(report['methods']))]['n_prompts']} prompts. "
         f"Speed-up is against AR greedy of the base model ({REFERENCE}) in the same run.",
         "",
         *([f"**Cut short: {report['prompts_finished']} of the {report['prompts_planned']} planned prompts are "
@@ -233,7 +233,16 @@ def summary_markdown(report: dict) -> str:
                              f"{_fmt(r.get('speedup_vs_base_ar'), '.3f')}x | "
                              + (f"{_fmt(r.get('speedup_vs_hf'), '.3f')}x | " if hf else "")
                              + (f"{_fmt(r.get('exact_match_own_ar'), '.2f')} |" if own else ""))
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + _options_lines(report["settings"])) + "\n"
+
+
+def _options_lines(settings: dict) -> list[str]:
+    """Each method's options in full (from its options dataclass), one line per method."""
+    opts = settings.get("method_options") or {}
+    if not opts:
+        return []
+    return ["", "Method options:", ""] + [
+        f"- {m}: " + (", ".join(f"{k}={v}" for k, v in o.items()) or "none") for m, o in opts.items()]
 
 
 def write_plots(report: dict, out_dir: str | Path) -> list[Path]:

@@ -68,7 +68,8 @@ def build_report(model: str, dtype: str, rows: dict[str, list[dict]], seconds: d
     joules, cpu_seconds = joules or {}, cpu_seconds or {}
     methods = {m: method_summary(rows[m], seconds[m], joules.get(m), cpu_seconds.get(m)) for m in rows}
     n_prompts = max((len(v) for v in rows.values()), default=0)
-    greedy = settings.get("temperature", 0.0) == 0.0
+    base_opts = (settings.get("method_options") or {}).get(baseline, {})
+    greedy = base_opts.get("temperature", settings.get("temperature", 0.0)) == 0.0
     if baseline in rows:
         compare_with(methods, rows, baseline, "speedup_vs_ar", "identical_to_ar" if greedy else None,
                      include_ref=False, ids_key="not_identical_ids")

@@ -21,13 +21,10 @@ from cllm.decoding import registry
 from cllm.data.datasets import read_json
 from cllm.errors import CllmError
 from cllm.fileio import atomic_write_text
-from cllm.eval.config import EvalConfig
+from cllm.eval.config import REFERENCE, EvalConfig
 
-SETTINGS_KEYS = ("model", "adapter", "base_model", "methods", "base_methods", "dataset", "prompts", "prompt_field", "split", "limit",
-                 "offset", "spread", "block_size", "max_new_tokens", "init", "dtype", "temperature", "top_k", "top_p",
-                 "seed", "draft", "gamma", "adaptive_gamma", "beam_width", "tau", "beam_replacement", "beam_weights",
-                 "n_blocks", "spawn_ratio", "n_recycle", "lookup_tokens", "lookahead_window", "lookahead_ngram",
-                 "lookahead_guesses")
+SETTINGS_KEYS = ("model", "adapter", "base_model", "methods", "base_methods", "dataset", "prompts", "prompt_field",
+                 "split", "limit", "offset", "spread", "max_new_tokens", "dtype", "seed", "draft")
 
 
 def new_run_id() -> str:
@@ -36,16 +33,30 @@ def new_run_id() -> str:
     return f"{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
 
 
-def settings_of(args, methods: list[str]) -> dict:
-    s = {k: getattr(args, k) for k in SETTINGS_KEYS}
+def settings_of(cfg: EvalConfig, methods: list[str]) -> dict:
+    """The eval's settings: its own keys, the decoding options as given, and every method's options in full
+    (`method_options`, from each method's options dataclass: defaults included, so two evals compare exactly)."""
+    s = {k: getattr(cfg, k) for k in SETTINGS_KEYS}
     s["methods"] = methods  # the resolved list, base_ar and base_<m> included
-    s["base_model"] = args.base_model or args.model
+    s["base_model"] = cfg.base_model or cfg.model
+    s["temperature"] = cfg.decoding.get("temperature", 0.0)
+    dcfg = cfg.decode_config()
+    s["method_options"] = {m: (dcfg.greedy() if m == REFERENCE else dcfg).settings(m.removeprefix("base_"))
+                           for m in methods}
     return s
 
 
 def _limit_grows(old, new) -> bool:
     """A larger --limit (or none) keeps the finished prompts; the row ids are checked against the prompts too."""
     return old is not None and (new is None or new > old)
+
+
+def _check_method_options(out_dir: Path, old: dict, new: dict) -> None:
+    """A method of the earlier eval must run with the same options (methods may be added)."""
+    for m in sorted(set(old) & set(new)):
+        if old[m] != new[m]:
+            raise CllmError(f"{out_dir} holds an eval where {m} ran with {old[m]}, this one has {new[m]}; use another "
+                            "--out-dir or --overwrite (finished rows are kept until then)")
 
 
 def _check_manifest(out_dir: Path, settings: dict, overwrite: bool, record_ids: list[str]) -> None:
@@ -68,7 +79,8 @@ def _check_manifest(out_dir: Path, settings: dict, overwrite: bool, record_ids: 
                             "--out-dir or --overwrite (finished rows are kept until then)")
         # A setting missing from the manifest was added to cllm after that eval started; the eval could not use it.
         # The method lists may grow (checked above); base_methods is part of the resolved `methods` list.
-        for k in sorted((set(old) | set(settings)) - {"methods", "base_methods"}):
+        _check_method_options(out_dir, old.get("method_options") or {}, settings["method_options"])
+        for k in sorted((set(old) | set(settings)) - {"methods", "base_methods", "method_options"}):
             if k == "limit" and k in old and _limit_grows(old[k], settings.get(k)):
                 continue
             if k in old and old.get(k) != settings.get(k):
@@ -124,8 +136,7 @@ def run_eval(cfg: EvalConfig) -> dict | None:
     from cllm.eval.harness import summary_markdown
 
     methods = cfg.method_names()
-    records = load_records(prompts=cfg.prompts, prompt_field=cfg.prompt_field, dataset=cfg.dataset, split=cfg.split,
-                           data_dir=cfg.data_dir, limit=cfg.limit, offset=cfg.offset, spread=cfg.spread)
+    records = load_records(cfg)
     out_dir = Path(cfg.out_dir)
     check_sandbox(cfg, records)
     ctx = distributed.setup()
@@ -191,11 +202,11 @@ def _decode_prompts(cfg: EvalConfig, ctx, records, todo: dict[int, list[str]], a
     check_fits_context(model, {records[i].id: format_prompt(tok, records[i].prompt) for i in todo},
                        cfg.max_new_tokens)
     run = _method_runner(cfg, model, base, tok, draft)
-    dcfg = registry.DecodeConfig.from_args(cfg)
+    dcfg = cfg.decode_config()
     running = [m for m in all_methods if any(m in ms for ms in todo.values())]
     if cfg.warmup:  # untimed
         warm = format_prompt(tok, records[next(iter(todo))].prompt)
-        short = registry.DecodeConfig.from_args(cfg, max_new_tokens=min(cfg.max_new_tokens, 2 * cfg.block_size))
+        short = cfg.decode_config(max_new_tokens=min(cfg.max_new_tokens, 32))
         for _ in range(cfg.warmup):
             for m in running:
                 run(m, warm, cfg.seed, short)

@@ -50,10 +50,20 @@ def divergence(teacher_logits: torch.Tensor, student_logits: torch.Tensor, kind:
     return d * temperature**2
 
 
-def _masked_mean(values: torch.Tensor, mask: torch.Tensor, normalizer=None, normalization: str = "token",
-                 example_scale: torch.Tensor | None = None) -> torch.Tensor:
-    """Reduce per-position `values` (B, K) over `mask` (B, K); see the module docstring for the two normalizations
-    (`normalizer` is the token one's, `example_scale` (B,) the original one's)."""
+@dataclass(frozen=True)
+class Reduction:
+    """How per-position values (B, K) become one loss (the module docstring's two normalizations): `normalizer` is
+    the "token" one's divisor (default: the counted positions), `example_scale` (B,) the "original" one's factor
+    per example."""
+
+    normalization: str = "token"
+    normalizer: object = None
+    example_scale: torch.Tensor | None = None
+
+
+def _masked_mean(values: torch.Tensor, mask: torch.Tensor, reduction: Reduction = Reduction()) -> torch.Tensor:
+    """Reduce per-position `values` (B, K) over `mask` (B, K) as `reduction` says."""
+    normalization, normalizer, example_scale = reduction.normalization, reduction.normalizer, reduction.example_scale
     if normalization not in NORMALIZATIONS:
         raise ValueError(f"unknown normalization {normalization!r}; choose one of {NORMALIZATIONS}")
     mask = mask.to(values.dtype)
@@ -71,8 +81,7 @@ def _masked_mean(values: torch.Tensor, mask: torch.Tensor, normalizer=None, norm
 
 def consistency_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: torch.Tensor,
                      kind: str = "forward_kl", beta: float = 0.5, temperature: float = 1.0,
-                     normalizer=None, normalization: str = "token",
-                     example_scale: torch.Tensor | None = None) -> torch.Tensor:
+                     reduction: Reduction = Reduction()) -> torch.Tensor:
     """Consistency loss over block positions: sum_i D(q(.|ctx, teacher state)_i || q(.|ctx, y(j))_i) / normalizer.
 
     Global consistency: the teacher logits come from the fixed point y*; local consistency: from the successor
@@ -81,12 +90,11 @@ def consistency_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
     The released trainers use the soft cross-entropy -sum p_t log p_s; forward KL differs from it by the teacher's
     entropy, a constant for the student: the same gradient, a value lower by that entropy.
     """
-    return _masked_mean(divergence(teacher_logits, student_logits, kind, beta, temperature), mask, normalizer,
-                        normalization, example_scale)
+    return _masked_mean(divergence(teacher_logits, student_logits, kind, beta, temperature), mask, reduction)
 
 
 def ar_loss(logits: torch.Tensor, target_ids: torch.Tensor, mask: torch.Tensor, label_smoothing: float = 0.0,
-            normalizer=None, normalization: str = "token") -> torch.Tensor:
+            reduction: Reduction = Reduction()) -> torch.Tensor:
     """Cross-entropy of `target_ids` (B, T) under `logits` (B, T, V) (already aligned: logits[:, t] predicts
     target_ids[:, t]), over positions where `mask` is set (prompt and padding masked)."""
     ce = F.cross_entropy(
@@ -95,7 +103,7 @@ def ar_loss(logits: torch.Tensor, target_ids: torch.Tensor, mask: torch.Tensor, 
         reduction="none",
         label_smoothing=label_smoothing,
     ).view(target_ids.shape)
-    return _masked_mean(ce, mask, normalizer, normalization)
+    return _masked_mean(ce, mask, reduction)
 
 
 def converged_prefix(student_logits: torch.Tensor, fixed_point: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -132,9 +140,9 @@ def packed_losses(logits: torch.Tensor, inputs: dict, s: LossSettings, block_nor
 
     scale = 1.0 / inputs["n_blocks"].clamp(min=1)
     cons = consistency_loss(pick(inputs["cons_student_idx"]), pick(inputs["cons_teacher_idx"]), inputs["block_mask"],
-                            s.divergence, s.jsd_beta, s.temperature, block_norm, s.normalization, scale)
-    ar = ar_loss(pick(inputs["ar_idx"]), inputs["ar_target"], inputs["ar_mask"], s.label_smoothing, ar_norm,
-                 s.normalization)
+                            s.divergence, s.jsd_beta, s.temperature, Reduction(s.normalization, block_norm, scale))
+    ar = ar_loss(pick(inputs["ar_idx"]), inputs["ar_target"], inputs["ar_mask"], s.label_smoothing,
+                 Reduction(s.normalization, ar_norm))
     return ar, cons, pick(inputs["student_idx"])
 
 
@@ -146,4 +154,4 @@ def base_kl_loss(logits: torch.Tensor, base_logits: torch.Tensor, inputs: dict, 
     vocab = logits.shape[-1]
     idx = inputs["ar_idx"].unsqueeze(-1).expand(-1, -1, vocab)
     return consistency_loss(logits.gather(1, idx), base_logits.gather(1, idx), inputs["ar_mask"], "forward_kl",
-                            normalizer=ar_norm, normalization=normalization)
+                            reduction=Reduction(normalization, ar_norm))

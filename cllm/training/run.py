@@ -289,14 +289,16 @@ def _jacobi_probe(cfg: TrainConfig, records: list[dict], tok, held_out: list[dic
 def _probe_decode(cfg: TrainConfig, model, tok, prompts: list[list[int]]) -> list:
     """Jacobi decoding of the prompts; for a gated adapter, gated decoding with its draft alone (no n-gram pool)."""
     from cllm.decoding import jacobi_decode
+    from cllm.decoding.options import GatedOptions, JacobiOptions
 
     if cfg.objective != "gated":
-        return jacobi_decode(model, tok, prompts, cfg.block_size, 4 * cfg.block_size)
-    from cllm.decoding.gated import GatedOptions, gated_decode
+        return jacobi_decode(model, tok, prompts, JacobiOptions(block_size=cfg.block_size), 4 * cfg.block_size)
+    from cllm.decoding.gated import gated_decode
 
+    # no pooled n-grams; prompt lookup of 7 tokens kept, as every recorded probe of rows g1 and g2 ran
     opts = GatedOptions(block_size=cfg.block_size, draft_input=cfg.draft_input, pool_candidates=0,
-                        mask_token_id=cfg.mask_token_id)
-    return [gated_decode(model, tok, p, 4 * cfg.block_size, opts) for p in prompts]
+                        lookup_tokens=7, mask_token_id=cfg.mask_token_id)
+    return [gated_decode(model, tok, p, opts, 4 * cfg.block_size) for p in prompts]
 
 
 def _first_prompt_ids(records: list[dict], n: int) -> list[list[int]]:
