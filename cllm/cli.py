@@ -36,11 +36,32 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Deprecation notices that libraries raise about each other's calls, not about anything the user wrote: PEFT asks
+# transformers 5 `is_gradient_checkpointing` when it loads an adapter, the Trainer reads `gradient_checkpointing`.
+QUIET_WARNINGS = (r"`is_gradient_checkpointing` is deprecated", r"`gradient_checkpointing` is deprecated")
+
+
+def quiet_known_warnings() -> None:
+    import warnings
+
+    for message in QUIET_WARNINGS:
+        warnings.filterwarnings("ignore", message=message, category=FutureWarning)
+    if not _has_cuda_driver():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # what DeepSpeed detects here anyway, without its warning
+
+
+def _has_cuda_driver() -> bool:
+    """Whether an NVIDIA driver is present (cheap: no torch import); DeepSpeed otherwise probes accelerators and
+    prints a line about it on every import."""
+    return os.path.exists("/proc/driver/nvidia/version")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the exit code (0 ok, 2 bad input) so tests can call it."""
     import importlib
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    quiet_known_warnings()
     parser = build_parser()
     args, rest = parser.parse_known_args(argv)
     module = importlib.import_module(SUBCOMMANDS[args.command][0])

@@ -47,6 +47,47 @@ def native_bf16(cpuinfo: str | None = None) -> bool | None:
     return any(f in flags.split() for f in BF16_FLAGS)
 
 
+def fast_dtype(device=None, cpuinfo: str | None = None) -> str:
+    """The fast compute dtype here: bf16 on CUDA and on CPUs with bf16 matrix instructions (AVX512_BF16, AMX),
+    fp32 elsewhere (bf16 is emulated there and slower). `cpuinfo` stands in for /proc/cpuinfo (tests)."""
+    forced = os.environ.get("CLLM_FAST_DTYPE")
+    if forced:  # a deliberate choice for every `auto` (the test suite pins fp32: exactness on every machine)
+        if forced not in ("fp32", "bf16", "fp16"):
+            from cllm.errors import CllmError
+
+            raise CllmError(f"$CLLM_FAST_DTYPE must be fp32, bf16 or fp16, got {forced!r}")
+        return forced
+    if device is not None and str(device).startswith("cuda"):
+        return "bf16"
+    return "bf16" if native_bf16(cpuinfo) else "fp32"
+
+
+def resolve_dtype(dtype, device=None, say: bool = False):
+    """`auto` -> `fast_dtype(device)` (one stderr line says which when `say`); any other value unchanged."""
+    if str(dtype).lower() != "auto":
+        return dtype
+    chosen = fast_dtype(device)
+    if say:
+        why = "CUDA" if str(device or "").startswith("cuda") else (
+            f"CPU with {'/'.join(BF16_FLAGS)}" if chosen == "bf16" else f"CPU without {'/'.join(BF16_FLAGS)}")
+        print(f"cllm: dtype auto -> {chosen} ({why})", file=sys.stderr)
+    return chosen
+
+
+def resolve_precision(trainer: dict, device=None) -> dict:
+    """TrainingArguments' `bf16`/`fp16` with `auto` (or neither given) resolved: bf16 where it is the fast dtype
+    (`fast_dtype`), full precision elsewhere."""
+    out = dict(trainer)
+    auto = [k for k in ("bf16", "fp16") if out.get(k) == "auto"]
+    for k in auto:
+        out.pop(k)
+    if out.get("bf16") is True or out.get("fp16") is True:  # the user's choice
+        return out
+    if auto or ("bf16" not in out and "fp16" not in out):
+        out["bf16"] = fast_dtype(device) == "bf16"
+    return out
+
+
 def machine_info() -> dict:
     import torch
 

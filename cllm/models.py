@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 from cllm.errors import CllmError
+from cllm.machine import resolve_dtype
 
 DTYPES = {
     "fp32": torch.float32,
@@ -258,8 +259,8 @@ def load_model(
 ):
     """Load `(model, tokenizer)` for a spec (alias, .gguf path, local folder or HF id), in eval mode.
 
-    `device_map="auto"` spreads a large model over the available GPUs (accelerate) and ignores `device`.
-    `adapter` is an optional PEFT adapter folder merged into the weights.
+    `dtype="auto"` is the machine's fast dtype (`cllm.machine.fast_dtype`); `device_map="auto"` spreads a large
+    model over the GPUs (accelerate) and ignores `device`; `adapter` is a PEFT adapter folder merged in.
     """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
@@ -267,7 +268,7 @@ def load_model(
     # The per-tensor "Loading weights" bar takes a second for our models and buries errors printed after it.
     hf_logging.disable_progress_bar()
     spec = str(spec)
-    torch_dtype = parse_dtype(dtype)
+    torch_dtype = parse_dtype(resolve_dtype(dtype, device))
     check_model_spec(spec, "model", adapter)
     check_device(None if device is None else str(device))
     if spec.endswith(".gguf"):
@@ -457,6 +458,7 @@ def load_draft(spec: str, target, target_tokenizer, dtype: str = "fp32", device=
     """The draft model for SpS/MTAD/assisted generation, checked against the target. A `cllm train-draft` folder
     whose cllm_draft.json lists a `vocab_subset` comes with its LM head cut to those tokens (`PrunedVocabDraft`);
     a folder written by `export_draft` borrows its embeddings and LM head (and tokenizer) from the target."""
+    dtype = resolve_dtype(dtype, device)
     if (Path(str(spec)) / DRAFT_WEIGHTS).is_file():
         draft = _load_published_draft(Path(str(spec)), target, dtype, device or next(target.parameters()).device)
         draft_tokenizer = target_tokenizer

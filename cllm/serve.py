@@ -627,6 +627,9 @@ def load_engine(*, model: str, adapter: str | None, draft: str | None, method: s
 
     check_model_spec(model, "--model", adapter)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    from cllm.machine import resolve_dtype
+
+    dtype = resolve_dtype(dtype, device, say=True)
     target, tok = load_model(model, dtype, device, adapter=adapter)
     draft_model = None
     if draft:

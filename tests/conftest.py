@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 VOCAB = 64
+
+# `dtype: auto` (and training's bf16 auto) resolve to fp32 in every test and every process a test starts, whatever
+# this machine's fast dtype: the tests compare outputs exactly. tests/test_machine.py tests auto itself.
+os.environ["CLLM_FAST_DTYPE"] = "fp32"
 
 
 def tiny_config(**overrides) -> LlamaConfig:

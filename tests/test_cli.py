@@ -46,7 +46,7 @@ def test_decode_with_compare_writes_consistent_report(tiny_model_dir, tmp_path, 
     assert {"index", "turns", "new_tokens", "wall_time", "decoding_steps", "accept_lengths"} <= choice.keys()
     assert sum(choice["accept_lengths"]) == choice["new_tokens"][0]
     assert [x["choices"][0]["turns"] for x in lines] == [x["choices"][0]["turns"] for x in ar_lines]
-    assert "speedup" in capsys.readouterr().out
+    assert "x_vs_ar" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize(

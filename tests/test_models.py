@@ -109,3 +109,16 @@ def test_plain_prompt_without_chat_template():
     assert format_prompt(tok, "w3 w4 w5") == [3, 4, 5]
     with pytest.raises(CllmError, match="empty prompt"):
         format_prompt(tok, "   ")
+
+
+def test_published_adapters_name_their_base_not_a_cache_path():
+    """A published adapter's config names its base model (`smollm2-135m`, resolved when loaded), never the
+    absolute cache folder of the machine that trained it."""
+    import json
+    from pathlib import Path
+
+    configs = sorted((Path(__file__).resolve().parents[1] / "models").glob("*/adapter_config.json"))
+    assert len(configs) >= 4
+    for path in configs:
+        base = json.loads(path.read_text())["base_model_name_or_path"]
+        assert not Path(base).is_absolute() and "/" not in base, (path, base)

@@ -51,3 +51,22 @@ def test_compare_with_by_hand():
     assert stats["base_x"] == {"tokens_per_second": 5.0, "up": 0.5}
     compare_with(stats, rows, "a", "vs_a", include_ref=False)
     assert "vs_a" not in stats["a"] and stats["ref"]["vs_a"] == 10.0 / 15.0 and "same" in stats["a"]
+
+
+def test_decode_table_labels_every_column_and_says_why_a_method_is_slower():
+    from cllm.eval.report import format_table
+
+    rows = {"ar": [row(0, [1, 2, 3, 4, 5, 6], 6, [1] * 6)], "jacobi": [row(0, [1, 2, 3, 4, 5, 6], 5, [2, 1, 1, 1, 1])]}
+    rep = build_report("m", "fp32", rows, {"ar": 3.0, "jacobi": 6.0},
+                       {"temperature": 0.0, "dtype_requested": "auto"})
+    text = format_table(rep)
+    head = text.splitlines()[1].split()
+    assert head == ["method", "tokens", "forwards", "tok/fwd", "max_acc", "tok/s", "x_vs_ar", "same_as_ar", "ppl"]
+    assert "dtype fp32 (auto)" in text.splitlines()[0]
+    jac = text.splitlines()[3].split()
+    assert jac[:8] == ["jacobi", "6", "5", "1.200", "2", "1.00", "0.500", "1.00"]  # max_acc filled, not "-"
+    for label in ("tok/fwd:", "max_acc:", "x_vs_ar:", "same_as_ar:", "ppl:"):
+        assert label in text
+    # 1.2 tokens per forward, each forward 2.4x an AR step (6 s / 5 against 3 s / 6): slower, and the line says so
+    assert "jacobi is 0.50x ar: it commits 1.20 tokens per forward, but each of its forwards took 2.40x an ar step" in text
+    assert "ar is" not in text.replace("jacobi is", "")

@@ -14,7 +14,8 @@ def add_model_arguments(p: argparse.ArgumentParser, default_method: str = "jacob
     p.add_argument("--draft", default=None, help="draft model for sps/mtad/hf_assisted")
     p.add_argument("--method", default=default_method, choices=registry.names(),
                    help="decoding method (default: %(default)s)")
-    p.add_argument("--dtype", default="fp32", choices=("fp32", "bf16", "fp16"), help="(default: %(default)s)")
+    p.add_argument("--dtype", default="auto", choices=("auto", "fp32", "bf16", "fp16"),
+                   help="auto: bf16 on CUDA or a CPU with AVX512_BF16/AMX, else fp32 (default: %(default)s)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available, else cpu)")
     registry.add_arguments(p)
 

@@ -34,7 +34,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     src.add_argument("--offset", type=int, default=0, help="skip this many prompts first")
     p.add_argument("--batch-size", type=int, default=1, help="prompts decoded together (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="seed for Jacobi initial guesses and sampling")
-    p.add_argument("--dtype", default="fp32", choices=("fp32", "bf16", "fp16", "fp64"), help="bf16 for speed, fp32 (or fp64) for exactness checks (default: %(default)s)")
+    p.add_argument("--dtype", default="auto", choices=("auto", "fp32", "bf16", "fp16", "fp64"),
+                   help="auto: the fast dtype here (bf16 on CUDA or a CPU with AVX512_BF16/AMX, else fp32); fp32 "
+                        "(or fp64) for exactness checks (default: %(default)s)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available, else cpu)")
     p.add_argument("--device-map", default=None, help="'auto' spreads a large model over the GPUs (accelerate)")
     p.add_argument("--warmup", type=int, default=1, help="untimed warm-up runs per method (default: %(default)s)")
@@ -102,8 +104,12 @@ def run(args) -> None:
     records = load_records(args)
     ctx = distributed.setup()
     try:
+        from cllm.machine import resolve_dtype
+
         methods = method_list(args)
-        model, tokenizer, draft = _load_models(args, ctx.device() if args.device is None else args.device, methods)
+        device = ctx.device() if args.device is None else args.device
+        args.dtype_requested, args.dtype = args.dtype, resolve_dtype(args.dtype, device)  # both in the report
+        model, tokenizer, draft = _load_models(args, device, methods)
         mine = ctx.shard(list(range(len(records))))
         prompt_ids = _prompt_ids(model, tokenizer, records, mine, cfg.max_new_tokens)
         if mine and args.warmup:  # untimed: first calls pay for allocation and kernel selection
@@ -201,7 +207,7 @@ def _report(args, cfg, ctx, methods: list[str], gathered: list[dict]) -> tuple[d
     seconds = {m: sum(g["seconds"][m] for g in gathered) for m in methods}
     joules = {m: None if any(g["joules"][m] is None for g in gathered) else sum(g["joules"][m] for g in gathered)
               for m in methods}
-    settings = {"max_new_tokens": cfg.max_new_tokens, "batch_size": args.batch_size, "world_size": ctx.world_size,
+    settings = {"dtype_requested": args.dtype_requested, "max_new_tokens": cfg.max_new_tokens, "batch_size": args.batch_size, "world_size": ctx.world_size,
                 "adapter": args.adapter, "seed": args.seed, "draft": args.draft,
                 "temperature": cfg.options.get("temperature", 0.0), **cfg.options,
                 "method_options": {m: cfg.settings(m) for m in methods}}

@@ -37,7 +37,8 @@ class EvalConfig:
     limit: int | None = opt(None, "prompts (per dataset)")
     offset: int = opt(0, "skip this many prompts first")
     spread: bool = opt(False, "--limit prompts evenly spaced over each dataset")
-    dtype: str = opt("bf16", "weights and activations", ("fp32", "bf16", "fp16", "fp64"))
+    dtype: str = opt("auto", "weights and activations; auto: bf16 on CUDA or a CPU with AVX512_BF16/AMX, else fp32 "
+                             "(the resolved one is recorded)", ("auto", "fp32", "bf16", "fp16", "fp64"))
     device: str | None = opt(None, "cpu, cuda, cuda:1 (default: cuda if available, else cpu)")
     draft: str | None = opt(None, "sps/mtad/hf_assisted: draft model")
     seed: int = opt(0, "seed of initial guesses and sampling")

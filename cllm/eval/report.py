@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import textwrap
+
 import time
 
 
@@ -140,20 +142,44 @@ def answer_line(row: dict, model_id: str) -> dict:
 
 
 def format_table(report: dict) -> str:
+    """The table `cllm decode` prints: every column labelled (a legend below it), each method's own figures filled
+    (draft statistics only where a method drafts), and one line per method slower than AR saying why."""
     def fmt(x, spec):
         return "-" if x is None else format(x, spec)
 
-    hf = "hf" in report["methods"]
-    head = (f"{'method':<10} {'tokens':>7} {'fwd':>6} {'tok/fwd':>8} {'tok/s':>7} {'speedup':>8} {'identical':>9} "
-            + (f"{'vs_hf':>7} " if hf else "") + f"{'accept':>6} {'blk_eff':>7} {'ppl':>7}")
-    lines = [f"model {report['model']}  dtype {report['dtype']}  prompts {report['n_prompts']}", head]
-    for m, s in report["methods"].items():
+    methods = report["methods"]
+    hf = "hf" in methods
+    drafts = any(s.get("acceptance_rate") is not None for s in methods.values())
+    auto = " (auto)" if report.get("settings", {}).get("dtype_requested") == "auto" else ""
+    head = (f"{'method':<12} {'tokens':>7} {'forwards':>8} {'tok/fwd':>8} {'max_acc':>7} {'tok/s':>7} "
+            f"{'x_vs_ar':>8} {'same_as_ar':>10} " + (f"{'x_vs_hf':>7} " if hf else "")
+            + (f"{'draft_acc':>9} {'blk_eff':>7} " if drafts else "") + f"{'ppl':>7}")
+    lines = [f"model {report['model']}  dtype {report['dtype']}{auto}  prompts {report['n_prompts']}", head]
+    for m, s in methods.items():
         vs_hf = 1.0 if m == "hf" else s.get("speedup_vs_hf")
+        vs_ar = 1.0 if m == "ar" else s.get("speedup_vs_ar")
+        same = 1.0 if m == "ar" else s.get("identical_to_ar")
         lines.append(
-            f"{m:<10} {s['new_tokens']:>7} {s['forwards']:>6} {fmt(s['tokens_per_forward'], '.3f'):>8} "
-            f"{fmt(s['tokens_per_second'], '.2f'):>7} {fmt(s.get('speedup_vs_ar'), '.3f'):>8} "
-            f"{fmt(s.get('identical_to_ar'), '.2f'):>9} " + (f"{fmt(vs_hf, '.3f'):>7} " if hf else "")
-            + f"{fmt(s.get('acceptance_rate'), '.3f'):>6} "
-            f"{fmt(s.get('block_efficiency'), '.3f'):>7} {fmt(s.get('perplexity'), '.3f'):>7}"
-        )
+            f"{m:<12} {s['new_tokens']:>7} {s['forwards']:>8} {fmt(s['tokens_per_forward'], '.3f'):>8} "
+            f"{fmt(s.get('max_accept_length'), 'd'):>7} {fmt(s['tokens_per_second'], '.2f'):>7} "
+            f"{fmt(vs_ar, '.3f'):>8} {fmt(same, '.2f'):>10} " + (f"{fmt(vs_hf, '.3f'):>7} " if hf else "")
+            + (f"{fmt(s.get('acceptance_rate'), '.3f'):>9} {fmt(s.get('block_efficiency'), '.3f'):>7} "
+               if drafts else "") + f"{fmt(s.get('perplexity'), '.3f'):>7}")
+    legend = ("tok/fwd: tokens committed per forward pass; max_acc: most tokens one forward committed; x_vs_ar: "
+              "wall-clock speed-up over ar in this run; same_as_ar: share of outputs token-identical to ar's"
+              + ("; x_vs_hf: speed-up over Hugging Face generate" if hf else "")
+              + ("; draft_acc: share of drafted tokens accepted; blk_eff: tokens per draft-verify round"
+                 if drafts else "") + "; ppl: perplexity of the output under the model")
+    lines += ["", textwrap.fill(legend, 118)]
+    lines += [textwrap.fill(why, 118) for m, s in methods.items() if (why := _why_slower(m, s, methods.get("ar")))]
     return "\n".join(lines)
+
+
+def _why_slower(name: str, s: dict, ar: dict | None) -> str | None:
+    """One line for a method slower than AR: its tokens per forward against what one of its forwards cost here."""
+    if ar is None or name == "ar" or not s.get("speedup_vs_ar") or s["speedup_vs_ar"] >= 1 or not s["forwards"]:
+        return None
+    cost = (s["wall_time_s"] / s["forwards"]) / (ar["wall_time_s"] / ar["forwards"])
+    return (f"{name} is {s['speedup_vs_ar']:.2f}x ar: it commits {s['tokens_per_forward']:.2f} tokens per forward, "
+            f"but each of its forwards took {cost:.2f}x an ar step here (a wider input, plus its own work); it gains "
+            "only where tokens per forward exceed that cost (bench/window_cost.py measures a window's cost)")

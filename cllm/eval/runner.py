@@ -141,6 +141,9 @@ def run_eval(cfg: EvalConfig) -> dict | None:
     check_sandbox(cfg, records)
     ctx = distributed.setup()
     try:
+        from cllm.machine import resolve_dtype
+
+        cfg.dtype = resolve_dtype(cfg.dtype, cfg.device or ctx.device())  # recorded (and shown) resolved
         settings = settings_of(cfg, methods)
         if ctx.is_main:
             out_dir.mkdir(parents=True, exist_ok=True)

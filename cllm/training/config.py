@@ -112,7 +112,8 @@ class TrainConfig:
                                        "a generalisation curve at the cost of a few decodes")
     trainer: dict = opt({}, "Hugging Face TrainingArguments, passed through: any of its fields, in YAML at the top "
                             "level or under trainer:, on the command line as its flag (--learning-rate 1e-4 "
-                            "--max-steps 200 --save-steps 50 --deepspeed ds.json --bf16 ...). Defaults that differ "
+                            "--max-steps 200 --save-steps 50 --deepspeed ds.json --bf16 ...); bf16/fp16 unset or auto: bf16 "
+                            "where it is the fast dtype (CUDA, a CPU with AVX512_BF16/AMX). Defaults that differ "
                             f"from transformers': {TRAINER_DEFAULTS}", pass_through=True)
 
     @staticmethod
@@ -186,7 +187,9 @@ class TrainConfig:
 
     def training_arguments(self) -> dict:
         """The keyword arguments of `TrainingArguments`: the defaults above, then the given ones."""
-        return {**TRAINER_DEFAULTS, **self.trainer, "output_dir": self.output_dir}
+        from cllm.machine import resolve_precision
+
+        return resolve_precision({**TRAINER_DEFAULTS, **self.trainer, "output_dir": self.output_dir})
 
     @property
     def seed(self) -> int:
@@ -244,4 +247,6 @@ class DraftConfig:
             raise CllmError(f"--held-out must be >= 0, got {self.held_out}")
 
     def training_arguments(self) -> dict:
-        return {**DRAFT_TRAINER_DEFAULTS, **self.trainer, "output_dir": self.output_dir}
+        from cllm.machine import resolve_precision
+
+        return resolve_precision({**DRAFT_TRAINER_DEFAULTS, **self.trainer, "output_dir": self.output_dir})
