@@ -139,3 +139,29 @@ def test_help_of_every_command_loads_no_torch():
                 "print('torch' in sys.modules, 'transformers' in sys.modules)")
         out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO)
         assert out.stdout.split() == ["False", "False"], command
+
+
+def test_decode_prints_no_library_warnings(tiny_model_dir, tmp_path):
+    """A new user's first screen is the answer: no DeepSpeed accelerator line, no FutureWarning that transformers
+    raises about PEFT's calls (an adapter load triggers it), neither for --help nor for a decode with an adapter."""
+    import subprocess
+    import sys
+
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    adapter = tmp_path / "adapter"
+    lora = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir),
+                          LoraConfig(r=2, target_modules=["q_proj"]))
+    lora.save_pretrained(adapter)
+    # DeepSpeed imported after the command started, as `cllm train` does (it logs its accelerator line to stdout)
+    code = "import sys; from cllm.cli import main; rc = main(sys.argv[1:]); import deepspeed; sys.exit(rc)"
+    for args in (["decode", "--help"],
+                 ["decode", "--model", str(tiny_model_dir), "--adapter", str(adapter), "--prompt", "w3 w4",
+                  "--method", "ar", "--max-new-tokens", "3", "--quiet"]):
+        out = subprocess.run([sys.executable, "-W", "default", "-c", code, *args], capture_output=True, text=True,
+                             env={**__import__("os").environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+        assert out.returncode == 0, out.stderr
+        lines = (out.stdout + out.stderr).splitlines()
+        noise = [line for line in lines if "Warning" in line or "accelerator to" in line.lower()]
+        assert noise == [], noise
