@@ -154,7 +154,7 @@ def test_packed_losses_equal_block_by_block_separate_forwards(noisy_context):
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                    position_ids=batch["position_ids"]).logits
     for kind in ("forward_kl", "jsd"):
-        s = LossSettings(divergence=kind, normalization="token")
+        s = LossSettings(divergence=kind, loss_normalization="token")
         ar, cons, _ = packed_losses(logits, batch, s)
 
         def sep(seq, k):  # logits predicting the last k tokens of seq, from a plain causal forward

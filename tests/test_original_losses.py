@@ -157,7 +157,7 @@ def test_jacobi_forcing_today_scale_is_about_t_times_heavier():
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                    position_ids=batch["position_ids"]).logits
     _, original, _ = packed_losses(logits, batch, LossSettings())
-    _, token, _ = packed_losses(logits, batch, LossSettings(normalization="token"))
+    _, token, _ = packed_losses(logits, batch, LossSettings(loss_normalization="token"))
     assert token.item() == pytest.approx(3 * original.item(), rel=1e-6)  # T = 3 blocks
 
 
@@ -223,3 +223,17 @@ def test_label_smoothing_defaults_follow_the_objective(tmp_path):
     cfg = resolve(TrainConfig, base)
     assert (cfg.loss_normalization, cfg.consistency_positions, cfg.ar_scope) == ("original", "original",
                                                                                  "prompt_and_answer")
+
+
+def test_loss_settings_come_from_the_train_config_by_name():
+    """LossSettings' fields are TrainConfig's under the same names: built by keyword, nothing renamed."""
+    import dataclasses
+
+    from cllm.training.config import TrainConfig
+
+    cfg = TrainConfig(data=["x"], output_dir="y", ar_weight=3.0, consistency_weight=2.0, divergence="jsd",
+                      jsd_beta=0.3, temperature=2.0, label_smoothing=0.05, loss_normalization="token")
+    s = LossSettings.from_config(cfg)
+    assert {f.name for f in dataclasses.fields(LossSettings)} <= {f.name for f in dataclasses.fields(TrainConfig)}
+    assert (s.ar_weight, s.consistency_weight, s.divergence, s.jsd_beta, s.temperature, s.label_smoothing,
+            s.loss_normalization) == (3.0, 2.0, "jsd", 0.3, 2.0, 0.05, "token")

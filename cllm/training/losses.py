@@ -14,6 +14,7 @@ A fully masked input gives 0, never NaN.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -115,7 +116,8 @@ def converged_prefix(student_logits: torch.Tensor, fixed_point: torch.Tensor, ma
 @dataclass
 class LossSettings:
     """The objective's weights and options, as `CllmTrainer` applies them: ar_weight * AR + consistency_weight *
-    consistency (+ base_kl_weight * KL(base || model))."""
+    consistency (+ base_kl_weight * KL(base || model)). The fields are `TrainConfig`'s, under the same names
+    (`from_config`)."""
 
     ar_weight: float = 10.0
     consistency_weight: float = 1.0
@@ -124,7 +126,12 @@ class LossSettings:
     temperature: float = 1.0
     label_smoothing: float = 0.0
     base_kl_weight: float = 0.0
-    normalization: str = "original"  # NORMALIZATIONS
+    loss_normalization: str = "original"  # NORMALIZATIONS
+
+    @classmethod
+    def from_config(cls, cfg) -> "LossSettings":
+        """The settings from a config with these fields (TrainConfig), by name."""
+        return cls(**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(cls)})
 
 
 def packed_losses(logits: torch.Tensor, inputs: dict, s: LossSettings, block_norm=None, ar_norm=None):
@@ -140,9 +147,9 @@ def packed_losses(logits: torch.Tensor, inputs: dict, s: LossSettings, block_nor
 
     scale = 1.0 / inputs["n_blocks"].clamp(min=1)
     cons = consistency_loss(pick(inputs["cons_student_idx"]), pick(inputs["cons_teacher_idx"]), inputs["block_mask"],
-                            s.divergence, s.jsd_beta, s.temperature, Reduction(s.normalization, block_norm, scale))
+                            s.divergence, s.jsd_beta, s.temperature, Reduction(s.loss_normalization, block_norm, scale))
     ar = ar_loss(pick(inputs["ar_idx"]), inputs["ar_target"], inputs["ar_mask"], s.label_smoothing,
-                 Reduction(s.normalization, ar_norm))
+                 Reduction(s.loss_normalization, ar_norm))
     return ar, cons, pick(inputs["student_idx"])
 
 

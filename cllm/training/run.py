@@ -143,9 +143,7 @@ def build_trainer(cfg: TrainConfig, model, tok, dataset, collator, probe=None):
     args = TrainingArguments(**{"use_cpu": not torch.cuda.is_available(), **cfg.training_arguments()})
     return CllmTrainer(
         model=model, args=args, train_dataset=dataset, data_collator=collator, processing_class=tok,
-        loss_settings=LossSettings(cfg.ar_weight, cfg.consistency_weight, cfg.divergence, cfg.jsd_beta,
-                                   cfg.temperature, cfg.label_smoothing, cfg.base_kl_weight,
-                                   cfg.loss_normalization),
+        loss_settings=LossSettings.from_config(cfg),
         jacobi_probe=probe,
         callbacks=[seal_callback()],  # first: every checkpoint is sealed before anything else sees it
     )

@@ -3,7 +3,7 @@
 
 Only public hooks are overridden: `compute_loss` (the objective), `log` (per-term metrics and the optional Jacobi
 tokens-per-forward probe) and `get_batch_samples` (token counts of the whole gradient-accumulation window, so
-that with `normalization="token"` each loss is a sum over the window's tokens divided by their number, whatever
+that with `loss_normalization="token"` each loss is a sum over the window's tokens divided by their number, whatever
 the micro-batch split). The objective itself (CLLM or Jacobi Forcing) lives in the collator: both pack an example
 so that one forward gives the student, teacher and AR logits, and name their positions with the same index
 tensors; the losses over them are `cllm.training.losses.packed_losses`.
@@ -74,7 +74,7 @@ class CllmTrainer(Trainer):
         logits = out.logits  # (B, T, V)
         vocab = logits.shape[-1]
         block_norm = ar_norm = None
-        if model.training and self._window and s.normalization == "token":
+        if model.training and self._window and s.loss_normalization == "token":
             # Trainer divides the returned loss by the number of micro-batches; these normalizers undo that so the
             # window's loss is sum(tokens) / count(tokens).
             block_norm = self._window["block"] / self._window["steps"]
@@ -84,7 +84,7 @@ class CllmTrainer(Trainer):
         base_kl = None
         if s.base_kl_weight > 0:
             base_logits = adapter_off_logits(self.accelerator.unwrap_model(model), model, inputs)
-            base_kl = base_kl_loss(logits, base_logits, inputs, ar_norm, s.normalization)
+            base_kl = base_kl_loss(logits, base_logits, inputs, ar_norm, s.loss_normalization)
             del base_logits
             loss = loss + s.base_kl_weight * base_kl
         if not torch.isfinite(loss):
