@@ -22,7 +22,8 @@ import torch
 def main(argv=None) -> int:
     from cllm.training.losses import ar_loss
     from cllm.models import load_model
-    from cllm.training.train_data import PackedCollator, TrajectoryDataset, read_records
+    from cllm.training.objectives.cllm import PackedCollator, TrajectoryDataset
+    from cllm.training.records import read_records
     from cllm.training.losses import LossSettings
     from cllm.training.trainer import CllmTrainer
 

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from cllm.training.batch import check_packed_batch, pad_rows, pad_stream
-from cllm.training.jacobi_forcing import JacobiForcingCollator
-from cllm.training.train_data import PackedCollator
+from cllm.training.objectives.jacobi_forcing import JacobiForcingCollator
+from cllm.training.objectives.cllm import PackedCollator
 
 
 def test_pad_rows_and_pad_stream_by_hand():

@@ -10,7 +10,7 @@ import sys
 import pytest
 
 from cllm.cli import main
-from cllm.eval.harness import REFERENCE
+from cllm.eval.summary import REFERENCE
 from conftest import save_tiny_model
 from test_cli import REPO
 
@@ -285,7 +285,7 @@ def test_eval_torchrun_two_ranks_equal_one_process(tiny_model_dir, tmp_path):
 
 
 def test_energy_per_token_only_where_every_row_measured_it():
-    from cllm.eval.harness import summarize
+    from cllm.eval.summary import summarize
 
     def row(tokens, joules):
         return {"new_tokens": tokens, "forwards": tokens, "seconds": 1.0, "cpu_seconds": 2.0, "accept_lengths": [1],

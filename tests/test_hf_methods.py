@@ -145,7 +145,7 @@ def _row(method, index, dataset, tokens, seconds, token_ids):
 
 
 def test_each_dataset_is_compared_with_hf_and_own_ar_over_its_own_prompts():
-    from cllm.eval.harness import build_eval_report, summary_markdown
+    from cllm.eval.summary import build_eval_report, summary_markdown
 
     # prompt 0 is gsm8k, prompt 1 humaneval; jacobi matches the checkpoint's own AR on gsm8k only
     rows = {"base_ar": [_row("base_ar", 0, "gsm8k", 10, 1.0, [1]), _row("base_ar", 1, "humaneval", 10, 1.0, [2])],

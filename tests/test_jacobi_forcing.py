@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from cllm.errors import CllmError
-from cllm.training.jacobi_forcing import (
+from cllm.training.objectives.jacobi_forcing import (
     CLEAN,
     NOISY,
     JacobiForcingCollator,
@@ -301,7 +301,7 @@ def test_base_kl_run_logs_the_term_and_needs_lora(tiny_model_dir, traj_dir, tmp_
 
 
 def test_first_prompts_keeps_the_first_ids_in_numeric_order():
-    from cllm.training.train_data import first_prompts
+    from cllm.training.records import first_prompts
 
     recs = [{"data_id": i, "block_index": b} for i in (10, 2, 33, 2, 9) for b in (0,)]
     assert sorted({r["data_id"] for r in first_prompts(recs, 2)}) == [2, 9]

@@ -8,10 +8,11 @@ import pytest
 import torch
 
 from cllm.models import load_model
-from cllm.training.jacobi_forcing import JacobiForcingCollator
+from cllm.training.objectives.jacobi_forcing import JacobiForcingCollator
 from cllm.training.losses import LossSettings, converged_prefix, packed_losses
 from cllm.training.run import train
-from cllm.training.train_data import PackedCollator, TrajectoryDataset, read_records
+from cllm.training.objectives.cllm import PackedCollator, TrajectoryDataset
+from cllm.training.records import read_records
 from test_train import train_cfg, traj_dir  # noqa: F401  (the module's fixture: a small `cllm gen` folder)
 
 

@@ -18,8 +18,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from cllm.training.jacobi_forcing import JacobiForcingCollator
-from cllm.training.train_data import PackedCollator
+from cllm.training.objectives.jacobi_forcing import JacobiForcingCollator
+from cllm.training.objectives.cllm import PackedCollator
 from cllm.training.losses import LossSettings, packed_losses
 from conftest import tiny_model
 

@@ -11,8 +11,8 @@ import yaml
 from experiments.ablation.table import ablation_markdown, ablation_row
 from cllm.cli import main
 from cllm.errors import CllmError
-from cllm.eval.harness import per_prompt_speedups, quantile
-from cllm.eval.harness import summarize as summarize_method
+from cllm.eval.summary import per_prompt_speedups, quantile
+from cllm.eval.summary import summarize as summarize_method
 from cllm.eval.runner import read_rows
 from experiments.ablation.plot import plot_ablation, speedup_heights
 from experiments.ablation.table import main as ablation_main

@@ -19,7 +19,7 @@ from cllm.data.collect import generate
 from cllm.training.config import TrainConfig
 from cllm.training.run import train
 from cllm.config import resolve
-from cllm.training.train_data import CONTEXT, FIXED, LABELS, NEXT, PAD, PROMPT, STATE, PackedCollator, segment_mask
+from cllm.training.objectives.cllm import CONTEXT, FIXED, LABELS, NEXT, PAD, PROMPT, STATE, PackedCollator, segment_mask
 from cllm.data.trajectories import GenConfig
 from cllm.decoding.options import JacobiOptions
 from conftest import tiny_model
@@ -281,7 +281,7 @@ def test_cost_log_cuts_a_killed_segment_back_to_the_resumed_checkpoint(tmp_path)
 
 
 def test_drop_looping_leaves_out_whole_looping_responses(capsys, tiny_model_dir, traj_dir, tmp_path):
-    from cllm.training.train_data import drop_looping
+    from cllm.training.records import drop_looping
 
     def rec(data_id, block, context, fixed_point):
         return {"data_id": data_id, "block_index": block, "prompt_ids": [9, 9] + context, "prompt_len": 2,

@@ -133,7 +133,7 @@ def run_eval(cfg: EvalConfig) -> dict | None:
     """Run (or resume, or extend) the eval; rank 0 returns the report, other ranks None."""
     from cllm import distributed
     from cllm.data.datasets import load_records
-    from cllm.eval.harness import summary_markdown
+    from cllm.eval.summary import summary_markdown
 
     methods = cfg.method_names()
     records = load_records(cfg)
@@ -267,7 +267,7 @@ def check_sandbox(cfg: EvalConfig, records) -> str | None:
 def _quality_scorer(cfg: EvalConfig, records, base):
     """quality(row, record, prompt ids) -> the row with its mean log-probability under the base, correctness and
     degeneracy."""
-    from cllm.eval.harness import score
+    from cllm.eval.summary import score
     from cllm.eval.metrics import token_logprobs
     from cllm.eval.quality import is_degenerate
 
@@ -299,7 +299,7 @@ def finish(out_dir: Path, settings: dict, all_methods: list[str], n_prompts: int
            partial: bool = False) -> dict:
     """Merge every rank's rows into report.json, summary.md, answers/<method>.jsonl and the plots; `partial`
     (--report-only) reports the prompts every method finished when others are not."""
-    from cllm.eval.harness import build_eval_report, summary_markdown, write_plots
+    from cllm.eval.summary import build_eval_report, summary_markdown, write_plots
     from cllm.eval.report import answer_line
 
     rows: dict[str, dict[int, dict]] = {m: {} for m in all_methods}

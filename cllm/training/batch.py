@@ -1,6 +1,6 @@
 """The packed batch: what every objective's collator produces and `CllmTrainer` reads, and the padding both use.
 
-An objective (CLLM: `train_data.PackedCollator`; Jacobi Forcing: `jacobi_forcing.JacobiForcingCollator`) packs
+An objective (CLLM: `objectives.cllm.PackedCollator`; Jacobi Forcing: `objectives.jacobi_forcing.JacobiForcingCollator`) packs
 each example into one sequence whose single forward gives every logit its losses need, and pads a batch into
 these keys (B examples, T packed tokens, K consistency slots: n for CLLM, J*n for J blocks of Jacobi Forcing,
 A AR pairs):

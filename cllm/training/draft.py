@@ -99,7 +99,7 @@ def dataset_sequences(tokenizer, names: list[str], split: str | None, data_dir, 
 
 def trajectory_sequences(paths: list[str]) -> list[list[int]]:
     """Whole prompt + answer sequences rebuilt from `cllm gen` output: the target's own greedy answers."""
-    from cllm.training.train_data import read_records
+    from cllm.training.records import read_records
 
     last = {}
     for r in read_records(paths):

@@ -33,7 +33,7 @@ def _prepare_environment(cfg: TrainConfig) -> None:
 
 def build_dataset(cfg: TrainConfig, tok, vocab_size: int):
     """(dataset, collator, records, held-out records) for the objective; the records are checked first."""
-    from cllm.training.train_data import check_records, drop_looping, read_records
+    from cllm.training.records import check_records, drop_looping, read_records
 
     records = read_records(cfg.data)
     if cfg.drop_looping:
@@ -47,8 +47,8 @@ def build_dataset(cfg: TrainConfig, tok, vocab_size: int):
 
 
 def _cllm_data(cfg: TrainConfig, tok, records: list[dict]):
-    """CLLM: one trajectory state per example, packed with its block's teacher (`train_data`)."""
-    from cllm.training.train_data import PackedCollator, TrajectoryDataset
+    """CLLM: one trajectory state per example, packed with its block's teacher (`objectives.cllm`)."""
+    from cllm.training.objectives.cllm import PackedCollator, TrajectoryDataset
 
     for r in records:  # bound the memory of long contexts: keep the context's end
         if len(r["prompt_ids"]) > cfg.max_context_tokens:
@@ -64,7 +64,7 @@ def _cllm_data(cfg: TrainConfig, tok, records: list[dict]):
 
 def _jacobi_forcing_data(cfg: TrainConfig, tok, records: list[dict]):
     """Jacobi Forcing: whole responses as noisy/clean block pairs (`jacobi_forcing`)."""
-    from cllm.training.jacobi_forcing import JacobiForcingCollator, JacobiForcingDataset
+    from cllm.training.objectives.jacobi_forcing import JacobiForcingCollator, JacobiForcingDataset
 
     dataset = JacobiForcingDataset(records, cfg.noise_window, cfg.max_blocks or None, cfg.max_context_tokens,
                                    cfg.noise_shifts)
@@ -75,8 +75,8 @@ def _jacobi_forcing_data(cfg: TrainConfig, tok, records: list[dict]):
 
 def _gated_data(cfg: TrainConfig, tok, records: list[dict]):
     """Gated: Jacobi Forcing's clean-context packing, the noisy blocks at gate 1 (`gated`)."""
-    from cllm.training.gated import GatedCollator
-    from cllm.training.jacobi_forcing import JacobiForcingDataset
+    from cllm.training.objectives.gated import GatedCollator
+    from cllm.training.objectives.jacobi_forcing import JacobiForcingDataset
 
     dataset = JacobiForcingDataset(records, cfg.noise_window, cfg.max_blocks or None, cfg.max_context_tokens,
                                    cfg.noise_shifts)
@@ -89,7 +89,7 @@ OBJECTIVES = {"cllm": _cllm_data, "jacobi_forcing": _jacobi_forcing_data, "gated
 
 def _select_prompts(cfg: TrainConfig, records: list[dict]) -> tuple[list[dict], list[dict]]:
     """(the records of the first --max-prompts prompts, the records of the prompts left out for the held-out probe)."""
-    from cllm.training.train_data import first_prompts
+    from cllm.training.records import first_prompts
 
     if not cfg.max_prompts:
         return records, []

@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 from cllm.errors import CllmError
-from cllm.eval.harness import per_prompt_speedups, quantile
+from cllm.eval.summary import per_prompt_speedups, quantile
 
 
 # Loss settings that depart from the released trainers' (TrainConfig's defaults), as the table names them.

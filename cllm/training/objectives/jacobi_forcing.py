@@ -43,7 +43,7 @@ import torch
 
 from cllm.errors import CllmError
 from cllm.training.batch import pad_rows, pad_stream
-from cllm.training.train_data import AR_SCOPES, CONSISTENCY_POSITIONS, additive_mask, check_choice, first_mismatch
+from cllm.training.objectives.cllm import AR_SCOPES, CONSISTENCY_POSITIONS, additive_mask, check_choice, first_mismatch
 
 # Stream ids of the packed sequence.
 PROMPT, NOISY, CLEAN, PAD = 0, 1, 2, -1

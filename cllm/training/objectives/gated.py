@@ -1,6 +1,6 @@
 """The gated objective: a gated LoRA adapter (`cllm.decoding.gate`) learns to draft, the base model stays the base.
 
-Examples are Jacobi Forcing's clean-context packing (`cllm.training.jacobi_forcing`), `[prompt][k_0][c_0][k_1]
+Examples are Jacobi Forcing's clean-context packing (`cllm.training.objectives.jacobi_forcing`), `[prompt][k_0][c_0][k_1]
 [c_1] ...`, where a noisy block k_j sees the prompt, the clean blocks c_<j and itself. The prompt and the clean
 blocks run at gate 0 (the base, untouched: their K/V are what the decoder's cache holds), the noisy blocks at
 gate 1 (base + adapter: the draft). The student is the draft's prediction at k_j[t] of token t+1, the teacher the
@@ -15,8 +15,8 @@ tokens, so the draft predicts the next tokens from the committed text alone.
 
 from __future__ import annotations
 
-from cllm.training.jacobi_forcing import JacobiForcingCollator
-from cllm.training.train_data import first_mismatch
+from cllm.training.objectives.jacobi_forcing import JacobiForcingCollator
+from cllm.training.objectives.cllm import first_mismatch
 
 
 class GatedCollator(JacobiForcingCollator):
