@@ -8,7 +8,7 @@ import pytest
 
 from cllm import config
 from cllm.training.config import DraftConfig
-from cllm.commands.pipeline import PipelineConfig, eval_config, plan
+from cllm.pipeline import PipelineConfig, eval_config, plan
 from cllm.training.config import TrainConfig
 from cllm.data.trajectories import GenConfig
 

@@ -16,6 +16,7 @@ FORBIDDEN = {
     "cllm.training": ("cllm.eval", "cllm.commands", "cllm.serve"),
     "cllm.eval": ("cllm.training", "cllm.commands", "cllm.serve"),
     "cllm.serve": ("cllm.commands",),
+    "cllm.pipeline": ("cllm.commands", "cllm.serve"),
     "cllm.models": ("cllm.data", "cllm.training", "cllm.eval", "cllm.commands", "cllm.serve"),
 }
 
