@@ -17,11 +17,12 @@ from pathlib import Path
 from cllm import config
 from cllm.config import opt
 from cllm.errors import CllmError
+from cllm.models import DEFAULT_MODEL
 
 
 @dataclass
 class PipelineConfig:
-    model: str = opt("smollm2-135m", "base model of every stage")
+    model: str = opt(DEFAULT_MODEL, "base model of every stage")
     out_dir: str | None = opt(None, "folder of the stages: trajectories/, train/, eval/")
     gen: dict = opt({}, "`cllm gen` options (GenConfig keys; model and out are set here)")
     train: dict = opt({}, "`cllm train` options (TrainConfig keys; model, data, output_dir and resume are set here)")

@@ -621,18 +621,13 @@ def serve(engine: Engine, host: str = "127.0.0.1", port: int = 8000, log_level: 
 def load_engine(*, model: str, adapter: str | None, draft: str | None, method: str, dtype: str, device: str | None,
                 cfg, limits: Limits | None = None) -> Engine:
     """Load the model (with its adapter) and the draft, checked against each other, into an `Engine`."""
-    import torch
+    from cllm.models import ModelSpec
 
-    from cllm.models import check_model_spec, load_draft, load_model
-
-    check_model_spec(model, "--model", adapter)
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    from cllm.machine import resolve_dtype
-
-    dtype = resolve_dtype(dtype, device, say=True)
-    target, tok = load_model(model, dtype, device, adapter=adapter)
-    draft_model = None
-    if draft:
-        draft_model = load_draft(draft, target, tok, dtype, device)
+    spec = ModelSpec(model, adapter, dtype, device, draft)
+    spec.check()
+    loaded = spec.load()
+    log.info("model %s, dtype %s%s, device %s", model, loaded.spec.dtype, " (auto)" if dtype == "auto" else "",
+             loaded.spec.device)
+    target, tok, draft_model = loaded.model, loaded.tokenizer, loaded.draft
     model_id = str(model).rstrip("/").split("/")[-1] + (f"+{adapter.rstrip('/').split('/')[-1]}" if adapter else "")
     return Engine(target, tok, method, cfg, draft_model, model_id, limits)

@@ -111,7 +111,7 @@ def test_eval_resume_skips_finished_prompts(tiny_model_dir, tmp_path, monkeypatc
     def no_model(*args, **kwargs):
         raise AssertionError("a finished eval loaded a model")
 
-    monkeypatch.setattr("cllm.models.load_model", no_model)
+    monkeypatch.setattr("cllm.models.loading.load_model", no_model)
     assert _eval(tiny_model_dir, prompts, out) == 0
     assert len(rows_path.read_text().splitlines()) == 9 and (out / "report.json").is_file()
 
@@ -130,7 +130,7 @@ def test_eval_report_only_covers_the_prompts_every_method_finished(tiny_model_di
     def no_model(*args, **kwargs):
         raise AssertionError("--report-only loaded a model")
 
-    monkeypatch.setattr("cllm.models.load_model", no_model)
+    monkeypatch.setattr("cllm.models.loading.load_model", no_model)
     assert _eval(tiny_model_dir, prompts, out, "--report-only") == 0
     report = json.loads((out / "report.json").read_text())
     assert (report["prompts_finished"], report["prompts_planned"]) == (2, 3)

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from transformers import DistilBertConfig, DistilBertModel
 
-from cllm import models
+from cllm.models import loading as models
 from cllm.errors import CllmError
 from cllm.data.prompts import format_prompt
 from conftest import tiny_tokenizer
@@ -122,3 +122,28 @@ def test_published_adapters_name_their_base_not_a_cache_path():
     for path in configs:
         base = json.loads(path.read_text())["base_model_name_or_path"]
         assert not Path(base).is_absolute() and "/" not in base, (path, base)
+
+
+def test_the_default_model_is_named_once_and_the_spec_loads_it_lazily():
+    """DEFAULT_MODEL is the one place the default is named (the alias table defines it); `cllm.models` imports no
+    torch (configs read the default from it), and ModelSpec resolves auto to the fast dtype when it loads."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1] / "cllm"
+    named = sorted(str(p.relative_to(root)) for p in root.rglob("*.py") if '"smollm2-135m"' in p.read_text())
+    assert named == ["models/__init__.py", "models/loading.py"]
+    code = "import sys, cllm.models as m; assert m.ModelSpec().model == m.DEFAULT_MODEL; print('torch' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          check=True).stdout.strip() == "False"
+
+
+def test_model_spec_load_resolves_the_dtype(tiny_model_dir):
+    import torch
+
+    from cllm.models import ModelSpec
+
+    loaded = ModelSpec(str(tiny_model_dir), dtype="auto", device="cpu").load()  # the suite pins auto to fp32
+    assert loaded.spec.dtype == "fp32" and loaded.draft is None
+    assert next(loaded.model.parameters()).dtype == torch.float32

@@ -5,11 +5,12 @@ from __future__ import annotations
 import argparse
 
 from cllm.decoding import registry
+from cllm.models import DEFAULT_MODEL
 
 
 def add_model_arguments(p: argparse.ArgumentParser, default_method: str = "jacobi") -> None:
     """Model, method and decoding flags shared by `cllm serve` and `cllm chat`."""
-    p.add_argument("--model", default="smollm2-135m", help="alias, local folder, HF id or .gguf (default: %(default)s)")
+    p.add_argument("--model", default=DEFAULT_MODEL, help="alias, local folder, HF id or .gguf (default: %(default)s)")
     p.add_argument("--adapter", default=None, help="PEFT adapter folder merged into --model")
     p.add_argument("--draft", default=None, help="draft model for sps/mtad/hf_assisted")
     p.add_argument("--method", default=default_method, choices=registry.names(),

@@ -9,10 +9,11 @@ from pathlib import Path
 
 from cllm.decoding import registry
 from cllm.errors import CllmError
+from cllm.models import DEFAULT_MODEL
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     methods = registry.names()
-    p.add_argument("--model", default="smollm2-135m", help="alias, local folder, HF id or .gguf file (default: %(default)s)")
+    p.add_argument("--model", default=DEFAULT_MODEL, help="alias, local folder, HF id or .gguf file (default: %(default)s)")
     p.add_argument("--adapter", default=None, help="optional PEFT adapter folder merged into --model")
     p.add_argument("--method", default="jacobi", choices=methods, help="decoder to run (default: %(default)s)")
     p.add_argument("--compare", default=None, metavar="M[,M...]",
@@ -55,11 +56,9 @@ def validate(args) -> "registry.DecodeConfig":
         raise CllmError("give exactly one of --prompt, --prompts FILE or --dataset NAME")
     cfg = registry.DecodeConfig.from_args(args)
     cfg.validate(method_list(args), args.batch_size, has_draft=bool(args.draft))
-    from cllm.models import check_model_spec
+    from cllm.models import ModelSpec
 
-    check_model_spec(args.model, "--model", args.adapter)
-    if args.draft:
-        check_model_spec(args.draft, "--draft")
+    ModelSpec(args.model, args.adapter, draft=args.draft).check()
     for flag, path in (("--out", args.out), ("--report", args.report)):
         if path:
             check_output_file(path, flag)
@@ -104,12 +103,10 @@ def run(args) -> None:
     records = load_records(args)
     ctx = distributed.setup()
     try:
-        from cllm.machine import resolve_dtype
-
         methods = method_list(args)
-        device = ctx.device() if args.device is None else args.device
-        args.dtype_requested, args.dtype = args.dtype, resolve_dtype(args.dtype, device)  # both in the report
-        model, tokenizer, draft = _load_models(args, device, methods)
+        loaded = _spec(args, ctx.device() if args.device is None else args.device, methods).load()
+        model, tokenizer, draft = loaded.model, loaded.tokenizer, loaded.draft
+        args.dtype_requested, args.dtype = args.dtype, loaded.spec.dtype  # both in the report
         mine = ctx.shard(list(range(len(records))))
         prompt_ids = _prompt_ids(model, tokenizer, records, mine, cfg.max_new_tokens)
         if mine and args.warmup:  # untimed: first calls pay for allocation and kernel selection
@@ -139,15 +136,12 @@ def run(args) -> None:
         distributed.teardown(ctx)
 
 
-def _load_models(args, device: str, methods: list[str]):
-    """(model, tokenizer, draft or None), the draft checked against the model."""
-    from cllm.models import load_draft, load_model
+def _spec(args, device: str, methods: list[str]):
+    """The models to load: a draft only where a method drafts."""
+    from cllm.models import ModelSpec
 
-    model, tokenizer = load_model(args.model, args.dtype, device, args.device_map, adapter=args.adapter)
-    draft = None
-    if any(registry.get(m).needs_draft for m in methods):
-        draft = load_draft(args.draft, model, tokenizer, args.dtype, device, args.device_map)
-    return model, tokenizer, draft
+    draft = args.draft if any(registry.get(m).needs_draft for m in methods) else None
+    return ModelSpec(args.model, args.adapter, args.dtype, device, draft, args.device_map)
 
 
 def _prompt_ids(model, tokenizer, records, mine: list[int], max_new_tokens: int) -> dict[int, list[int]]:

@@ -88,9 +88,10 @@ def _barrier(ctx) -> None:
 
 def _load(cfg: GenConfig, ctx):
     """(model, tokenizer, the longest prompt that leaves room for max_new_tokens in the model's context)."""
-    from cllm.models import load_model
+    from cllm.models import ModelSpec
 
-    model, tok = load_model(cfg.model, cfg.dtype, cfg.device or ctx.device(), adapter=cfg.adapter)
+    loaded = ModelSpec(cfg.model, cfg.adapter, cfg.dtype, cfg.device or ctx.device()).load()
+    model, tok = loaded.model, loaded.tokenizer
     context = getattr(model.config, "max_position_embeddings", None) or 10**9
     max_prompt = cfg.max_prompt_tokens or context - cfg.max_new_tokens
     if max_prompt < 1:

@@ -31,6 +31,7 @@ from pathlib import Path
 from cllm.config import opt
 from cllm.data.datasets import read_json
 from cllm.errors import CllmError
+from cllm.models import DEFAULT_MODEL
 
 FORMAT = "cllm-trajectories/1"
 # Keys that change the data; an existing output folder must agree on all of them.
@@ -43,7 +44,7 @@ FINGERPRINT_KEYS = (
 
 @dataclass
 class GenConfig:
-    model: str = opt("smollm2-135m", "model spec: alias, local folder, HF id or .gguf")
+    model: str = opt(DEFAULT_MODEL, "model spec: alias, local folder, HF id or .gguf")
     adapter: str | None = opt(None, "optional PEFT adapter merged into the model")
     dtype: str = opt("fp32", "fp32 gives the model's exact greedy fixed points; bf16 is faster (its own fixed points)",
                      ("fp32", "bf16", "fp16", "fp64"))

@@ -9,6 +9,7 @@ from cllm.config import opt
 from cllm.decoding import registry
 from cllm.decoding.registry import DecodeConfig
 from cllm.errors import CllmError
+from cllm.models import DEFAULT_MODEL
 
 REFERENCE = "base_ar"  # AR greedy of the base model: the speed reference of every eval
 
@@ -21,7 +22,7 @@ class EvalConfig:
     max_new_tokens: int = opt(256, "new tokens per prompt, at most")
     decoding: dict = opt({}, "decoding options by key (flags of the registered methods)", pass_through=True)
 
-    model: str = opt("smollm2-135m", "checkpoint to evaluate: alias, folder, HF id, .gguf")
+    model: str = opt(DEFAULT_MODEL, "checkpoint to evaluate: alias, folder, HF id, .gguf")
     adapter: str | None = opt(None, "PEFT adapter folder merged into --model")
     base_model: str | None = opt(None, "the speed and quality reference (default: --model without the adapter); AR "
                                        "greedy of it runs as base_ar")
@@ -61,12 +62,11 @@ class EvalConfig:
             raise CllmError("give exactly one of --dataset NAME or --prompts FILE")
         methods = self.method_names()
         self.decode_config().validate([m.removeprefix("base_") for m in methods])
-        from cllm.models import check_model_spec  # before the manifest: a typo must not block the corrected rerun
+        from cllm.models import ModelSpec, check_model_spec  # before the manifest: a typo must not block the rerun
 
-        check_model_spec(self.model, "--model", self.adapter)
-        for flag, spec in (("--base-model", self.base_model), ("--draft", self.draft)):
-            if spec:
-                check_model_spec(spec, flag)
+        ModelSpec(self.model, self.adapter, draft=self.draft).check()
+        if self.base_model:
+            check_model_spec(self.base_model, "--base-model")
         if self.training_log and not Path(self.training_log).exists():
             raise CllmError(f"--training-log: folder not found: {self.training_log}")
 

@@ -168,16 +168,14 @@ def run_eval(cfg: EvalConfig) -> dict | None:
 def _load_models(cfg: EvalConfig, ctx):
     """(checkpoint, base, tokenizer, draft or None): the base is the checkpoint itself when it has no adapter and no
     other base is named."""
-    from cllm.models import load_draft, load_model
+    from cllm.models import ModelSpec
 
     device = cfg.device or ctx.device()
-    model, tok = load_model(cfg.model, cfg.dtype, device, adapter=cfg.adapter)
+    loaded = ModelSpec(cfg.model, cfg.adapter, cfg.dtype, device, cfg.draft).load()
     base_spec = cfg.base_model or cfg.model
-    base = model if base_spec == cfg.model and not cfg.adapter else load_model(base_spec, cfg.dtype, device)[0]
-    draft = None
-    if cfg.draft:
-        draft = load_draft(cfg.draft, model, tok, cfg.dtype, device)
-    return model, base, tok, draft
+    same = base_spec == cfg.model and not cfg.adapter
+    base = loaded.model if same else ModelSpec(base_spec, None, cfg.dtype, device).load().model
+    return loaded.model, base, loaded.tokenizer, loaded.draft
 
 
 def _method_runner(cfg: EvalConfig, model, base, tok, draft):

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from cllm.config import opt
 from cllm.errors import CllmError
+from cllm.models import DEFAULT_MODEL
 
 # Where the defaults differ from transformers': one process on a CPU, a small model, short runs.
 TRAINER_DEFAULTS = {
@@ -35,7 +36,7 @@ def check_trainer_options(trainer: dict) -> None:
 
 @dataclass
 class TrainConfig:
-    model: str = opt("smollm2-135m", "model to train: alias, local folder, HF id or .gguf")
+    model: str = opt(DEFAULT_MODEL, "model to train: alias, local folder, HF id or .gguf")
     data: list = opt([], "`cllm gen` output folders or .jsonl record files")
     output_dir: str | None = opt(None, "checkpoints and the final (merged) model")
     block_size: int = opt(16, "Jacobi block size n; must match the data")
@@ -204,7 +205,7 @@ DRAFT_TRAINER_DEFAULTS = {**TRAINER_DEFAULTS, "learning_rate": 3e-4, "warmup_ste
 
 @dataclass
 class DraftConfig:
-    model: str = opt("smollm2-135m", "target model: alias, local folder, HF id or .gguf")
+    model: str = opt(DEFAULT_MODEL, "target model: alias, local folder, HF id or .gguf")
     draft_layers: int = opt(4, "decoder layers the draft keeps (evenly spaced, first and last included)")
     init: str | None = opt(None, "start from this draft folder instead of cutting one out of the target")
     datasets: list = opt(["gsm8k", "sharegpt"], "datasets whose prompts (+ reference answers) are the text")
