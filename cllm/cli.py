@@ -30,10 +30,28 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(prog="cllm", description="Consistency LLMs and multi-token decoding.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    parser.commands = {}
     for name, (module, help_text) in SUBCOMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text, allow_abbrev=False)
         importlib.import_module(module).add_arguments(p)
+        parser.commands[name] = p
     return parser
+
+
+def yaml_defaults(parser: argparse.ArgumentParser, path: str) -> None:
+    """A command's flags from a YAML file, as defaults the command line overrides: keys are the flags' names
+    (`block_size`, `max_new_tokens`); an unknown key or a value outside a flag's choices is an error naming it."""
+    from cllm.config import read_yaml_mapping
+
+    data = read_yaml_mapping(path)
+    actions = {a.dest: a for a in parser._actions if a.dest not in ("help", "config")}
+    for key, value in data.items():
+        if key not in actions:
+            raise CllmError(f"{path}: unknown key '{key}' (known keys: {', '.join(sorted(actions))})")
+        choices = actions[key].choices
+        if choices is not None and value not in choices:
+            raise CllmError(f"{path}: '{key}' must be one of {list(choices)}, got {value!r}")
+    parser.set_defaults(**data)
 
 
 # Deprecation notices that libraries raise about each other's calls, not about anything the user wrote: PEFT asks
@@ -65,6 +83,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, rest = parser.parse_known_args(argv)
     module = importlib.import_module(SUBCOMMANDS[args.command][0])
+    if getattr(module, "YAML_DEFAULTS", False) and getattr(args, "config", None):
+        try:  # flags from the YAML, then the command line again over them
+            yaml_defaults(parser.commands[args.command], args.config)
+        except CllmError as e:
+            print(f"cllm {args.command}: error: {e}", file=sys.stderr)
+            return 2
+        args, rest = parser.parse_known_args(argv)
     if rest and not hasattr(module, "pass_through"):
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     try:

@@ -112,7 +112,8 @@ def _check_type(cls, name: str, value, where: str):
     return value
 
 
-def read_yaml(cls, path: str | Path) -> dict:
+def read_yaml_mapping(path: str | Path) -> dict:
+    """A YAML file's top-level mapping; a missing file, bad YAML or another shape is one line naming the file."""
     path = Path(path)
     if not path.is_file():
         raise CllmError(f"config file not found: {path}")
@@ -122,6 +123,11 @@ def read_yaml(cls, path: str | Path) -> dict:
         raise CllmError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
     if not isinstance(data, dict):
         raise CllmError(f"{path}: expected a mapping of keys to values")
+    return data
+
+
+def read_yaml(cls, path: str | Path) -> dict:
+    data = read_yaml_mapping(path)
     own, forwarded = _split_keys(cls, data, str(path))
     values = {k: _check_type(cls, k, v, str(path)) for k, v in own.items()}
     if forwarded:

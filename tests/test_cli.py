@@ -165,3 +165,23 @@ def test_decode_prints_no_library_warnings(tiny_model_dir, tmp_path):
         lines = (out.stdout + out.stderr).splitlines()
         noise = [line for line in lines if "Warning" in line or "accelerator to" in line.lower()]
         assert noise == [], noise
+
+
+def test_decode_reads_a_yaml_config_the_command_line_overrides(tiny_model_dir, tmp_path, capsys):
+    import json
+
+    cfg = tmp_path / "d.yaml"
+    cfg.write_text(f"# cllm decode --config d.yaml\nmodel: {tiny_model_dir}\nprompt: [w3 w4, w5 w6]\nmethod: jacobi\n"
+                   f"compare: ar\nblock_size: 3\nmax_new_tokens: 12\ndtype: fp64\nreport: {tmp_path / 'r.json'}\n")
+    assert main(["decode", "--config", str(cfg), "--max-new-tokens", "6", "--quiet"]) == 0
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["settings"]["max_new_tokens"] == 6  # the flag over the YAML
+    assert report["settings"]["method_options"]["jacobi"]["block_size"] == 3  # the YAML's
+    assert set(report["methods"]) == {"jacobi", "ar"} and report["n_prompts"] == 2
+    capsys.readouterr()
+    cfg.write_text("blok_size: 3\n")
+    assert main(["decode", "--config", str(cfg), "--prompt", "w3"]) == 2
+    assert "unknown key 'blok_size'" in capsys.readouterr().err
+    cfg.write_text("init: zeros\n")
+    assert main(["decode", "--config", str(cfg), "--prompt", "w3"]) == 2
+    assert "'init' must be one of" in capsys.readouterr().err

@@ -11,8 +11,13 @@ from cllm.decoding import registry
 from cllm.errors import CllmError
 from cllm.models import DEFAULT_MODEL
 
+YAML_DEFAULTS = True  # --config FILE.yaml: flags by name (block_size: 8), the command line over them
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     methods = registry.names()
+    p.add_argument("--config", default=None, metavar="FILE.yaml",
+                   help="YAML of these flags by name (max_new_tokens: 128, compare: ar); flags override it")
     p.add_argument("--model", default=DEFAULT_MODEL, help="alias, local folder, HF id or .gguf file (default: %(default)s)")
     p.add_argument("--adapter", default=None, help="optional PEFT adapter folder merged into --model")
     p.add_argument("--method", default="jacobi", choices=methods, help="decoder to run (default: %(default)s)")
