@@ -320,3 +320,31 @@ def test_generated_code_is_refused_at_a_weak_sandbox_unless_allowed_and_the_leve
     assert "sandbox at the `basic` level (weak" in (out / "summary.md").read_text()
     rows = [json.loads(x) for x in (out / "rows-rank0.jsonl").read_text().splitlines()]
     assert {r["sandbox_level"] for r in rows} == {"basic"} and all(r["correct"] is False for r in rows)
+
+
+def test_an_eval_started_before_per_method_options_resumes_and_still_refuses_other_options(tmp_path):
+    """A manifest of flat options (written before options were recorded per method) is checked option by option
+    against every method that has it: the same command resumes, another block size is refused."""
+    import shutil
+    from pathlib import Path
+
+    from cllm import config as cfg_mod
+    from cllm.eval.config import EvalConfig
+    from cllm.errors import CllmError
+    from cllm.eval.runner import _check_manifest, settings_of
+
+    old = Path(__file__).resolve().parents[1] / "docs/results/gated/g1_gsm8k100_fp32/eval_manifest.json"
+    assert "block_size" in json.loads(old.read_text()) and "method_options" not in json.loads(old.read_text())
+    shutil.copy(old, tmp_path / "eval_manifest.json")
+
+    def settings(**over):
+        c = cfg_mod.resolve(EvalConfig, {"model": "smollm2-135m", "adapter": "models/smollm2-135m-gated-gsm8k",
+                                         "dataset": "gsm8k", "limit": 100, "methods": "gated",
+                                         "base_methods": "lookahead", "dtype": "fp32", "max_new_tokens": 256,
+                                         "block_size": 16, "out_dir": str(tmp_path), **over})
+        return settings_of(c, c.method_names())
+
+    _check_manifest(tmp_path, settings(), False, [])
+    shutil.copy(old, tmp_path / "eval_manifest.json")
+    with pytest.raises(CllmError, match="block_size=16, this one runs gated with 8"):
+        _check_manifest(tmp_path, settings(block_size=8), False, [])

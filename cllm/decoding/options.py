@@ -54,11 +54,12 @@ class SamplingOptions:
 
 
 @dataclass
-class JacobiOptions:
+class BlockOptions:
+    """A Jacobi block: its size and initial guess (shared by the Jacobi decoders)."""
+
     prefix: ClassVar[str] = ""
     block_size: int = opt(16, "Jacobi block size n")
     init: str = opt("prompt", "Jacobi initial guess", INIT_STRATEGIES)
-    record_trajectory: bool = opt(False, "keep every Jacobi state (data generation)", flag=False)
 
     def check(self) -> None:
         _positive("block_size", self.block_size)
@@ -67,17 +68,19 @@ class JacobiOptions:
 
 
 @dataclass
-class MultiblockOptions:
-    prefix: ClassVar[str] = ""
-    block_size: int = opt(16, "Jacobi block size n")
-    init: str = opt("prompt", "Jacobi initial guess", INIT_STRATEGIES)
+class JacobiOptions(BlockOptions):
+    record_trajectory: bool = opt(False, "keep every Jacobi state (data generation)", flag=False)
+
+
+@dataclass
+class MultiblockOptions(BlockOptions):
     n_blocks: int = opt(2, "multiblock: blocks in flight K")
     spawn_ratio: float = opt(0.85, "multiblock: a new block enters once the newest has this share r of its n "
                                    "tokens accepted")
     n_recycle: int = opt(2, "multiblock: rejected tails verified as extra rows per forward, 0 = off")
 
     def check(self) -> None:
-        JacobiOptions(self.block_size, self.init).check()
+        super().check()
         _positive("n_blocks (K)", self.n_blocks)
         if not 0.0 < self.spawn_ratio <= 1.0:
             raise CllmError(f"spawn_ratio (r) must be in (0, 1], got {self.spawn_ratio!r}")

@@ -59,6 +59,16 @@ def _check_method_options(out_dir: Path, old: dict, new: dict) -> None:
                             "--out-dir or --overwrite (finished rows are kept until then)")
 
 
+def _check_flat_option(out_dir: Path, key: str, value, method_options: dict) -> None:
+    """An eval started before options were recorded per method kept one flat value per option: every method of
+    this run that has the option must use that value (the others never read it)."""
+    for m, opts in method_options.items():
+        field = registry.option_keys(m.removeprefix("base_")).get(key)
+        if field is not None and opts.get(field) != value:
+            raise CllmError(f"{out_dir} holds an eval with {key}={value!r}, this one runs {m} with {opts.get(field)!r}; "
+                            "use another --out-dir or --overwrite (finished rows are kept until then)")
+
+
 def _check_manifest(out_dir: Path, settings: dict, overwrite: bool, record_ids: list[str]) -> None:
     """Refuse a different eval in a folder holding rows; more methods or a larger --limit extend it.
 
@@ -82,6 +92,9 @@ def _check_manifest(out_dir: Path, settings: dict, overwrite: bool, record_ids: 
         _check_method_options(out_dir, old.get("method_options") or {}, settings["method_options"])
         for k in sorted((set(old) | set(settings)) - {"methods", "base_methods", "method_options"}):
             if k == "limit" and k in old and _limit_grows(old[k], settings.get(k)):
+                continue
+            if k in old and k not in settings and k in registry.option_table():  # a manifest of flat options
+                _check_flat_option(out_dir, k, old[k], settings["method_options"])
                 continue
             if k in old and old.get(k) != settings.get(k):
                 hint = " (--limit may only grow)" if k == "limit" else ""
