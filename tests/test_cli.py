@@ -31,13 +31,13 @@ def test_decode_with_compare_writes_consistent_report(tiny_model_dir, tmp_path, 
                  "--out", str(answers), "--report", str(report_path), "--batch-size", "2"])
     assert code == 0
     report = json.loads(report_path.read_text())
-    assert report["n_prompts"] == 5 and report["dtype"] == "fp64"
+    assert report["n_prompts"] == 5 and report["settings"]["dtype"] == "fp64"
     ar, jac = report["methods"]["ar"], report["methods"]["jacobi"]
     for m in (ar, jac):
         assert {"tokens_per_second", "tokens_per_forward", "new_tokens", "wall_time_s", "forwards"} <= m.keys()
         assert m["tokens_per_second"] == pytest.approx(m["new_tokens"] / m["wall_time_s"], rel=1e-3)
     assert jac["speedup_vs_ar"] == pytest.approx(jac["tokens_per_second"] / ar["tokens_per_second"])
-    assert jac["identical_to_ar"] == 1.0 and ar["tokens_per_forward"] == 1.0
+    assert jac["exact_match_ar"] == 1.0 and ar["tokens_per_forward"] == 1.0
     assert jac["new_tokens"] == ar["new_tokens"] and jac["forwards"] <= ar["forwards"]
     lines = [json.loads(x) for x in answers.read_text().splitlines()]
     ar_lines = [json.loads(x) for x in (tmp_path / "answers.ar.jsonl").read_text().splitlines()]

@@ -323,7 +323,7 @@ def test_decode_command_compares_gated_with_the_base(tiny_model_dir, tmp_path, c
     assert code == 0
     methods = json.loads((tmp_path / "r.json").read_text())["methods"]
     assert set(methods) == {"gated", "ar", "lookahead", "gated:draft_input=mask"}
-    assert all(methods[m]["identical_to_ar"] == 1.0 for m in methods if m != "ar")
+    assert all(methods[m]["exact_match_ar"] == 1.0 for m in methods if m != "ar")
     assert 0 < methods["gated"]["forwards"] <= methods["gated"]["new_tokens"] == methods["ar"]["new_tokens"]
     from cllm.decoding import registry
     from cllm.models import load_model

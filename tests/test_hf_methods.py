@@ -105,7 +105,7 @@ def test_prompt_lookup_is_greedy_only_and_hf_runs_through_decode(tiny_model_dir,
                  "--compare", "ar,hf_prompt_lookup", "--max-new-tokens", "10", "--dtype", "fp64",
                  "--report", str(report), "--quiet"]) == 0
     methods = json.loads(report.read_text())["methods"]
-    assert methods["hf"]["identical_to_ar"] == 1.0 and methods["hf_prompt_lookup"]["identical_to_ar"] == 1.0
+    assert methods["hf"]["exact_match_ar"] == 1.0 and methods["hf_prompt_lookup"]["exact_match_ar"] == 1.0
 
 
 def test_decode_reports_every_method_against_hf_and_ar(tiny_model_dir, tmp_path, capsys):
@@ -117,8 +117,8 @@ def test_decode_reports_every_method_against_hf_and_ar(tiny_model_dir, tmp_path,
     hf_rate = methods["hf"]["tokens_per_second"]
     for name in ("jacobi", "ar"):
         assert methods[name]["speedup_vs_hf"] == pytest.approx(methods[name]["tokens_per_second"] / hf_rate)
-        assert methods[name]["identical_to_hf"] == 1.0
-    assert methods["jacobi"]["identical_to_ar"] == 1.0 and "speedup_vs_hf" not in methods["hf"]
+        assert methods[name]["exact_match_hf"] == 1.0
+    assert methods["jacobi"]["exact_match_ar"] == 1.0 and methods["hf"]["speedup_vs_hf"] == 1.0
     assert "vs_hf" in capsys.readouterr().out
 
 

@@ -97,7 +97,7 @@ def test_cli_multiblock_is_identical_to_ar_and_checks_flags(tiny_model_dir, tmp_
     assert main(["decode", "--model", str(tiny_model_dir), "--prompts", str(prompts), "--method", "multiblock",
                  "--compare", "ar", "--block-size", "4", "--n-blocks", "3", "--spawn-ratio", "0.5", "--n-recycle", "1",
                  "--max-new-tokens", "15", "--dtype", "fp64", "--report", str(report_path)]) == 0
-    assert json.loads(report_path.read_text())["methods"]["multiblock"]["identical_to_ar"] == 1.0
+    assert json.loads(report_path.read_text())["methods"]["multiblock"]["exact_match_ar"] == 1.0
     capsys.readouterr()
     for args, message in [(["--n-blocks", "0"], "n_blocks"), (["--spawn-ratio", "2"], "spawn_ratio"),
                           (["--batch-size", "2"], "--batch-size 1")]:

@@ -79,7 +79,7 @@ def test_a_registered_method_runs_through_decode_and_eval(toy, tiny_model_dir, t
                  "--compare", "ar", "--max-new-tokens", "12", "--dtype", "fp64", "--batch-size", "2",
                  "--report", str(report), "--quiet"]) == 0
     methods = json.loads(report.read_text())["methods"]
-    assert methods["toy"]["identical_to_ar"] == 1.0  # the same greedy tokens
+    assert methods["toy"]["exact_match_ar"] == 1.0  # the same greedy tokens
     assert methods["toy"]["tokens_per_forward"] == pytest.approx(2 * methods["ar"]["tokens_per_forward"], rel=0.1)
     out = tmp_path / "eval"
     assert main(["eval", "--model", str(tiny_model_dir), "--prompts", str(prompts), "--methods", "toy",

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 from pathlib import Path
 
 from cllm.decoding import registry
@@ -158,61 +157,64 @@ def _prompt_ids(model, tokenizer, records, mine: list[int], max_new_tokens: int)
     return prompt_ids
 
 
-def _decode_interleaved(args, cfg, ctx, methods, records, prompt_ids, models, answers) -> dict:
-    """Every method on every batch of this rank's prompts, the order rotated per batch so that no method always
-    goes first; returns {rows, seconds, joules} per method."""
+def _decode_interleaved(args, cfg, ctx, methods, records, prompt_ids, models, answers) -> list[dict]:
+    """Every method on every batch of this rank's prompts, in the measuring harness of `cllm eval`
+    (`cllm.eval.measure`): the order rotated per batch, one timed call per batch and method, one row per prompt."""
     from tqdm import tqdm
 
-    from cllm.eval.energy import EnergyMeter
-    from cllm.eval.metrics import token_logprobs
-    from cllm.eval.report import result_row
+    from cllm.eval.measure import rotated, rows_of, stamp, timed
 
     model, tokenizer, draft = models
-    mine = list(prompt_ids)
-    rows: dict[str, list[dict]] = {m: [] for m in methods}
-    seconds, cpu = {m: 0.0 for m in methods}, {m: 0.0 for m in methods}
-    meters = {m: EnergyMeter() for m in methods}
+    mine, marks, rows = list(prompt_ids), stamp(), []
     batches = [mine[i : i + args.batch_size] for i in range(0, len(mine), args.batch_size)]
     bar = tqdm(total=len(mine), desc=f"decode {'+'.join(methods)}", unit="prompt", disable=not ctx.is_main)
     for b_no, idx in enumerate(batches):
-        k = b_no % len(methods)
-        for m in methods[k:] + methods[:k]:
-            meters[m].start()
-            t0, c0 = time.perf_counter(), time.process_time()
-            results = registry.decode(m, model, tokenizer, [prompt_ids[i] for i in idx],
-                                      [args.seed + i for i in idx], cfg, draft)
-            seconds[m] += time.perf_counter() - t0
-            cpu[m] += time.process_time() - c0
-            meters[m].stop()
-            for i, res in zip(idx, results):
-                row = result_row(i, records[i], res)
-                if not args.no_perplexity:  # untimed: the output scored under the unwarped target
-                    row["logprobs"] = token_logprobs(model, prompt_ids[i], res.token_ids)
-                rows[m].append(row)
+        for m in rotated(methods, b_no):
+            results, timing = timed(lambda: registry.decode(m, model, tokenizer, [prompt_ids[i] for i in idx],
+                                                            [args.seed + i for i in idx], cfg, draft))
+            for row in rows_of(m, [(i, records[i]) for i in idx], results, timing, marks):
+                rows.append(_scored(args, model, records[row["index"]], prompt_ids[row["index"]], row))
                 if answers:
                     answers.write(m, row)
                 if m == args.method and args.prompt is not None and not args.quiet:
-                    tqdm.write(f"--- prompt {records[i].id} ({m}):\n{res.text}")
+                    tqdm.write(f"--- prompt {row['id']} ({m}):\n{row['text']}")
         bar.update(len(idx))
     bar.close()
-    return {"rows": rows, "seconds": seconds, "cpu_seconds": cpu, "joules": {m: meters[m].joules for m in methods}}
+    return rows
 
 
-def _report(args, cfg, ctx, methods: list[str], gathered: list[dict]) -> tuple[dict, dict]:
-    """(the summary report, every rank's rows per method in prompt order)."""
-    from cllm.eval.report import build_report
+def _scored(args, model, rec, ids: list[int], row: dict) -> dict:
+    """The untimed quality fields: log-probabilities under the model that decoded (unwarped; skipped with
+    --no-perplexity), correctness where the prompt's source tells (generated code is not run here: `cllm eval`
+    runs it in the sandbox), loops."""
+    from cllm.eval.measure import add_quality
+    from cllm.eval.metrics import token_logprobs
+    from cllm.eval.summary import score
 
-    rows = {m: sorted((r for g in gathered for r in g["rows"][m]), key=lambda r: r["index"]) for m in methods}
-    seconds = {m: sum(g["seconds"][m] for g in gathered) for m in methods}
-    joules = {m: None if any(g["joules"][m] is None for g in gathered) else sum(g["joules"][m] for g in gathered)
-              for m in methods}
-    settings = {"dtype_requested": args.dtype_requested, "max_new_tokens": cfg.max_new_tokens, "batch_size": args.batch_size, "world_size": ctx.world_size,
+    logprobs = None if args.no_perplexity else token_logprobs(model, ids, row["token_ids"])
+    correct = None if rec.dataset == "humaneval" else score(rec, row["text"])
+    return add_quality(row, logprobs, correct)
+
+
+def _report(args, cfg, ctx, methods: list[str], gathered: list[list[dict]]) -> tuple[dict, dict]:
+    """(the report, every rank's rows per method in prompt order): `cllm eval`'s report, against `ar`."""
+    from cllm.eval.summary import build_eval_report
+
+    rows = {m: sorted((r for g in gathered for r in g if r["method"] == m), key=lambda r: r["index"])
+            for m in methods}
+    settings = {"model": args.model, "dtype": args.dtype, "dtype_requested": args.dtype_requested,
+                "max_new_tokens": cfg.max_new_tokens, "batch_size": args.batch_size, "world_size": ctx.world_size,
                 "adapter": args.adapter, "seed": args.seed, "draft": args.draft,
                 "temperature": cfg.options.get("temperature", 0.0), **cfg.options,
                 "method_options": {m: cfg.settings(m) for m in methods}}
-    cpu = {m: sum(g["cpu_seconds"][m] for g in gathered) for m in methods}
-    report = build_report(model=args.model, dtype=args.dtype, rows=rows, seconds=seconds, settings=settings,
-                          joules=joules, cpu_seconds=cpu)
+    report = build_eval_report(rows, settings, reference="ar")
+    report["n_prompts"] = max((len(v) for v in rows.values()), default=0)
+    # the per-prompt figures (`cllm eval` keeps them in rows-rank*.jsonl; decode has no folder of its own)
+    report["rows"] = {m: [{k: v for k, v in r.items() if k not in ("token_ids", "text")} for r in mrows]
+                      for m, mrows in rows.items()}
+    if settings["method_options"].get("ar", {}).get("temperature", 0.0) > 0:  # sampled: no identity claim
+        for stats in report["methods"].values():
+            stats.pop("exact_match_ar", None), stats.pop("not_identical_ids", None)
     return report, rows
 
 

@@ -1,2 +1,2 @@
-"""Evaluation: the harness (speed-up in one interleaved run), quality scores, the code sandbox, metrics, reports,
-plots, energy."""
+"""Evaluation: the measuring harness of `cllm decode` and `cllm eval` (measure.py: interleaved, timed rows), the
+one report (summary.py), the eval run (runner.py), quality scores, the code sandbox, metrics, plots, energy."""

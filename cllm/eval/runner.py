@@ -13,8 +13,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import time
-import uuid
 from pathlib import Path
 
 from cllm.decoding import registry
@@ -25,12 +23,6 @@ from cllm.eval.config import REFERENCE, EvalConfig
 
 SETTINGS_KEYS = ("model", "adapter", "base_model", "methods", "base_methods", "dataset", "prompts", "prompt_field",
                  "split", "limit", "offset", "spread", "max_new_tokens", "dtype", "seed", "draft")
-
-
-def new_run_id() -> str:
-    """A label for one eval run's rows. Time and pid alone collide when one process runs two evals within a
-    second (main() called twice, as tests do), which would let the report call rows of two runs one run."""
-    return f"{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
 
 
 def settings_of(cfg: EvalConfig, methods: list[str]) -> dict:
@@ -210,7 +202,7 @@ def _decode_prompts(cfg: EvalConfig, ctx, records, todo: dict[int, list[str]], a
     from tqdm import tqdm
 
     from cllm.data.prompts import check_fits_context, format_prompt
-    from cllm.machine import machine_tag
+    from cllm.eval.measure import rotated, stamp
 
     model, base, tok, draft = _load_models(cfg, ctx)
     check_fits_context(model, {records[i].id: format_prompt(tok, records[i].prompt) for i in todo},
@@ -226,7 +218,7 @@ def _decode_prompts(cfg: EvalConfig, ctx, records, todo: dict[int, list[str]], a
                 run(m, warm, cfg.seed, short)
     # On every row: a resumed eval may span machines, and rows of one prompt from different runs were not timed
     # interleaved; the report says so.
-    stamp = {"machine": machine_tag(), "run": new_run_id()}
+    marks = stamp()
     quality = _quality_scorer(cfg, records, base)
     rows_path = out_dir / f"rows-rank{ctx.rank}.jsonl"
     _repair(rows_path)
@@ -234,9 +226,8 @@ def _decode_prompts(cfg: EvalConfig, ctx, records, todo: dict[int, list[str]], a
     with open(rows_path, "a", encoding="utf-8") as f:
         for n_done, (i, prompt_methods) in enumerate(todo.items()):
             ids = format_prompt(tok, records[i].prompt)
-            k = n_done % len(prompt_methods)
-            timed = [_timed_row(run, m, i, records[i], ids, cfg.seed + i, dcfg, stamp)
-                     for m in prompt_methods[k:] + prompt_methods[:k]]  # rotate: no method always runs first
+            timed = [_timed_row(run, m, i, records[i], ids, cfg.seed + i, dcfg, marks)
+                     for m in rotated(prompt_methods, n_done)]  # no method always runs first
             for row in timed:
                 f.write(json.dumps(quality(row, records[i], ids)) + "\n")  # untimed quality checks
             f.flush()
@@ -245,19 +236,11 @@ def _decode_prompts(cfg: EvalConfig, ctx, records, todo: dict[int, list[str]], a
     bar.close()
 
 
-def _timed_row(run, m: str, i: int, rec, ids: list[int], seed: int, dcfg, stamp: dict) -> dict:
-    from cllm.eval.energy import EnergyMeter
-    from cllm.eval.report import result_row
+def _timed_row(run, m: str, i: int, rec, ids: list[int], seed: int, dcfg, marks: dict) -> dict:
+    from cllm.eval.measure import rows_of, timed
 
-    meter = EnergyMeter()  # RAPL package energy where readable; joules None elsewhere
-    meter.start()
-    t0, c0 = time.perf_counter(), time.process_time()
-    res = run(m, ids, seed, dcfg)
-    seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
-    meter.stop()
-    row = result_row(i, rec, res)
-    row.update(method=m, seconds=seconds, cpu_seconds=cpu, joules=meter.joules, **stamp)
-    return row
+    res, timing = timed(lambda: run(m, ids, seed, dcfg))
+    return rows_of(m, [(i, rec)], [res], timing, marks)[0]
 
 
 def check_sandbox(cfg: EvalConfig, records) -> str | None:
@@ -279,20 +262,17 @@ def _quality_scorer(cfg: EvalConfig, records, base):
     """quality(row, record, prompt ids) -> the row with its mean log-probability under the base, correctness and
     degeneracy."""
     from cllm.eval.summary import score
+    from cllm.eval.measure import add_quality
     from cllm.eval.metrics import token_logprobs
-    from cllm.eval.quality import is_degenerate
 
     spider_tables = _spider_tables(cfg, records)
     level = check_sandbox(cfg, records)
 
     def quality(row: dict, rec, ids: list[int]) -> dict:
-        lp = token_logprobs(base, ids, row["token_ids"])
-        row["base_logprob_mean"] = sum(lp) / len(lp) if lp else None
-        row["correct"] = score(rec, row["text"], spider_tables, cfg.humaneval_timeout, level)
         if rec.dataset == "humaneval" and "test" in rec.meta:
             row["sandbox_level"] = level
-        row["degenerate"] = is_degenerate(row["token_ids"])
-        return row
+        return add_quality(row, token_logprobs(base, ids, row["token_ids"]),
+                           score(rec, row["text"], spider_tables, cfg.humaneval_timeout, level))
 
     return quality
 

@@ -72,8 +72,9 @@ def _ratio(num: float, den: float) -> float | None:
     return num / den if den else None
 
 
-def summarize(rows: list[dict], ref_rows: list[dict] | None) -> dict:
-    """Statistics of one method over some rows; `ref_rows` are the reference method's rows on the same prompts."""
+def summarize(rows: list[dict], ref_rows: list[dict] | None, reference: str = REFERENCE) -> dict:
+    """Statistics of one method over some rows; `ref_rows` are the reference method's rows on the same prompts (the
+    comparisons are named after it: `speedup_vs_<reference>`, `exact_match_<reference>`)."""
     new_tokens = sum(r["new_tokens"] for r in rows)
     forwards = sum(r["forwards"] for r in rows)
     seconds = sum(r["seconds"] for r in rows)
@@ -112,10 +113,11 @@ def summarize(rows: list[dict], ref_rows: list[dict] | None) -> dict:
     if ref_rows is not None:
         ref_seconds = sum(r["seconds"] for r in ref_rows)
         ref_rate = sum(r["new_tokens"] for r in ref_rows) / ref_seconds if ref_seconds > 0 else None
-        out["speedup_vs_base_ar"] = rate / ref_rate if rate and ref_rate else None
+        out[f"speedup_vs_{reference}"] = rate / ref_rate if rate and ref_rate else None
         ref_tokens = {r["index"]: r["token_ids"] for r in ref_rows}
         same = [r["token_ids"] == ref_tokens.get(r["index"]) for r in rows]
-        out["exact_match_base_ar"] = sum(same) / len(same) if same else None
+        out[f"exact_match_{reference}"] = sum(same) / len(same) if same else None
+        out["not_identical_ids"] = [r.get("id", r["index"]) for r, s in zip(rows, same) if not s]
         # The spread over prompts beside the aggregate: the aggregate is dominated by long answers.
         per_prompt = (per_prompt_speedups([*rows, *ref_rows], rows[0]["method"], ref_rows[0]["method"])
                       if rows and ref_rows else [])
@@ -123,41 +125,42 @@ def summarize(rows: list[dict], ref_rows: list[dict] | None) -> dict:
                                      "p90": quantile(per_prompt, 0.9)}
         # Rows added to a finished eval were timed in a later run than the reference (rows before run ids: None).
         ref_run = {r["index"]: r.get("run") for r in ref_rows}
-        out["n_other_run_than_base_ar"] = sum(r.get("run") != ref_run.get(r["index"]) for r in rows)
+        out[f"n_other_run_than_{reference}"] = sum(r.get("run") != ref_run.get(r["index"]) for r in rows)
     return out
 
 
-def build_eval_report(rows: dict[str, list[dict]], settings: dict) -> dict:
-    """`methods` (overall), `per_dataset` and `per_category` statistics of every method; each set of statistics
-    also against the checkpoint's own AR and against Hugging Face `generate`, over the same prompts."""
+def build_eval_report(rows: dict[str, list[dict]], settings: dict, reference: str = REFERENCE) -> dict:
+    """`methods` (overall), `per_dataset` and `per_category` statistics of every method against `reference` (the
+    eval's base_ar; `cllm decode`'s ar); each set also against the checkpoint's own AR and against Hugging Face
+    `generate`, over the same prompts. The one report of `cllm eval` and `cllm decode`."""
     machines: dict[str, int] = {}  # timing setting -> prompts (rows written before it was recorded: "unrecorded")
     for r in next(iter(rows.values()), []):
         tag = r.get("machine") or "unrecorded"
         machines[tag] = machines.get(tag, 0) + 1
-    report = {"settings": settings, "reference": REFERENCE, "machines": machines,
-              "methods": _statistics(rows), "per_dataset": {}, "per_category": {}}
+    report = {"settings": settings, "reference": reference, "machines": machines,
+              "methods": _statistics(rows, reference), "per_dataset": {}, "per_category": {}}
     for key, bucket in (("dataset", "per_dataset"), ("category", "per_category")):
         for value in sorted({r[key] for mrows in rows.values() for r in mrows}):
             subset = {m: [r for r in mrows if r[key] == value] for m, mrows in rows.items()}
-            report[bucket][value] = _statistics({m: mrows for m, mrows in subset.items() if mrows})
+            report[bucket][value] = _statistics({m: mrows for m, mrows in subset.items() if mrows}, reference)
     report["hf_reference"] = _hf_reference(rows)
     levels = sorted({r["sandbox_level"] for mrows in rows.values() for r in mrows if r.get("sandbox_level")})
     report["sandbox_level"] = ", ".join(levels) or None  # how generated code was scored; None: none was run
     return report
 
 
-def _statistics(rows: dict[str, list[dict]]) -> dict[str, dict]:
+def _statistics(rows: dict[str, list[dict]], reference: str = REFERENCE) -> dict[str, dict]:
     """summarize() of every method over `rows` (one set of prompts), with the own-AR and `generate` comparisons."""
-    ref = rows.get(REFERENCE)
-    stats = {m: summarize(mrows, ref) for m, mrows in rows.items()}
-    if rows.get("ar"):  # the checkpoint's own AR, beside the base model's
+    ref = rows.get(reference)
+    stats = {m: summarize(mrows, ref, reference) for m, mrows in rows.items()}
+    if rows.get("ar") and reference != "ar":  # the checkpoint's own AR, beside the base model's
         # Lossless check of a trained checkpoint: its decoders against its own greedy AR (the base's AR differs
         # once training moved the model).
         compare_with(stats, rows, "ar", "speedup_vs_own_ar", "exact_match_own_ar",
                      matched=lambda m: m != REFERENCE and not m.startswith("base_"))
     hf = _hf_reference(rows)
     if hf is not None and hf in stats:
-        compare_with(stats, rows, hf, "speedup_vs_hf")
+        compare_with(stats, rows, hf, "speedup_vs_hf", "exact_match_hf")
     return stats
 
 
