@@ -82,3 +82,18 @@ def test_a_row_done_in_its_prefill_never_joins():
     batch = ContinuousBatch(model, {EOS}, pad_id=0)
     assert batch.step([row]) == [row] and batch.rows == [] and row.finish_reason == "length"
     assert row.generated == _solo(model, row)
+
+
+def test_rows_joining_together_share_one_prefill_forward():
+    """Four requests arriving at once cost one prefill forward, not four (and still decode as they would alone)."""
+    model = tiny_model(3, dtype=torch.float32)
+    gen = torch.Generator().manual_seed(9)
+    rows = [Row(method=("ar", "jacobi")[i % 2], prompt=random_prompt(gen, 3 + 2 * i), max_new_tokens=(1, 8, 9, 10)[i],
+                seed=i, block_size=4) for i in range(4)]
+    batch = ContinuousBatch(model, {EOS}, pad_id=0)
+    finished = batch.step(rows)
+    assert batch.forwards == 2  # one prefill of all four, one step of those still running
+    assert rows[0] in finished and rows[0].n_forwards == 1  # a 1-token request ends in the prefill
+    while batch.rows:
+        finished += batch.step()
+    assert all(row.generated == _solo(model, row) for row in rows)

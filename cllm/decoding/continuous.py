@@ -94,8 +94,8 @@ class Row:
 
 
 class ContinuousBatch:
-    """The running batch of one model. `step(joining)` prefills the joining rows one by one, then runs one
-    forward over all running rows; it returns the rows that finished in this step. Not thread-safe: one thread
+    """The running batch of one model. `step(joining)` prefills the joining rows together in one forward, then
+    runs one forward over all running rows; it returns the rows that finished in this step. Not thread-safe: one thread
     (the server's worker) owns it."""
 
     def __init__(self, model, stop: set[int], pad_id: int):
@@ -108,20 +108,29 @@ class ContinuousBatch:
     @torch.inference_mode()
     def step(self, joining: list[Row] = ()) -> list[Row]:
         done = self._drop_cancelled()
-        for row in joining:
-            row.start(self.device, self.pad_id)
-            solo = RaggedCache(1, self.device, self.pad_id)
-            logits, _ = solo.forward(self.model, [row.step_input()])  # (1, W, V)
-            self.forwards += 1
-            solo.keep([row.consume(logits[0], self.stop, self.pad_id)])
-            if row.finish_reason is not None:
-                done.append(row)
-            else:
-                self.cache.concat(solo)
-                self.rows.append(row)
+        if joining:
+            done += self._prefill(list(joining))
         if self.rows:
             done += self._forward()
         return done
+
+    def _prefill(self, joining: list[Row]) -> list[Row]:
+        """The joining rows' prompts in one forward of their own (ragged, padded like the batch's steps); those
+        not finished by it join the running cache. Returns the finished ones."""
+        for row in joining:
+            row.start(self.device, self.pad_id)
+        group = RaggedCache(len(joining), self.device, self.pad_id)
+        logits, lengths = group.forward(self.model, [row.step_input() for row in joining])  # (J, W, V)
+        self.forwards += 1
+        group.keep([row.consume(logits[j, :n], self.stop, self.pad_id)
+                    for j, (row, n) in enumerate(zip(joining, lengths))])
+        still = [j for j, row in enumerate(joining) if row.finish_reason is None]
+        if still:
+            if len(still) < len(joining):
+                group.select(still)
+            self.cache.concat(group)
+            self.rows += [joining[j] for j in still]
+        return [row for row in joining if row.finish_reason is not None]
 
     def _forward(self) -> list[Row]:
         inputs = [row.step_input() for row in self.rows]
