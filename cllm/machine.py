@@ -62,16 +62,9 @@ def fast_dtype(device=None, cpuinfo: str | None = None) -> str:
     return "bf16" if native_bf16(cpuinfo) else "fp32"
 
 
-def resolve_dtype(dtype, device=None, say: bool = False):
-    """`auto` -> `fast_dtype(device)` (one stderr line says which when `say`); any other value unchanged."""
-    if str(dtype).lower() != "auto":
-        return dtype
-    chosen = fast_dtype(device)
-    if say:
-        why = "CUDA" if str(device or "").startswith("cuda") else (
-            f"CPU with {'/'.join(BF16_FLAGS)}" if chosen == "bf16" else f"CPU without {'/'.join(BF16_FLAGS)}")
-        print(f"cllm: dtype auto -> {chosen} ({why})", file=sys.stderr)
-    return chosen
+def resolve_dtype(dtype, device=None):
+    """`auto` -> `fast_dtype(device)`; any other value unchanged."""
+    return fast_dtype(device) if str(dtype).lower() == "auto" else dtype
 
 
 def resolve_precision(trainer: dict, device=None) -> dict:

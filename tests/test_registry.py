@@ -114,7 +114,7 @@ def test_config_validation_per_method():
     with pytest.raises(CllmError, match="block-size"):
         registry.DecodeConfig(block_size=0).validate(["jacobi"])
     greedy = registry.DecodeConfig(temperature=0.7, top_k=5).greedy()
-    assert (greedy.temperature, greedy.top_k, greedy.top_p) == (0.0, None, None)
+    assert greedy.options == {"temperature": 0.0}  # top_k, top_p back to each method's default (None)
 
 
 def test_importing_the_registry_loads_no_torch():

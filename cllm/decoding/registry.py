@@ -50,7 +50,7 @@ def register(name: str, method: Method) -> None:
         raise CllmError(f"decoding method {name!r} is registered twice")
     table = option_table()
     for key, (field, _) in _option_fields(method.options).items():
-        if key in table and _hint(table[key]) != _hint(field):
+        if key in table and table[key].type != field.type:
             raise CllmError(f"method {name!r}: option {key!r} has another type than the registered one")
     _METHODS[name] = method
 
@@ -86,10 +86,6 @@ def _option_fields(cls) -> dict[str, tuple[dataclasses.Field, type]]:
         if f.metadata.get("flag", True):
             out[f"{cls.prefix}_{f.name}" if cls.prefix else f.name] = (f, cls)
     return out
-
-
-def _hint(field: dataclasses.Field):
-    return field.type
 
 
 def option_table() -> dict[str, dataclasses.Field]:
@@ -206,18 +202,6 @@ class DecodeConfig:
     def __eq__(self, other) -> bool:
         return isinstance(other, DecodeConfig) and (self.max_new_tokens, self.options) == (
             other.max_new_tokens, other.options)
-
-    def __getattr__(self, key: str):
-        """An option's value as given, else its default where every method that has it agrees (`cfg.block_size`)."""
-        if key.startswith("__") or key == "options":
-            raise AttributeError(key)
-        if key in self.options:
-            return self.options[key]
-        defaults = {f.default for m in _METHODS.values() for k, (f, _) in _option_fields(m.options).items()
-                    if k == key}
-        if len(defaults) == 1:
-            return next(iter(defaults))
-        raise AttributeError(f"decoding option {key!r} is not set and has no single default")
 
     @classmethod
     def from_args(cls, args, **changes) -> "DecodeConfig":
