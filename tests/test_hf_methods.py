@@ -84,7 +84,7 @@ def test_assisted_accept_lengths_are_what_the_target_was_fed(draft_seed):
             assert got.accept_lengths == [min(c + 1, n) for c, n in zip(cands, left)], (cands, got.accept_lengths)
         else:
             assert all(1 <= a <= c + 1 for a, c in zip(got.accept_lengths, cands)), (cands, got.accept_lengths)
-        assert max(cands) <= cfg.gamma
+        assert max(cands) <= cfg.options["gamma"]
 
 
 def test_assisted_with_an_identical_draft_commits_several_tokens_per_forward():
