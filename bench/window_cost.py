@@ -35,8 +35,8 @@ def main(argv=None) -> int:
 
     model, tok = load_model(args.model, args.dtype)
     ids = format_prompt(tok, load_dataset_prompts("gsm8k", limit=1)[0].prompt)
-    shapes = [(w, r) for w in map(int, args.widths.split(",")) for r in map(int, args.rows.split(","))
-              if r == 1 or w > 1]
+    shapes = [(w, r) for w in map(int, args.widths.split(",")) for r in map(int, args.rows.split(","))]
+    shapes = sorted(set(shapes) | {(1, 1)})  # the 1-token step is the unit
     times: dict[tuple[int, int], list[float]] = {s: [] for s in shapes}
     rng = random.Random(0)
     with torch.inference_mode():
