@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from cllm.decoding import ar_decode, jacobi_decode
-from cllm.decoding.continuous import ContinuousBatch, Row
+from cllm.decoding.continuous import ContinuousBatch, Row, prefill_groups
 from cllm.decoding.options import JacobiOptions, SamplingOptions
 from conftest import random_prompt, tiny_model
 
@@ -85,11 +85,13 @@ def test_a_row_done_in_its_prefill_never_joins():
 
 
 def test_rows_joining_together_share_one_prefill_forward():
-    """Four requests arriving at once cost one prefill forward, not four (and still decode as they would alone)."""
+    """Four requests of similar length arriving at once cost one prefill forward, not four (and still decode as
+    they would alone)."""
     model = tiny_model(3, dtype=torch.float32)
     gen = torch.Generator().manual_seed(9)
-    rows = [Row(method=("ar", "jacobi")[i % 2], prompt=random_prompt(gen, 3 + 2 * i), max_new_tokens=(1, 8, 9, 10)[i],
-                seed=i, block_size=4) for i in range(4)]
+    # inputs of 12, 12, 13, 13 tokens (a Jacobi row's prefill carries its 3-token guess too)
+    rows = [Row(method=("ar", "jacobi")[i % 2], prompt=random_prompt(gen, (12, 9, 13, 10)[i]),
+                max_new_tokens=(1, 8, 9, 10)[i], seed=i, block_size=4) for i in range(4)]
     batch = ContinuousBatch(model, {EOS}, pad_id=0)
     finished = batch.step(rows)
     assert batch.forwards == 2  # one prefill of all four, one step of those still running
@@ -97,3 +99,41 @@ def test_rows_joining_together_share_one_prefill_forward():
     while batch.rows:
         finished += batch.step()
     assert all(row.generated == _solo(model, row) for row in rows)
+
+
+def test_prefill_groups_keep_padding_small():
+    """Joiners are prefilled shortest first in groups whose padded size stays within 5/4 of their real tokens."""
+    rows = [Row(method="ar", prompt=[5] * n, max_new_tokens=4) for n in (100, 10, 12, 95, 11, 300)]
+    for row in rows:
+        row.start(torch.device("cpu"), 0)
+    got = [[len(r.prompt) for r in g] for g in prefill_groups(rows)]
+    assert got == [[10, 11, 12], [95, 100], [300]]
+    assert [[len(r.prompt) for r in g] for g in prefill_groups(rows, max_padding=100.0)] == [[10, 11, 12, 95, 100, 300]]
+
+
+def test_prompts_of_very_different_lengths_prefill_apart_and_still_equal_solo():
+    model = tiny_model(4, dtype=torch.float32)
+    gen = torch.Generator().manual_seed(11)
+    rows = [Row(method="ar", prompt=random_prompt(gen, n), max_new_tokens=6, seed=i) for i, n in enumerate((3, 40, 4))]
+    batch = ContinuousBatch(model, {EOS}, pad_id=0)
+    batch.step(rows)
+    assert batch.forwards == 3  # prefill of the two short ones, of the long one, then one step of all three
+    while batch.rows:
+        batch.step()
+    assert all(row.generated == _solo(model, row) for row in rows)
+
+
+@pytest.mark.parametrize("last", [1, 3, 20])
+def test_ragged_forward_computes_only_each_rows_last_logits(last):
+    """`last=K`: logits of each row's last K inputs, aligned at the row's end, equal to the full forward's (fp64)."""
+    from cllm.decoding.common import RaggedCache
+
+    model = tiny_model(5, dtype=torch.float64)
+    gen = torch.Generator().manual_seed(3)
+    inputs = [random_prompt(gen, n) for n in (7, 2, 5)]
+    full, lengths = RaggedCache(3, torch.device("cpu"), 0).forward(model, inputs)  # (3, 7, V)
+    tail, _ = RaggedCache(3, torch.device("cpu"), 0).forward(model, inputs, last=last)  # (3, last, V)
+    assert tail.shape[:2] == (3, last)
+    for b, n in enumerate(lengths):
+        k = min(last, n)
+        torch.testing.assert_close(tail[b, last - k :], full[b, n - k : n], rtol=0, atol=1e-12)

@@ -50,9 +50,9 @@ def ar_decode(
     generated: list[list[int]] = [[] for _ in batch]
     results: list[DecodeResult | None] = [None] * len(batch)
     while active:
-        logits, lengths = cache.forward(model, inputs)  # (B, W, V)
+        logits, lengths = cache.forward(model, inputs, last=1)  # (B, 1, V): only each row's last position
         cache.keep(lengths)  # every input token is committed context
-        last_logits = logits[torch.arange(len(active)), torch.tensor(lengths) - 1]  # (B, V)
+        last_logits = logits[:, -1]  # (B, V)
         next_ids = _next_tokens(last_logits, [generators[row] for row in active], temperature, top_k, top_p)
         still = []
         for r, (row, tok) in enumerate(zip(active, next_ids)):

@@ -19,13 +19,17 @@ def _cache_kwarg(model_cls: type) -> str:
     return "cache" if "cache" in inspect.signature(model_cls.forward).parameters else "past_key_values"
 
 
-def cached_forward(model, input_ids: torch.Tensor, position_ids: torch.Tensor, cache, attention_mask=None):
-    """One forward of `input_ids` (B, W) on top of `cache`; returns (logits (B, W, V), the updated cache)."""
+def cached_forward(model, input_ids: torch.Tensor, position_ids: torch.Tensor, cache, attention_mask=None,
+                   logits_at: torch.Tensor | None = None):
+    """One forward of `input_ids` (B, W) on top of `cache`; returns (logits (B, W, V), the updated cache). With
+    `logits_at` (B, P) positions, only those logits are computed (B, P, V): the LM head over every prompt position
+    is a fifth of a prefill's work on a small model, and only the last one is needed (as `generate` does)."""
     # A PEFT wrapper's forward takes **kwargs and hands them to the wrapped model: that model's forward decides.
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model
     name = _cache_kwarg(type(inner))
+    extra = {} if logits_at is None else {"logits_to_keep": logits_at}
     out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=True,
-                **{name: cache})
+                **{name: cache}, **extra)
     return out.logits, (out.cache if name == "cache" else out.past_key_values)
 
 
@@ -119,8 +123,10 @@ class RaggedCache:
     def n_rows(self) -> int:
         return self.valid.shape[0]
 
-    def forward(self, model, inputs: list[list[int]]) -> tuple[torch.Tensor, list[int]]:
-        """Run `model` on one token list per row on top of the cache. Returns logits (B, W, V) and the lengths."""
+    def forward(self, model, inputs: list[list[int]], last: int | None = None) -> tuple[torch.Tensor, list[int]]:
+        """Run `model` on one token list per row on top of the cache. Returns logits (B, W, V) and the lengths; with
+        `last`, only the logits of each row's last `last` inputs (B, last, V), aligned at each row's end (a row
+        with fewer inputs has its first input's logits repeated in front)."""
         if len(inputs) != self.n_rows:
             raise ValueError(f"{len(inputs)} inputs for {self.n_rows} cache rows")
         lengths = [len(x) for x in inputs]
@@ -135,7 +141,11 @@ class RaggedCache:
         attention_mask = torch.cat([self.valid, new_valid], dim=1).long()  # (B, S + W)
         if bool(attention_mask.all()):
             attention_mask = None  # no holes and no padding: let the model take its plain causal path
-        logits, self.cache = cached_forward(model, input_ids, position_ids, self.cache, attention_mask)
+        logits_at = None
+        if last is not None:
+            ends = torch.tensor(lengths, device=self.device).unsqueeze(1)  # (B, 1)
+            logits_at = (ends - last + torch.arange(last, device=self.device)).clamp(min=0)  # (B, last)
+        logits, self.cache = cached_forward(model, input_ids, position_ids, self.cache, attention_mask, logits_at)
         self.valid = torch.cat([self.valid, torch.zeros_like(new_valid)], dim=1)
         self._last_width = width
         return logits, lengths

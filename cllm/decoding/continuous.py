@@ -62,12 +62,17 @@ class Row:
     def step_input(self) -> list[int]:
         return self._state["head"] if self.method == "ar" else self._state.step_input()
 
+    def n_logits(self) -> int:
+        """How many of its last inputs' logits the row reads: from the last committed token on."""
+        return len(self.step_input()) - len(self._state["head"] if self.method == "ar" else self._state.head) + 1
+
     def consume(self, logits: torch.Tensor, stop: set[int], pad_id: int) -> int:
-        """Apply one forward's logits of this row's inputs (W, V); returns how many new KV entries it keeps."""
+        """Apply one forward's logits of this row's last inputs (K, V), K >= `n_logits()`; returns how many new KV
+        entries it keeps."""
         self.n_forwards += 1
         if self.method == "ar":
             head = self._state["head"]
-            last = logits[len(head) - 1 : len(head)]  # (1, V)
+            last = logits[-1:]  # (1, V): the last input is the last committed token
             if self.temperature == 0:
                 tok = int(last.argmax(dim=-1))
             else:
@@ -80,8 +85,9 @@ class Row:
         else:
             row = self._state
             n_head = len(row.head)
-            n_new = jacobi._iterate(row, logits.argmax(dim=-1).tolist(), stop, self.block_size, self.max_new_tokens,
-                                    self.init, pad_id, False)
+            n_in = len(row.step_input())
+            pred = [pad_id] * (n_in - len(logits)) + logits.argmax(dim=-1).tolist()  # (W,): unread ones padded
+            n_new = jacobi._iterate(row, pred, stop, self.block_size, self.max_new_tokens, self.init, pad_id, False)
             new = row.generated[-n_new:]
             self.finish_reason = row.finish_reason
             n_keep = n_head + n_new - 1
@@ -93,9 +99,26 @@ class Row:
         return n_keep
 
 
+def prefill_groups(rows: list[Row], max_padding: float = 0.25) -> list[list[Row]]:
+    """Joining rows in groups of similar input length, one prefill forward each: a group grows (shortest first)
+    while its padded size stays within (1 + max_padding) x its real tokens. One padded forward over many prompts
+    is cheaper per token than one each, but padding a short prompt to a long one is paid in full (pure rule)."""
+    groups: list[list[Row]] = []
+    real = 0
+    for row in sorted(rows, key=lambda r: len(r.step_input())):
+        n = len(row.step_input())
+        if groups and n * (len(groups[-1]) + 1) <= (1 + max_padding) * (real + n):
+            groups[-1].append(row)
+            real += n
+        else:
+            groups.append([row])
+            real = n
+    return groups
+
+
 class ContinuousBatch:
-    """The running batch of one model. `step(joining)` prefills the joining rows together in one forward, then
-    runs one forward over all running rows; it returns the rows that finished in this step. Not thread-safe: one thread
+    """The running batch of one model. `step(joining)` prefills the joining rows (those of similar length together
+    in one forward), then runs one forward over all running rows; it returns the rows that finished in this step. Not thread-safe: one thread
     (the server's worker) owns it."""
 
     def __init__(self, model, stop: set[int], pad_id: int):
@@ -109,7 +132,10 @@ class ContinuousBatch:
     def step(self, joining: list[Row] = ()) -> list[Row]:
         done = self._drop_cancelled()
         if joining:
-            done += self._prefill(list(joining))
+            for row in joining:
+                row.start(self.device, self.pad_id)
+            for group in prefill_groups(list(joining)):
+                done += self._prefill(group)
         if self.rows:
             done += self._forward()
         return done
@@ -117,13 +143,8 @@ class ContinuousBatch:
     def _prefill(self, joining: list[Row]) -> list[Row]:
         """The joining rows' prompts in one forward of their own (ragged, padded like the batch's steps); those
         not finished by it join the running cache. Returns the finished ones."""
-        for row in joining:
-            row.start(self.device, self.pad_id)
         group = RaggedCache(len(joining), self.device, self.pad_id)
-        logits, lengths = group.forward(self.model, [row.step_input() for row in joining])  # (J, W, V)
-        self.forwards += 1
-        group.keep([row.consume(logits[j, :n], self.stop, self.pad_id)
-                    for j, (row, n) in enumerate(zip(joining, lengths))])
+        group.keep(self._run(group, joining))
         still = [j for j, row in enumerate(joining) if row.finish_reason is None]
         if still:
             if len(still) < len(joining):
@@ -133,12 +154,17 @@ class ContinuousBatch:
         return [row for row in joining if row.finish_reason is not None]
 
     def _forward(self) -> list[Row]:
-        inputs = [row.step_input() for row in self.rows]
-        logits, lengths = self.cache.forward(self.model, inputs)  # (B, W, V)
-        self.forwards += 1
-        self.cache.keep([row.consume(logits[b, :n], self.stop, self.pad_id)
-                         for b, (row, n) in enumerate(zip(self.rows, lengths))])
+        self.cache.keep(self._run(self.cache, self.rows))
         return self._leave([row for row in self.rows if row.finish_reason is not None])
+
+    def _run(self, cache: RaggedCache, rows: list[Row]) -> list[int]:
+        """One forward of these rows on `cache`, computing only the logits they read; each row consumes its own.
+        Returns how many new entries each keeps."""
+        last = max(row.n_logits() for row in rows)
+        logits, lengths = cache.forward(self.model, [row.step_input() for row in rows], last=last)  # (B, last, V)
+        self.forwards += 1
+        return [row.consume(logits[b, last - min(last, n) :], self.stop, self.pad_id)
+                for b, (row, n) in enumerate(zip(rows, lengths))]
 
     def _drop_cancelled(self) -> list[Row]:
         for row in self.rows:
