@@ -3,8 +3,8 @@
 Endpoints: `GET /v1/models`, `POST /v1/completions` (the prompt as plain text), `POST /v1/chat/completions` (the
 chat template applied as `cllm decode` does), `GET /health`, `GET /metrics` (Prometheus text format).
 
-One worker thread owns the model. With `ar` or `jacobi` and `--max-batch` above 1 it runs continuous batching
-(`cllm.decoding.continuous`): a request that arrives while others decode is prefilled on its own and joins the
+One worker thread owns the model. With `ar`, `jacobi` or `gated` and `--max-batch` above 1 it runs continuous
+batching (`cllm.decoding.continuous`): a request that arrives while others decode is prefilled and joins the
 running batch at the next forward, and leaves it when done; every request's greedy output is the one it gets
 alone. Other methods (and `--max-batch 1`) decode one request at a time, in arrival order. Requests wait in a
 bounded queue (`--max-queue`: a full queue answers 503 with Retry-After).
@@ -301,14 +301,19 @@ class Engine:
     def _batch_step(self, joining: list[Job]) -> None:
         from cllm.decoding.common import eos_ids
         from cllm.decoding.continuous import ContinuousBatch, Row
+        from cllm.decoding.gated import resolve_options
 
         if self._batch is None:
             pad = self.tok.pad_token_id if self.tok.pad_token_id is not None else 0
             self._batch = ContinuousBatch(self.model, eos_ids(self.model, self.tok), pad)
         rows = []
         for job in joining:
-            opts = dataclasses.asdict(job.cfg.options_for(self.method))  # ar: sampling; jacobi: block size, init
-            opts.pop("record_trajectory", None)
+            opts = job.cfg.options_for(self.method)
+            if self.method == "gated":
+                opts = {"options": resolve_options(self.model, opts)}
+            else:
+                opts = dataclasses.asdict(opts)  # ar: sampling; jacobi: block size, init
+                opts.pop("record_trajectory", None)
             row = Row(method=self.method, prompt=job.ids, max_new_tokens=job.cfg.max_new_tokens,
                       on_commit=job.on_tokens, seed=job.seed, **opts)
             self._jobs[id(row)] = job

@@ -137,3 +137,27 @@ def test_ragged_forward_computes_only_each_rows_last_logits(last):
     for b, n in enumerate(lengths):
         k = min(last, n)
         torch.testing.assert_close(tail[b, last - k :], full[b, n - k : n], rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_gated_rows_joining_beside_ar_rows_equal_solo_gated_decodes(dtype):
+    """Gated rows (branches, pool and a draft copy at gate 1 in each forward) join and leave a batch with AR rows;
+    each row's output is the one it gets alone (gated: `gated_decode`, which is the base's greedy output)."""
+    from cllm.decoding.gated import GatedOptions, gated_decode
+    from test_gated import gated_tiny
+
+    _, model = gated_tiny(3, dtype)
+    gen = torch.Generator().manual_seed(21)
+    opts = [GatedOptions(block_size=4, lookup_tokens=3, pool_candidates=2, pool_ngram=3),
+            GatedOptions(block_size=6, draft_input="mask", mask_token_id=2, pool_candidates=0),
+            GatedOptions(block_size=3, lookup_tokens=0, pool_candidates=1, pool_ngram=2)]
+    rows = [Row(method="gated", prompt=random_prompt(gen, 4 + 3 * i), max_new_tokens=9 + 4 * i, seed=i, options=o)
+            for i, o in enumerate(opts)]
+    rows += [Row(method="ar", prompt=random_prompt(gen, 6), max_new_tokens=12, seed=7)]
+    widest = _run(model, {0: [rows[0], rows[3]], 2: [rows[1]], 5: [rows[2]]})
+    assert widest >= 3
+    for row in rows[:3]:
+        solo = gated_decode(model, None, row.prompt, row.options, max_new_tokens=row.max_new_tokens, seed=row.seed,
+                            eos_token_id=EOS)
+        assert row.generated == solo.token_ids and row.n_forwards == solo.n_forwards
+    assert rows[3].generated == _solo(model, rows[3])

@@ -266,10 +266,29 @@ def _metric(url: str, name: str) -> float:
     raise AssertionError(f"{name} not in /metrics")
 
 
-@pytest.mark.parametrize("method", ["ar", "jacobi"])
+def _with_gated_adapter(model):
+    """The model with a random gated LoRA adapter attached (its B weights random: PEFT starts them at zero)."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from cllm.decoding.gate import attach_gate
+
+    model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=gen, dtype=p.dtype) * 0.3)
+    model.eval()
+    attach_gate(model)
+    return model
+
+
+@pytest.mark.parametrize("method", ["ar", "jacobi", "gated"])
 def test_concurrent_requests_share_forwards_and_each_equals_its_solo_decode(tiny_model_dir, method, monkeypatch):
     """Eight clients at once, prompts and lengths all different, in fp32: they join and leave one running batch,
-    every answer is the solo greedy decode, and the server ran fewer forwards than the answers did in all."""
+    every answer is the solo greedy decode (gated: with a gated adapter, the base's greedy output), and the server
+    ran fewer forwards than the answers did in all."""
     from cllm.decoding import continuous
 
     step = continuous.ContinuousBatch.step
@@ -280,6 +299,8 @@ def test_concurrent_requests_share_forwards_and_each_equals_its_solo_decode(tiny
 
     monkeypatch.setattr(continuous.ContinuousBatch, "step", slow_step)
     model, tok = load_model(str(tiny_model_dir), "fp32", "cpu")
+    if method == "gated":
+        model = _with_gated_adapter(model)
     cfg = registry.DecodeConfig(block_size=4, max_new_tokens=40)
     prompts = [f"w{3 + i} w{30 - i}" + " w9" * (i % 3) for i in range(8)]
     lengths = [8 + 4 * i for i in range(8)]

@@ -150,12 +150,40 @@ class RaggedCache:
         self._last_width = width
         return logits, lengths
 
-    def keep(self, n_keep: list[int]) -> None:
-        """After `forward`: row b keeps the KV of its first n_keep[b] new tokens; columns nobody keeps are cropped."""
+    def forward_tree(self, model, inputs: list[list[int]], rel_positions: list[list[int]],
+                     visible: list[torch.Tensor]) -> tuple[torch.Tensor, list[int]]:
+        """Like `forward`, but each row's new tokens carry their own positions (after the row's committed tokens)
+        and their own (L_b, L_b) visibility among themselves: branches verified side by side (gated decoding).
+        Returns logits (B, W, V) of every input and the lengths."""
+        lengths = [len(x) for x in inputs]
+        B, width, S = self.n_rows, max(lengths), self.valid.shape[1]
+        input_ids = torch.full((B, width), self.pad_token_id, dtype=torch.long, device=self.device)
+        start = self.valid.sum(dim=1)  # (B,): tokens each row owns so far
+        position_ids = start.unsqueeze(1) + torch.arange(width, device=self.device).unsqueeze(0)  # (B, W)
+        new = torch.eye(width, dtype=torch.bool, device=self.device).repeat(B, 1, 1)  # (B, W, W): padding sees itself
+        for b, (x, pos, vis) in enumerate(zip(inputs, rel_positions, visible)):
+            n = len(x)
+            input_ids[b, :n] = torch.tensor(x, dtype=torch.long, device=self.device)
+            position_ids[b, :n] = start[b] + torch.tensor(pos, dtype=torch.long, device=self.device)
+            new[b, :n, :n] = vis.to(self.device)
+        old = self.valid.unsqueeze(1).expand(B, width, S)  # (B, W, S): each row's own committed entries
+        mask = torch.cat([old, new], dim=2).unsqueeze(1)  # (B, 1, W, S + W), True = visible
+        logits, self.cache = cached_forward(model, input_ids, position_ids, self.cache, mask)
+        self.valid = torch.cat([self.valid, torch.zeros(B, width, dtype=torch.bool, device=self.device)], dim=1)
+        self._last_width = width
+        return logits, lengths
+
+    def keep(self, n_keep: list) -> None:
+        """After `forward`: row b keeps the KV of its first n_keep[b] new tokens (or of the new tokens at the
+        indices n_keep[b], a list: a verified branch); columns nobody keeps are cropped."""
         width = self._last_width
         s0 = self.valid.shape[1] - width
         for b, k in enumerate(n_keep):
-            self.valid[b, s0 : s0 + k] = True
+            if isinstance(k, int):
+                self.valid[b, s0 : s0 + k] = True
+            else:
+                self.valid[b, [s0 + c for c in k]] = True
+        n_keep = [k if isinstance(k, int) else max(k, default=-1) + 1 for k in n_keep]  # columns used
         max_keep = max(n_keep) if n_keep else 0
         if width - max_keep > 0:
             self.cache.crop(-(width - max_keep))  # transformers 5: a negative count of tokens to remove

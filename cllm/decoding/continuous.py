@@ -9,6 +9,11 @@ gets decoded alone: `tests/test_continuous.py` checks joins and leaves mid-decod
 
 AR rows sample with their own generator (`seed`, as `ar_decode` seeds a batch of one) and their own temperature,
 top-k and top-p, so requests with different sampling settings share a batch. Jacobi rows are greedy.
+
+Gated rows (`cllm.decoding.gated`, a model loaded with a gated adapter) carry their branches and their draft copy
+side by side: while one is in the batch, every forward gives each row its own positions and visibility among its
+new tokens (`RaggedCache.forward_tree`) and a per-position gate (the draft copies at 1, everything else at 0, the
+base exactly); a gated row keeps the K/V of its head and of its winning branch's accepted tokens only.
 """
 
 from __future__ import annotations
@@ -19,10 +24,13 @@ import torch
 
 from cllm.decoding import jacobi
 from cllm.decoding.common import RaggedCache, check_lengths
+from cllm.decoding.gate import gated
+from cllm.decoding.gated import GatedRun
+from cllm.decoding.options import GatedOptions
 from cllm.decoding.sampling import check_sampling_args, sample_token, warp_logits
 from cllm.errors import CllmError
 
-METHODS = ("ar", "jacobi")
+METHODS = ("ar", "jacobi", "gated")
 
 
 @dataclass
@@ -40,6 +48,7 @@ class Row:
     seed: int = 0
     block_size: int = 16
     init: str = "prompt"
+    options: GatedOptions | None = None  # gated rows: their options (draft input and mask id resolved)
     generated: list[int] = field(default_factory=list)
     n_forwards: int = 0
     finish_reason: str | None = None  # eos, length, stop, cancelled
@@ -50,7 +59,9 @@ class Row:
         if self.method not in METHODS:
             raise CllmError(f"continuous batching runs {', '.join(METHODS)}, not {self.method}")
         check_lengths(self.max_new_tokens, self.block_size if self.method == "jacobi" else None)
-        if self.method == "ar":
+        if self.method == "gated":
+            self._state = GatedRun(self.prompt, self.options or GatedOptions(), int(self.seed))
+        elif self.method == "ar":
             check_sampling_args(self.temperature, self.top_k, self.top_p)
             self._state = {"head": list(self.prompt), "gen": torch.Generator(device=device).manual_seed(int(self.seed))}
         else:
@@ -60,43 +71,61 @@ class Row:
             self._state = row
 
     def step_input(self) -> list[int]:
+        if self.method == "gated":
+            return self._state.inputs()[0]
         return self._state["head"] if self.method == "ar" else self._state.step_input()
 
+    def tree_input(self) -> tuple[list[int], list[int], torch.Tensor, int]:
+        """(tokens, positions after the committed ones, (L, L) visibility, draft tokens at the end) of this step."""
+        if self.method == "gated":
+            return self._state.inputs()
+        ids = self.step_input()
+        return ids, list(range(len(ids))), torch.ones(len(ids), len(ids), dtype=torch.bool).tril(), 0
+
     def n_logits(self) -> int:
-        """How many of its last inputs' logits the row reads: from the last committed token on."""
+        """How many of its last inputs' logits the row reads: from the last committed token on (gated: all)."""
+        if self.method == "gated":
+            return len(self.step_input())
         return len(self.step_input()) - len(self._state["head"] if self.method == "ar" else self._state.head) + 1
 
-    def consume(self, logits: torch.Tensor, stop: set[int], pad_id: int) -> int:
+    def consume(self, logits: torch.Tensor, stop: set[int], pad_id: int) -> int | list[int]:
         """Apply one forward's logits of this row's last inputs (K, V), K >= `n_logits()`; returns how many new KV
-        entries it keeps."""
+        entries it keeps (gated: which)."""
         self.n_forwards += 1
-        if self.method == "ar":
-            head = self._state["head"]
-            last = logits[-1:]  # (1, V): the last input is the last committed token
-            if self.temperature == 0:
-                tok = int(last.argmax(dim=-1))
-            else:
-                tok = int(sample_token(warp_logits(last, self.temperature, self.top_k, self.top_p), self._state["gen"]))
-            self._state["head"] = [tok]
-            new = [tok]
-            if tok in stop:
-                self.finish_reason = "eos"
-            n_keep = len(head)
-        else:
-            row = self._state
-            n_head = len(row.head)
-            n_in = len(row.step_input())
-            pred = [pad_id] * (n_in - len(logits)) + logits.argmax(dim=-1).tolist()  # (W,): unread ones padded
-            n_new = jacobi._iterate(row, pred, stop, self.block_size, self.max_new_tokens, self.init, pad_id, False)
-            new = row.generated[-n_new:]
-            self.finish_reason = row.finish_reason
-            n_keep = n_head + n_new - 1
+        step = {"ar": self._ar, "jacobi": self._jacobi, "gated": self._gated}[self.method]
+        new, n_keep = step(logits, stop, pad_id)
         self.generated.extend(new)
         if self.finish_reason is None and len(self.generated) >= self.max_new_tokens:
             self.finish_reason = "length"
         if self.on_commit is not None and self.on_commit(new) and self.finish_reason is None:
             self.finish_reason = "stop"
         return n_keep
+
+    def _ar(self, logits: torch.Tensor, stop: set[int], pad_id: int) -> tuple[list[int], int]:
+        head = self._state["head"]
+        last = logits[-1:]  # (1, V): the last input is the last committed token
+        if self.temperature == 0:
+            tok = int(last.argmax(dim=-1))
+        else:
+            tok = int(sample_token(warp_logits(last, self.temperature, self.top_k, self.top_p), self._state["gen"]))
+        self._state["head"] = [tok]
+        if tok in stop:
+            self.finish_reason = "eos"
+        return [tok], len(head)
+
+    def _jacobi(self, logits: torch.Tensor, stop: set[int], pad_id: int) -> tuple[list[int], int]:
+        row = self._state
+        n_head = len(row.head)
+        n_in = len(row.step_input())
+        pred = [pad_id] * (n_in - len(logits)) + logits.argmax(dim=-1).tolist()  # (W,): unread ones padded
+        n_new = jacobi._iterate(row, pred, stop, self.block_size, self.max_new_tokens, self.init, pad_id, False)
+        self.finish_reason = row.finish_reason
+        return row.generated[-n_new:], n_head + n_new - 1
+
+    def _gated(self, logits: torch.Tensor, stop: set[int], pad_id: int) -> tuple[list[int], list[int]]:
+        taken, reason, keep = self._state.apply(logits.argmax(dim=-1).tolist(), stop, self.max_new_tokens)
+        self.finish_reason = reason
+        return taken, keep
 
 
 def prefill_groups(rows: list[Row], max_padding: float = 0.25) -> list[list[Row]]:
@@ -157,14 +186,27 @@ class ContinuousBatch:
         self.cache.keep(self._run(self.cache, self.rows))
         return self._leave([row for row in self.rows if row.finish_reason is not None])
 
-    def _run(self, cache: RaggedCache, rows: list[Row]) -> list[int]:
+    def _run(self, cache: RaggedCache, rows: list[Row]) -> list:
         """One forward of these rows on `cache`, computing only the logits they read; each row consumes its own.
-        Returns how many new entries each keeps."""
+        Returns how many new entries each keeps (gated rows: which)."""
+        if any(row.method == "gated" for row in rows):
+            return self._run_tree(cache, rows)
         last = max(row.n_logits() for row in rows)
         logits, lengths = cache.forward(self.model, [row.step_input() for row in rows], last=last)  # (B, last, V)
         self.forwards += 1
         return [row.consume(logits[b, last - min(last, n) :], self.stop, self.pad_id)
                 for b, (row, n) in enumerate(zip(rows, lengths))]
+
+    def _run_tree(self, cache: RaggedCache, rows: list[Row]) -> list:
+        """One forward with per-row positions, visibility and gate (a gated row is in the batch)."""
+        parts = [row.tree_input() for row in rows]
+        gate = torch.zeros(len(rows), max(len(p[0]) for p in parts))  # (B, W): the draft copies at 1
+        for b, (ids, _, _, n_draft) in enumerate(parts):
+            gate[b, len(ids) - n_draft : len(ids)] = 1.0
+        with gated(self.model, gate.to(self.device)):
+            logits, lengths = cache.forward_tree(self.model, *[[p[i] for p in parts] for i in range(3)])  # (B, W, V)
+        self.forwards += 1
+        return [row.consume(logits[b, :n], self.stop, self.pad_id) for b, (row, n) in enumerate(zip(rows, lengths))]
 
     def _drop_cancelled(self) -> list[Row]:
         for row in self.rows:

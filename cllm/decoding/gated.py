@@ -69,6 +69,17 @@ def branch_mask(n_head: int, lengths: list[int]) -> torch.Tensor:
     return allowed
 
 
+def resolve_options(model, opts: GatedOptions) -> GatedOptions:
+    """The options with what the loaded adapter was trained on filled in (its gate file): the draft input unless
+    given, and the mask token id."""
+    from cllm.decoding.gate import gate_state
+
+    state = gate_state(model)
+    meta = state.meta if state is not None else {}
+    return dataclasses.replace(opts, draft_input=opts.draft_input or meta.get("draft_input", "guess"),
+                               mask_token_id=meta.get("mask_token_id", 0))
+
+
 @torch.inference_mode()
 def gated_decode(model, tokenizer, prompt_ids, options: GatedOptions | None = None, max_new_tokens: int = 256,
                  seed: int | list[int] = 0, eos_token_id=None, on_commit=None) -> DecodeResult | list[DecodeResult]:
@@ -76,36 +87,48 @@ def gated_decode(model, tokenizer, prompt_ids, options: GatedOptions | None = No
     `on_commit(0, token_ids)`, if given, is called with the tokens each forward commits (streaming)."""
     opts = options or GatedOptions()
     opts.check()
-    if opts.draft_input is None:
-        opts = dataclasses.replace(opts, draft_input="guess")
     prompt, single = single_prompt(prompt_ids, "gated decoding")
     check_lengths(max_new_tokens)
     stop = eos_ids(model, tokenizer, eos_token_id)
-    gen = torch.Generator().manual_seed(int(seed[0] if isinstance(seed, list) else seed))
     t0 = time.perf_counter()
-    run = _GatedRun(SeqCache(model), prompt, opts, gen)
+    cache, run = SeqCache(model), GatedRun(prompt, opts, int(seed[0] if isinstance(seed, list) else seed))
     reason = None
     while reason is None:
-        taken, reason = run.step(stop, max_new_tokens)
+        ids, rel_pos, visible, n_draft = run.inputs()
+        S, L = cache.n, len(ids)
+        mask = torch.ones(L, S + L, dtype=torch.bool)  # (L, S + L): the cache is seen by all
+        mask[:, S:] = visible
+        gate = torch.zeros(1, L)  # (1, L): the draft copy at 1
+        gate[0, L - n_draft :] = 1.0
+        with gated(model, gate.to(cache.device)):
+            pred = _forward(cache, ids, [S + p for p in rel_pos], mask).argmax(-1).tolist()  # (L,)
+        taken, reason, keep = run.apply(pred, stop, max_new_tokens)
+        cache.keep(list(range(S)) + [S + k for k in keep])
         if on_commit is not None:
             on_commit(0, taken)
     result = committed_result(tokenizer, run.generated, run.accept_lengths, reason, t0, run.stats)
     return result if single else [result]
 
 
-class _GatedRun:
-    """One prompt under gated decoding: the committed text, the guess and the n-gram pool."""
+class GatedRun:
+    """One prompt under gated decoding, without its cache: the committed text, the guess and the n-gram pool.
+    `inputs()` gives a forward's tokens, `apply(pred)` takes the base's and the draft's argmax of them; the caller
+    owns the cache (`gated_decode`: its own; continuous batching: a row of the shared one)."""
 
-    def __init__(self, cache: SeqCache, prompt: list[int], opts: GatedOptions, gen: torch.Generator):
-        self.cache, self.opts = cache, opts
+    def __init__(self, prompt: list[int], opts: GatedOptions, seed: int = 0):
+        if opts.draft_input is None:
+            opts = dataclasses.replace(opts, draft_input="guess")
+        self.opts = opts
         self.width = opts.block_size - 1
         self.head, self.generated, self.prompt = list(prompt), [], list(prompt)
         self.accept_lengths: list[int] = []
         self.pool = NgramPool(opts.pool_candidates)
         self._add_ngrams(prompt, 0)
+        gen = torch.Generator().manual_seed(seed)
         idx = torch.randint(len(prompt), (self.width,), generator=gen).tolist()
         self.guess = [prompt[i] for i in idx]  # y(0): prompt tokens at random, as Jacobi starts
         self.stats = {"tokens_from_draft": 0, "tokens_from_pool": 0, "pool_verified": 0}
+        self._branches: list[list[int]] = []
 
     def _add_ngrams(self, text: list[int], start: int) -> None:
         """The pool gets the N-grams of `text` that begin at index >= start."""
@@ -113,27 +136,27 @@ class _GatedRun:
         for i in range(max(start, 0), len(text) - N + 1):
             self.pool.add(text[i], tuple(text[i + 1 : i + N]))
 
-    def step(self, stop: set[int], max_new_tokens: int) -> tuple[list[int], str | None]:
-        """One forward: verify the guess and the pooled n-grams, draft the next guess; returns (the tokens
-        committed, the finish reason once the decode ends)."""
-        head, cache = self.head, self.cache
+    def inputs(self) -> tuple[list[int], list[int], torch.Tensor, int]:
+        """This forward's tokens `[head][guess][pooled n-grams][lookup][draft]`, their positions after the
+        committed tokens that have K/V, their (L, L) visibility, and how many at the end are the draft (gate 1)."""
+        head = self.head
         cands = [list(c) for c in self.pool.get(head[-1])]
         if self.opts.lookup_tokens:
             found = lookup_continuation(self.prompt + self.generated, self.opts.lookup_tokens)
             cands = ([found] if found else []) + [c for c in cands if c != found[: len(c)]]
         draft_in = self.guess if self.opts.draft_input == "guess" else [self.opts.mask_token_id] * self.width
-        branches = [self.guess, *cands]
-        lengths = [len(b) for b in branches] + [self.width]
-        ids = head + [t for b in branches for t in b] + draft_in
-        S, h = cache.n, len(head)
-        last_pos = S + h - 1
-        pos = list(range(S, S + h)) + [last_pos + 1 + j for g in lengths for j in range(g)]
-        mask = torch.ones(len(ids), S + len(ids), dtype=torch.bool)  # (L, S + L): the cache is seen by all
-        mask[:, S:] = branch_mask(h, lengths)
-        gate = torch.zeros(1, len(ids))  # (1, L): the draft copy at 1
-        gate[0, len(ids) - self.width :] = 1.0
-        with gated(cache.model, gate.to(cache.device)):
-            pred = _forward(cache, ids, pos, mask).argmax(-1).tolist()  # (L,)
+        self._branches = [self.guess, *cands]
+        lengths = [len(b) for b in self._branches] + [self.width]
+        h = len(head)
+        ids = head + [t for b in self._branches for t in b] + draft_in
+        rel_pos = list(range(h)) + [h + j for g in lengths for j in range(g)]
+        return ids, rel_pos, branch_mask(h, lengths), self.width
+
+    def apply(self, pred: list[int], stop: set[int], max_new_tokens: int) -> tuple[list[int], str | None, list[int]]:
+        """Verify the branches against the base's argmax `pred` (L,), commit, draft the next guess; returns (the
+        tokens committed, the finish reason once the decode ends, the indices of this forward's tokens whose K/V
+        stay: the head and the winning branch's accepted tokens)."""
+        branches, h = self._branches, len(self.head)
         first = pred[h - 1]  # the base's next token after the committed text
         best, best_n, start, best_start = 0, -1, h, h
         for k, b in enumerate(branches):
@@ -144,15 +167,13 @@ class _GatedRun:
         winner = branches[best]
         correct = winner[:best_n] + [first if best_n == 0 else pred[best_start + best_n - 1]]
         taken, reason = finish(self.generated, correct, stop, max_new_tokens)
-        self._record(best, best_n, len(cands))
-        # the cache keeps the head and the winning branch's accepted tokens (indices S + position in `ids`)
-        cache.keep(list(range(S + h)) + list(range(S + best_start, S + best_start + best_n)))
+        self._record(best, best_n, len(branches) - 1)
         self.head = [taken[-1]]
         self.accept_lengths.append(len(taken))
         self._add_ngrams(self.generated, len(self.generated) - len(taken) - self.opts.pool_ngram)
-        drafted = pred[len(ids) - self.width :]  # drafted[i] predicts the token after guess position i
+        drafted = pred[len(pred) - self.width :]  # drafted[i] predicts the token after guess position i
         self.guess = self._fill(drafted[best_n:] if best_n < self.width else [], taken[-1])
-        return taken, reason
+        return taken, reason, list(range(h)) + list(range(best_start, best_start + best_n))
 
     def _fill(self, guess: list[int], last: int) -> list[int]:
         """The next guess: the draft's tokens past the committed run, then (the window moved on by the tokens

@@ -315,14 +315,10 @@ def _mtad(model, tok, prompts, seeds, max_new, opts, draft, on_commit):
 
 
 def _gated(model, tok, prompts, seeds, max_new, opts, draft, on_commit):
-    from cllm.decoding.gate import gate_state
-    from cllm.decoding.gated import gated_decode
+    from cllm.decoding.gated import gated_decode, resolve_options
 
-    state = gate_state(model)
-    meta = state.meta if state is not None else {}
-    opts = dataclasses.replace(opts, draft_input=opts.draft_input or meta.get("draft_input", "guess"),
-                               mask_token_id=meta.get("mask_token_id", 0))
-    return [gated_decode(model, tok, prompts[0], opts, max_new, seeds[0], on_commit=on_commit)]
+    return [gated_decode(model, tok, prompts[0], resolve_options(model, opts), max_new, seeds[0],
+                         on_commit=on_commit)]
 
 
 def _hf(mode: str):
