@@ -5,6 +5,7 @@ first token p50/p95, tokens/s over the run, right answers and HTTP errors, and w
 
     python bench/serve_load.py --method ar --dtype bf16 --clients 8 --requests 4 --max-tokens 32 --max-batch 8
     python bench/serve_load.py --method ar --dtype bf16 --clients 8 --requests 4 --max-tokens 32 --max-batch 1
+    python bench/serve_load.py --method gated --adapter models/smollm2-135m-gated-gsm8k --block-size 4 --dtype fp32
 
 It starts `cllm serve` itself on a free loopback port and stops it (SIGTERM) at the end; nothing leaves the machine.
 """
@@ -44,9 +45,10 @@ def _wait_up(url: str, proc: subprocess.Popen, timeout: float = 300) -> None:
 def _references(args, prompts: list[str]) -> dict[str, str]:
     from cllm.data.prompts import format_prompt
     from cllm.decoding import registry
-    from cllm.models import load_model
+    from cllm.models import ModelSpec
 
-    model, tok = load_model(args.model, args.dtype, "cpu")
+    loaded = ModelSpec(model=args.model, adapter=args.adapter, dtype=args.dtype, device="cpu").load()
+    model, tok = loaded.model, loaded.tokenizer
     cfg = registry.DecodeConfig(block_size=args.block_size, max_new_tokens=args.max_tokens)
     return {p: registry.decode(args.method, model, tok, [format_prompt(tok, p)], [0], cfg)[0].text for p in prompts}
 
@@ -105,6 +107,7 @@ def _quantile(xs: list[float], q: float) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--adapter", default=None, help="the server's --adapter (a gated adapter for --method gated)")
     ap.add_argument("--method", default="ar")
     ap.add_argument("--dtype", default="fp32")
     ap.add_argument("--block-size", type=int, default=16)
@@ -125,7 +128,8 @@ def main() -> None:
     url = f"http://127.0.0.1:{port}"
     proc = subprocess.Popen([shutil.which("cllm"), "serve", "--model", args.model, "--method", args.method,
                              "--dtype", args.dtype, "--block-size", str(args.block_size), "--port", str(port),
-                             "--max-batch", str(args.max_batch), "--log-level", "warning"],
+                             "--max-batch", str(args.max_batch), "--log-level", "warning",
+                             *(["--adapter", args.adapter] if args.adapter else [])],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         _wait_up(url, proc)
