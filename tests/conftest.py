@@ -44,6 +44,24 @@ def tiny_model(seed: int = 0, dtype=torch.float64, **overrides) -> LlamaForCausa
     return model
 
 
+def with_random_gated_adapter(model, seed: int = 0, r: int = 4):
+    """`model` wrapped with a gated LoRA adapter on all linear layers whose B weights are random (PEFT starts them
+    at zero, which would make every test of the gate pass trivially); eval mode, gate attached (adapter off)."""
+    from peft import LoraConfig, get_peft_model
+
+    from cllm.decoding.gate import attach_gate
+
+    model = get_peft_model(model, LoraConfig(r=r, lora_alpha=2 * r, target_modules="all-linear"))
+    gen = torch.Generator().manual_seed(seed + 100)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=gen, dtype=p.dtype) * 0.3)
+    model.eval()
+    attach_gate(model)
+    return model
+
+
 def tiny_tokenizer() -> PreTrainedTokenizerFast:
     """Word-level tokenizer over '<pad> <eos> <unk> w3 .. w63' without a chat template (plain-text prompts)."""
     from tokenizers import Tokenizer, models, pre_tokenizers

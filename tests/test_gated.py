@@ -13,25 +13,14 @@ import torch
 from cllm.decoding.gate import attach_gate, gated, is_gated
 from cllm.decoding.gated import GatedOptions, accept_length, branch_mask, gated_decode, lookup_continuation
 from cllm.errors import CllmError
-from conftest import random_prompt, tiny_model
+from conftest import random_prompt, tiny_model, with_random_gated_adapter
 from test_jacobi import greedy_reference
 
 
 def gated_tiny(seed: int = 0, dtype=torch.float64, r: int = 4):
-    """(base copy, gated PEFT model) of a tiny random Llama whose LoRA B weights are random (PEFT starts them at
-    zero, which would make every test of the gate pass trivially)."""
-    from peft import LoraConfig, get_peft_model
-
+    """(base copy, gated PEFT model) of a tiny random Llama whose LoRA B weights are random."""
     base = tiny_model(seed, dtype)
-    model = get_peft_model(copy.deepcopy(base), LoraConfig(r=r, lora_alpha=2 * r, target_modules="all-linear"))
-    gen = torch.Generator().manual_seed(seed + 100)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.copy_(torch.randn(p.shape, generator=gen, dtype=p.dtype) * 0.3)
-    model.eval()
-    attach_gate(model)
-    return base, model
+    return base, with_random_gated_adapter(copy.deepcopy(base), seed, r)
 
 
 def test_gate_zero_is_the_base_bit_for_bit_fp32():

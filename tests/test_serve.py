@@ -24,6 +24,7 @@ from cllm.decoding import registry
 from cllm.models import load_model
 from cllm.data.prompts import format_prompt
 from cllm.serve import Engine, Limits, build_app
+from conftest import with_random_gated_adapter
 
 PROMPTS = ["w3 w4 w5", "w10 w11", "w20 w21 w22 w23", "w7"]
 MAX = 12
@@ -266,24 +267,6 @@ def _metric(url: str, name: str) -> float:
     raise AssertionError(f"{name} not in /metrics")
 
 
-def _with_gated_adapter(model):
-    """The model with a random gated LoRA adapter attached (its B weights random: PEFT starts them at zero)."""
-    import torch
-    from peft import LoraConfig, get_peft_model
-
-    from cllm.decoding.gate import attach_gate
-
-    model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
-    gen = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.copy_(torch.randn(p.shape, generator=gen, dtype=p.dtype) * 0.3)
-    model.eval()
-    attach_gate(model)
-    return model
-
-
 @pytest.mark.parametrize("method", ["ar", "jacobi", "gated"])
 def test_concurrent_requests_share_forwards_and_each_equals_its_solo_decode(tiny_model_dir, method, monkeypatch):
     """Eight clients at once, prompts and lengths all different, in fp32: they join and leave one running batch,
@@ -300,7 +283,7 @@ def test_concurrent_requests_share_forwards_and_each_equals_its_solo_decode(tiny
     monkeypatch.setattr(continuous.ContinuousBatch, "step", slow_step)
     model, tok = load_model(str(tiny_model_dir), "fp32", "cpu")
     if method == "gated":
-        model = _with_gated_adapter(model)
+        model = with_random_gated_adapter(model)
     cfg = registry.DecodeConfig(block_size=4, max_new_tokens=40)
     prompts = [f"w{3 + i} w{30 - i}" + " w9" * (i % 3) for i in range(8)]
     lengths = [8 + 4 * i for i in range(8)]

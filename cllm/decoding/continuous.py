@@ -134,8 +134,7 @@ def prefill_groups(rows: list[Row], max_padding: float = 0.25) -> list[list[Row]
     is cheaper per token than one each, but padding a short prompt to a long one is paid in full (pure rule)."""
     groups: list[list[Row]] = []
     real = 0
-    for row in sorted(rows, key=lambda r: len(r.step_input())):
-        n = len(row.step_input())
+    for n, _, row in sorted((len(row.step_input()), i, row) for i, row in enumerate(rows)):
         if groups and n * (len(groups[-1]) + 1) <= (1 + max_padding) * (real + n):
             groups[-1].append(row)
             real += n
@@ -147,8 +146,8 @@ def prefill_groups(rows: list[Row], max_padding: float = 0.25) -> list[list[Row]
 
 class ContinuousBatch:
     """The running batch of one model. `step(joining)` prefills the joining rows (those of similar length together
-    in one forward), then runs one forward over all running rows; it returns the rows that finished in this step. Not thread-safe: one thread
-    (the server's worker) owns it."""
+    in one forward), then runs one forward over all running rows; it returns the rows that finished in this step.
+    Not thread-safe: one thread (the server's worker) owns it."""
 
     def __init__(self, model, stop: set[int], pad_id: int):
         self.model, self.stop, self.pad_id = model, stop, pad_id
