@@ -363,3 +363,22 @@ def test_serve_streams_gated_decoding(tiny_model_dir, tmp_path):
         assert "".join(pieces) == want and len(pieces) > 1
     finally:
         srv.should_exit = True
+
+
+def test_lora_layers_puts_the_adapter_on_the_chosen_layers_only(tiny_model_dir):
+    from cllm.config import resolve
+    from cllm.training.config import TrainConfig
+    from cllm.training.run import build_model
+
+    base = dict(model=str(tiny_model_dir), data=["x"], output_dir="o", objective="gated", use_peft=True,
+                ar_weight=0.0, lora_r=2)
+    model, _ = build_model(resolve(TrainConfig, {**base, "lora_layers": "top:1"}))
+    n = model.config.num_hidden_layers
+    assert n >= 2
+    wrapped = {name.split(".layers.")[1].split(".")[0] for name, _ in model.named_parameters() if "lora_A" in name}
+    assert wrapped == {str(n - 1)}
+    model, _ = build_model(resolve(TrainConfig, {**base, "lora_layers": "0"}))
+    assert {name.split(".layers.")[1].split(".")[0] for name, _ in model.named_parameters() if "lora_A" in name} == {"0"}
+    for bad, msg in (("top:0", "top:K"), ("first", "top:K"), (f"top:{n + 1}", f"has {n} layers")):
+        with pytest.raises(CllmError, match=msg):
+            build_model(resolve(TrainConfig, {**base, "lora_layers": bad}))

@@ -27,16 +27,27 @@ class GateState:
     """The gate of the next forwards, (B, T) or None, and the LoRA layers it switches."""
 
     def __init__(self, lora_layers: list):
-        self.gate: torch.Tensor | None = None
+        self._gate: torch.Tensor | None = None
+        self._cast: torch.Tensor | None = None  # the gate as (B, T, 1) in the layers' dtype, made once per gate
         self.layers = lora_layers
         self.handles: list = []
         self.meta: dict = {}  # the adapter folder's GATE_FILE: what the draft was trained to read
 
+    @property
+    def gate(self) -> torch.Tensor | None:
+        return self._gate
+
+    @gate.setter
+    def gate(self, gate: torch.Tensor | None) -> None:
+        self._gate, self._cast = gate, None
+
     def hook(self, module, inputs, output: torch.Tensor) -> torch.Tensor:
         """`lora_B` output (B, T, out) times the gate (B, T, 1)."""
-        if self.gate is None:
+        if self._gate is None:
             raise CllmError("a gated LoRA adapter ran without a gate (use cllm.decoding.gate.gated)")
-        return output * self.gate.to(output.dtype).unsqueeze(-1)
+        if self._cast is None or self._cast.dtype != output.dtype:  # one cast per forward, not one per layer
+            self._cast = self._gate.to(output.dtype).unsqueeze(-1)
+        return output * self._cast
 
     def set_enabled(self, enabled: bool) -> None:
         for layer in self.layers:

@@ -102,6 +102,9 @@ class TrainConfig:
     lora_alpha: int = opt(32, "LoRA alpha")
     lora_dropout: float = opt(0.05, "LoRA dropout")
     lora_target_modules: str = opt("all-linear", "comma-separated module names, or all-linear")
+    lora_layers: str = opt("all", "which decoder layers get LoRA: all, top:K (the last K; a gated draft's LoRA "
+                                  "cost per forward is per layer), or comma-separated indices (PEFT's "
+                                  "layers_to_transform)")
     resume: bool = opt(False, "continue from the newest complete checkpoint in output_dir (a DeepSpeed checkpoint is "
                               "read with torch.load(weights_only=False), which unpickles: resume only folders "
                               "your own runs wrote)")
@@ -171,6 +174,7 @@ class TrainConfig:
             # the probe runs at logging steps only: any other interval would skip it silently
             raise CllmError(f"--jacobi-eval-steps {self.jacobi_eval_steps} must be a multiple of --logging-steps "
                             f"{log_every} (the probe runs when the losses are logged)")
+        lora_layer_indices(self.lora_layers, None)  # the form; the range is checked once the model is loaded
         if self.init_adapter and not (self.use_peft and Path(self.init_adapter, "adapter_config.json").is_file()):
             raise CllmError(f"--init-adapter needs --use-peft and an adapter folder: {self.init_adapter}")
 
@@ -251,3 +255,24 @@ class DraftConfig:
         from cllm.machine import resolve_precision
 
         return resolve_precision({**DRAFT_TRAINER_DEFAULTS, **self.trainer, "output_dir": self.output_dir})
+
+
+def lora_layer_indices(spec: str, n_layers: int | None) -> list[int] | None:
+    """`--lora-layers` as PEFT's layers_to_transform: None for all, else the indices (checked against n_layers
+    when given)."""
+    spec = spec.strip()
+    if spec == "all":
+        return None
+    try:
+        if spec.startswith("top:"):
+            k = int(spec[4:])
+            if k < 1:
+                raise ValueError
+            idx = list(range(n_layers - k, n_layers)) if n_layers is not None else [k]
+        else:
+            idx = sorted({int(x) for x in spec.split(",")})
+    except ValueError:
+        raise CllmError(f"--lora-layers must be all, top:K (K >= 1) or comma-separated layer indices, got {spec!r}")
+    if n_layers is not None and (min(idx) < 0 or max(idx) >= n_layers):
+        raise CllmError(f"--lora-layers {spec!r}: the model has {n_layers} layers (indices 0 .. {n_layers - 1})")
+    return idx

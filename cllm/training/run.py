@@ -120,10 +120,18 @@ def build_model(cfg: TrainConfig):
     elif cfg.use_peft:
         from peft import LoraConfig, get_peft_model
 
+        import torch
+
+        from cllm.training.config import lora_layer_indices
+
+        layers = lora_layer_indices(cfg.lora_layers, model.config.num_hidden_layers)
         targets = "all-linear" if cfg.lora_target_modules == "all-linear" else cfg.lora_target_modules.split(",")
+        if layers is not None and targets == "all-linear":  # PEFT takes layers_to_transform with a list only
+            targets = sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules()
+                              if isinstance(m, torch.nn.Linear) and ".layers." in name})
         model = get_peft_model(model, LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha,
                                                  lora_dropout=cfg.lora_dropout, target_modules=targets,
-                                                 task_type="CAUSAL_LM"))
+                                                 layers_to_transform=layers, task_type="CAUSAL_LM"))
     if cfg.objective == "gated":
         from cllm.decoding.gate import attach_gate
 

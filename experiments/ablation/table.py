@@ -25,6 +25,13 @@ _OLD_SCALES = {"loss_normalization": ("token", "token scale"), "consistency_posi
                "ar_scope": ("answer", "answer-only AR")}
 
 
+def _tuning(tc: dict) -> str:
+    if not tc.get("use_peft"):
+        return "full"
+    layers = tc.get("lora_layers", "all")
+    return f"LoRA r={tc.get('lora_r')}" + ("" if layers == "all" else f" layers {layers}")
+
+
 def _objective(tc: dict) -> str:
     """The objective, with the Jacobi Forcing variants that differ from the paper's, the loss settings that differ
     from the released code's, and the base-KL anchor."""
@@ -92,7 +99,7 @@ def ablation_row(run_dir: str | Path, method: str = "jacobi") -> dict:
     return {
         "name": run.name,
         "objective": _objective(tc),
-        "tuning": ("LoRA r=%s" % tc.get("lora_r")) if tc.get("use_peft") else "full",
+        "tuning": _tuning(tc),
         "consistency_weight": tc.get("consistency_weight"),
         "rounds": len([r for r in rounds if (r / "train").is_dir()]),
         "train_prompts": prompts_per_round[0] if prompts_per_round else None,  # round 1's
