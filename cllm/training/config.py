@@ -258,21 +258,21 @@ class DraftConfig:
 
 
 def lora_layer_indices(spec: str, n_layers: int | None) -> list[int] | None:
-    """`--lora-layers` as PEFT's layers_to_transform: None for all, else the indices (checked against n_layers
-    when given)."""
+    """`--lora-layers` as PEFT's layers_to_transform: None for all, else the indices. With n_layers None only the
+    form is checked (and None returned): the range needs the loaded model."""
     spec = spec.strip()
     if spec == "all":
         return None
     try:
-        if spec.startswith("top:"):
-            k = int(spec[4:])
-            if k < 1:
-                raise ValueError
-            idx = list(range(n_layers - k, n_layers)) if n_layers is not None else [k]
-        else:
-            idx = sorted({int(x) for x in spec.split(",")})
+        top = int(spec[4:]) if spec.startswith("top:") else None
+        idx = None if top is not None else sorted({int(x) for x in spec.split(",")})
+        if top is not None and top < 1:
+            raise ValueError
     except ValueError:
         raise CllmError(f"--lora-layers must be all, top:K (K >= 1) or comma-separated layer indices, got {spec!r}")
-    if n_layers is not None and (min(idx) < 0 or max(idx) >= n_layers):
+    if n_layers is None:
+        return None
+    idx = list(range(n_layers - top, n_layers)) if top is not None else idx
+    if min(idx) < 0 or max(idx) >= n_layers:
         raise CllmError(f"--lora-layers {spec!r}: the model has {n_layers} layers (indices 0 .. {n_layers - 1})")
     return idx

@@ -118,9 +118,8 @@ def build_model(cfg: TrainConfig):
 
         model = PeftModel.from_pretrained(model, cfg.init_adapter, is_trainable=True)
     elif cfg.use_peft:
-        from peft import LoraConfig, get_peft_model
-
         import torch
+        from peft import LoraConfig, get_peft_model
 
         from cllm.training.config import lora_layer_indices
 
