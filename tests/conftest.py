@@ -44,14 +44,19 @@ def tiny_model(seed: int = 0, dtype=torch.float64, **overrides) -> LlamaForCausa
     return model
 
 
-def with_random_gated_adapter(model, seed: int = 0, r: int = 4):
-    """`model` wrapped with a gated LoRA adapter on all linear layers whose B weights are random (PEFT starts them
-    at zero, which would make every test of the gate pass trivially); eval mode, gate attached (adapter off)."""
+def with_random_gated_adapter(model, seed: int = 0, r: int = 4, layers: list[int] | None = None):
+    """`model` wrapped with a gated LoRA adapter on all linear layers (of the decoder layers `layers`, default all)
+    whose B weights are random (PEFT starts them at zero, which would make every test of the gate pass trivially);
+    eval mode, gate attached (adapter off)."""
     from peft import LoraConfig, get_peft_model
 
     from cllm.decoding.gate import attach_gate
 
-    model = get_peft_model(model, LoraConfig(r=r, lora_alpha=2 * r, target_modules="all-linear"))
+    # PEFT takes `layers_to_transform` with a list of module names only, not with "all-linear".
+    linear = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    config = LoraConfig(r=r, lora_alpha=2 * r, target_modules=linear if layers else "all-linear",
+                        layers_to_transform=layers)
+    model = get_peft_model(model, config)
     gen = torch.Generator().manual_seed(seed + 100)
     with torch.no_grad():
         for name, p in model.named_parameters():

@@ -17,10 +17,11 @@ from conftest import random_prompt, tiny_model, with_random_gated_adapter
 from test_jacobi import greedy_reference
 
 
-def gated_tiny(seed: int = 0, dtype=torch.float64, r: int = 4):
-    """(base copy, gated PEFT model) of a tiny random Llama whose LoRA B weights are random."""
+def gated_tiny(seed: int = 0, dtype=torch.float64, r: int = 4, layers: list[int] | None = None):
+    """(base copy, gated PEFT model) of a tiny random Llama whose LoRA B weights are random (on the decoder layers
+    `layers`, default all)."""
     base = tiny_model(seed, dtype)
-    return base, with_random_gated_adapter(copy.deepcopy(base), seed, r)
+    return base, with_random_gated_adapter(copy.deepcopy(base), seed, r, layers)
 
 
 def test_gate_zero_is_the_base_bit_for_bit_fp32():
@@ -140,6 +141,53 @@ def test_equals_base_greedy_over_block_sizes_inputs_and_pools(seed):
         assert got.token_ids == want, (n, draft_input, G, N, K)
         assert sum(got.accept_lengths) == 40 and got.n_forwards == len(got.accept_lengths)
         assert all(1 <= a <= max(n, K + 1, N) for a in got.accept_lengths)
+
+
+def test_shared_below_forward_equals_the_full_one():
+    """An adapter on the top layer only: the layer below runs the verify rows alone and the draft rows enter the
+    top layer with their guess twins' states; every logit (verify and draft rows) as in the full forward, the
+    layer below caches the verify rows only, and `SeqCache.keep` keeps one length per layer."""
+    from cllm.decoding.common import SeqCache
+    from cllm.decoding.gate import gate_state, shared_below
+    from cllm.decoding.gated import GatedRun
+    from cllm.decoding.lookahead import _forward
+
+    _, model = gated_tiny(3, layers=[1])
+    assert len(gate_state(model).below) == 1  # tiny_model has 2 decoder layers
+    run = GatedRun(random_prompt(torch.Generator().manual_seed(3), 7), GatedOptions(block_size=5, lookup_tokens=3))
+    ids, rel_pos, visible, n_draft = run.inputs()
+    L = len(ids)
+    gate = torch.zeros(1, L)
+    gate[0, L - n_draft :] = 1.0
+    seen = []
+    hook = gate_state(model).below[0].register_forward_pre_hook(lambda m, a: seen.append(a[0].shape[1]))
+    out = {}
+    for share in (False, True):
+        cache = SeqCache(model)
+        with gated(model, gate), shared_below(model, L - n_draft, run.draft_sources() if share else None) as on:
+            out[share] = _forward(cache, ids, rel_pos, visible)  # (L, V)
+        assert on == share
+        assert [layer.keys.shape[-2] for layer in cache.cache.layers] == ([L - n_draft, L] if share else [L, L])
+        cache.keep(list(range(4)))
+        assert [layer.keys.shape[-2] for layer in cache.cache.layers] == [4, 4]
+    hook.remove()
+    assert seen == [L, L - n_draft]
+    assert torch.allclose(out[True], out[False], atol=1e-10)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_shared_below_decodes_as_the_full_forward(seed):
+    """With the adapter on the top layer, gated decoding with and without the shared layers below commits the
+    same tokens in the same forwards (float64), the base's greedy text."""
+    base, model = gated_tiny(seed, layers=[1])
+    prompt = random_prompt(torch.Generator().manual_seed(seed), 6)
+    want = greedy_reference(base, prompt, 40)
+    for n, K in [(2, 0), (4, 5), (8, 0)]:
+        got = {share: gated_decode(model, None, prompt, GatedOptions(block_size=n, lookup_tokens=K, pool_candidates=1,
+                                   share_below=share), max_new_tokens=40, seed=seed, eos_token_id=[-1])
+               for share in (False, True)}
+        assert got[True].token_ids == got[False].token_ids == want, (n, K)
+        assert got[True].accept_lengths == got[False].accept_lengths, (n, K)
 
 
 def test_forward_counts_where_determined_and_eos():

@@ -255,7 +255,10 @@ class SeqCache:
     def keep(self, columns: list[int]) -> None:
         """Keep the cached entries at these indices, in this order (a verified branch that was not the first one
         fed after the prefix: its K/V move up to follow the prefix)."""
-        if columns == list(range(len(columns))):
+        # The layers below a gated adapter may hold fewer entries (`cllm.decoding.gate.shared_below`): crop
+        # counts from the end, so only a cache of one length per layer is cropped.
+        uniform = all(layer.keys.shape[-2] == self.n for layer in self.cache.layers)
+        if uniform and columns == list(range(len(columns))):
             self.crop(len(columns))
             return
         idx = torch.tensor(columns, dtype=torch.long, device=self.device)

@@ -14,6 +14,7 @@ any per-position pattern (`cllm.decoding.gated` puts a verify copy at 0 and a dr
 from __future__ import annotations
 
 import contextlib
+import re
 
 import torch
 
@@ -32,6 +33,9 @@ class GateState:
         self.layers = lora_layers
         self.handles: list = []
         self.meta: dict = {}  # the adapter folder's GATE_FILE: what the draft was trained to read
+        self.below: list = []  # the decoder layers below the lowest one with a LoRA layer (run by the base alone)
+        # (verify rows Lv, (L - Lv,) rows the draft rows copy) of the next forwards, or None: see `shared_below`
+        self.branch: tuple[int, torch.Tensor] | None = None
 
     @property
     def gate(self) -> torch.Tensor | None:
@@ -48,6 +52,33 @@ class GateState:
         if self._cast is None or self._cast.dtype != output.dtype:  # one cast per forward, not one per layer
             self._cast = self._gate.to(output.dtype).unsqueeze(-1)
         return output * self._cast
+
+    def slice_below(self, module, args: tuple, kwargs: dict):
+        """Forward pre-hook of a layer below the adapter: it runs the first Lv rows (the draft rows, last, left out)."""
+        if self.branch is None:
+            return None
+        lv = self.branch[0]
+        hidden = args[0]  # (B, L or Lv, d)
+        mask = kwargs.get("attention_mask")  # (B, 1, L, S + L): the draft rows are the last rows and key columns
+        if not (torch.is_tensor(mask) and mask.dim() == 4):
+            raise CllmError(f"a shared-below forward needs an explicit 4-D attention mask, got {type(mask).__name__}")
+        n_draft = mask.shape[-2] - lv
+        kwargs = dict(kwargs, attention_mask=mask[..., :lv, : mask.shape[-1] - n_draft])
+        cos_sin = kwargs.get("position_embeddings")
+        if cos_sin is not None:
+            kwargs["position_embeddings"] = tuple(t[:, :lv] for t in cos_sin)  # (B, Lv, head_dim) each
+        for name in ("position_ids", "cache_position"):
+            if torch.is_tensor(kwargs.get(name)):
+                kwargs[name] = kwargs[name][..., :lv]
+        return (hidden[:, :lv], *args[1:]), kwargs
+
+    def append_draft(self, module, args, output):
+        """Forward hook of the last layer below the adapter: the draft rows take their source rows' states."""
+        if self.branch is None:
+            return None
+        hidden = output[0] if isinstance(output, tuple) else output  # (B, Lv, d)
+        hidden = torch.cat([hidden, hidden[:, self.branch[1].to(hidden.device)]], dim=1)  # (B, L, d)
+        return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
 
     def set_enabled(self, enabled: bool) -> None:
         for layer in self.layers:
@@ -68,9 +99,44 @@ def attach_gate(peft_model, enabled: bool = False) -> GateState:
         for layer in layers:
             for b in layer.lora_B.values():
                 state.handles.append(b.register_forward_hook(state.hook))
+        state.below = layers_below(peft_model, layers)
+        for layer in state.below:
+            state.handles.append(layer.register_forward_pre_hook(state.slice_below, with_kwargs=True))
+        if state.below:
+            state.handles.append(state.below[-1].register_forward_hook(state.append_draft))
         peft_model.cllm_gate = state
     state.set_enabled(enabled)
     return state
+
+
+def layers_below(peft_model, lora_layers: list) -> list:
+    """The decoder layers below the lowest one that holds a LoRA layer (`--lora-layers top:K`), from the modules'
+    names (`...layers.<i>....`); [] when the adapter reaches the first layer or the names have no layer index."""
+    names = {id(m): n for n, m in peft_model.named_modules()}
+    found = [re.search(r"^(.*\.layers)\.(\d+)\.", names.get(id(m), "")) for m in lora_layers]
+    if not found or not all(found) or len({f.group(1) for f in found}) != 1:
+        return []
+    lowest = min(int(f.group(2)) for f in found)
+    return list(peft_model.get_submodule(found[0].group(1)))[:lowest]
+
+
+@contextlib.contextmanager
+def shared_below(model, n_verify: int, sources: list[int] | None):
+    """Forwards inside this block run the layers below the adapter on their first `n_verify` rows only; each
+    later row (a draft row) enters the lowest adapted layer with the state of row `sources[j]`. Exact when draft
+    row j reads the same token at the same position with the same visibility as row sources[j]: below the
+    adapter both are the base model on the same input (the guess-reading draft copy of `cllm.decoding.gated`).
+    The layers below then cache K/V for the verify rows only; keep only those (`SeqCache.keep`). Yields whether
+    it applies (sources given, and the adapter leaves layers below it)."""
+    state = gate_state(model)
+    if sources is None or state is None or not state.below:
+        yield False
+        return
+    state.branch = (n_verify, torch.tensor(sources, dtype=torch.long))
+    try:
+        yield True
+    finally:
+        state.branch = None
 
 
 def gate_state(model) -> GateState | None:

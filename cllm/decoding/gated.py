@@ -31,7 +31,7 @@ import time
 import torch
 
 from cllm.decoding.common import DecodeResult, SeqCache, check_lengths, committed_result, eos_ids, finish, single_prompt
-from cllm.decoding.gate import gated
+from cllm.decoding.gate import gated, shared_below
 from cllm.decoding.lookahead import NgramPool, _forward
 from cllm.decoding.options import DRAFT_INPUTS, GatedOptions  # noqa: F401 (re-exported)
 
@@ -100,7 +100,8 @@ def gated_decode(model, tokenizer, prompt_ids, options: GatedOptions | None = No
         mask[:, S:] = visible
         gate = torch.zeros(1, L)  # (1, L): the draft copy at 1
         gate[0, L - n_draft :] = 1.0
-        with gated(model, gate.to(cache.device)):
+        sources = run.draft_sources() if opts.share_below else None
+        with gated(model, gate.to(cache.device)), shared_below(model, L - n_draft, sources):
             pred = _forward(cache, ids, [S + p for p in rel_pos], mask).argmax(-1).tolist()  # (L,)
         taken, reason, keep = run.apply(pred, stop, max_new_tokens)
         cache.keep(list(range(S)) + [S + k for k in keep])
@@ -151,6 +152,14 @@ class GatedRun:
         ids = head + [t for b in self._branches for t in b] + draft_in
         rel_pos = list(range(h)) + [h + j for g in lengths for j in range(g)]
         return ids, rel_pos, branch_mask(h, lengths), self.width
+
+    def draft_sources(self) -> list[int] | None:
+        """The rows of the last `inputs()` that the draft rows copy below the adapter: the guess (the first branch,
+        after the head: same tokens, positions and visibility); None for mask drafts (their tokens differ)."""
+        if self.opts.draft_input != "guess":
+            return None
+        h = len(self.head)
+        return list(range(h, h + self.width))
 
     def apply(self, pred: list[int], stop: set[int], max_new_tokens: int) -> tuple[list[int], str | None, list[int]]:
         """Verify the branches against the base's argmax `pred` (L,), commit, draft the next guess; returns (the
