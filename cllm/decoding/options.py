@@ -164,7 +164,7 @@ class GatedOptions:
     pool_ngram: int = opt(4, "gated: n-gram size of the pool")
     lookup_tokens: int = opt(10, "hf_prompt_lookup, gated: candidate tokens copied from the prompt per forward "
                                  "(gated: 0 = off)")
-    share_below: bool = opt(True, "gated, guess-reading draft, batch 1: the layers below the adapter's lowest "
+    share_below: bool = opt(False, "gated, guess-reading draft, batch 1: the layers below the adapter's lowest "
                                   "(--lora-layers top:K) run once for the guess and its draft copy")
     mask_token_id: int = opt(0, "the token the draft copy reads with draft_input=mask (from the adapter)", flag=False)
 
