@@ -134,11 +134,12 @@ def test_published_adapter_loads_changes_the_model_and_keeps_jacobi_exact(smollm
 def test_published_gated_adapter_leaves_the_base_exact_and_gated_decoding_lossless(smollm, adapter):
     """Every gated adapter under models/ is at most 20 MiB, records the alias as its base, loads switched off (the
     base bit for bit), changes the model at gate 1, and gated decoding returns the base's greedy output in fp32
-    on two GSM8K test prompts, committing more than one token per forward on average."""
+    on two GSM8K test prompts, committing more than one token per forward on average; with LoRA on the top layers
+    only, also with the layers below shared between the guess and its draft copy (`share_below`)."""
     import json
 
     from cllm.decoding import registry
-    from cllm.decoding.gate import gated
+    from cllm.decoding.gate import gate_state, gated
 
     base, tok, _ = smollm
     assert sum(f.stat().st_size for f in adapter.iterdir()) <= 20 * 2**20
@@ -151,11 +152,13 @@ def test_published_gated_adapter_leaves_the_base_exact_and_gated_decoding_lossle
         assert torch.equal(model(x).logits, want)
         with gated(model, torch.ones(1, x.shape[1])):
             assert (model(x).logits - want).abs().max() > 1e-2
-    cfg = registry.DecodeConfig(max_new_tokens=64)
+    shares = [False, True] if gate_state(model).below else [False]
     tokens = forwards = 0
     for ids in prompts:
         ar = ar_decode(base, tok, ids, max_new_tokens=64)
-        [res] = registry.decode("gated", model, tok, [ids], [0], cfg)
-        assert res.token_ids == ar.token_ids
-        tokens, forwards = tokens + res.n_new_tokens, forwards + res.n_forwards
+        for share in shares:
+            cfg = registry.DecodeConfig(max_new_tokens=64, share_below=share)
+            [res] = registry.decode("gated", model, tok, [ids], [0], cfg)
+            assert res.token_ids == ar.token_ids, share
+            tokens, forwards = tokens + res.n_new_tokens, forwards + res.n_forwards
     assert tokens / forwards > 1.2
