@@ -51,10 +51,9 @@ def with_random_gated_adapter(model, seed: int = 0, r: int = 4, layers: list[int
     from peft import LoraConfig, get_peft_model
 
     from cllm.decoding.gate import attach_gate
+    from cllm.training.run import lora_targets
 
-    # PEFT takes `layers_to_transform` with a list of module names only, not with "all-linear".
-    linear = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-    config = LoraConfig(r=r, lora_alpha=2 * r, target_modules=linear if layers else "all-linear",
+    config = LoraConfig(r=r, lora_alpha=2 * r, target_modules=lora_targets(model, "all-linear", layers),
                         layers_to_transform=layers)
     model = get_peft_model(model, config)
     gen = torch.Generator().manual_seed(seed + 100)

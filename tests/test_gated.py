@@ -160,7 +160,7 @@ def test_shared_below_forward_equals_the_full_one():
     gate = torch.zeros(1, L)
     gate[0, L - n_draft :] = 1.0
     seen = []
-    hook = gate_state(model).below[0].register_forward_pre_hook(lambda m, a: seen.append(a[0].shape[1]))
+    hook = gate_state(model).below[0].mlp.register_forward_hook(lambda m, a, out: seen.append(out.shape[1]))
     out = {}
     for share in (False, True):
         cache = SeqCache(model)

@@ -34,6 +34,7 @@ class GateState:
         self.handles: list = []
         self.meta: dict = {}  # the adapter folder's GATE_FILE: what the draft was trained to read
         self.below: list = []  # the decoder layers below the lowest one with a LoRA layer (run by the base alone)
+        self.below_hooked = False
         # (verify rows Lv, (L - Lv,) rows the draft rows copy) of the next forwards, or None: see `shared_below`
         self.branch: tuple[int, torch.Tensor] | None = None
 
@@ -100,10 +101,6 @@ def attach_gate(peft_model, enabled: bool = False) -> GateState:
             for b in layer.lora_B.values():
                 state.handles.append(b.register_forward_hook(state.hook))
         state.below = layers_below(peft_model, layers)
-        for layer in state.below:
-            state.handles.append(layer.register_forward_pre_hook(state.slice_below, with_kwargs=True))
-        if state.below:
-            state.handles.append(state.below[-1].register_forward_hook(state.append_draft))
         peft_model.cllm_gate = state
     state.set_enabled(enabled)
     return state
@@ -132,6 +129,11 @@ def shared_below(model, n_verify: int, sources: list[int] | None):
     if sources is None or state is None or not state.below:
         yield False
         return
+    if not state.below_hooked:  # hooked on first use: models that never share pay nothing
+        for layer in state.below:
+            state.handles.append(layer.register_forward_pre_hook(state.slice_below, with_kwargs=True))
+        state.handles.append(state.below[-1].register_forward_hook(state.append_draft))
+        state.below_hooked = True
     state.branch = (n_verify, torch.tensor(sources, dtype=torch.long))
     try:
         yield True

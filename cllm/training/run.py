@@ -118,16 +118,12 @@ def build_model(cfg: TrainConfig):
 
         model = PeftModel.from_pretrained(model, cfg.init_adapter, is_trainable=True)
     elif cfg.use_peft:
-        import torch
         from peft import LoraConfig, get_peft_model
 
         from cllm.training.config import lora_layer_indices
 
         layers = lora_layer_indices(cfg.lora_layers, model.config.num_hidden_layers)
-        targets = "all-linear" if cfg.lora_target_modules == "all-linear" else cfg.lora_target_modules.split(",")
-        if layers is not None and targets == "all-linear":  # PEFT takes layers_to_transform with a list only
-            targets = sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules()
-                              if isinstance(m, torch.nn.Linear) and ".layers." in name})
+        targets = lora_targets(model, cfg.lora_target_modules, layers)
         model = get_peft_model(model, LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha,
                                                  lora_dropout=cfg.lora_dropout, target_modules=targets,
                                                  layers_to_transform=layers, task_type="CAUSAL_LM"))
@@ -137,6 +133,19 @@ def build_model(cfg: TrainConfig):
         attach_gate(model, enabled=True)  # every training forward sets its gate (the batch's `gate`)
     model.config.use_cache = False
     return model, tok
+
+
+def lora_targets(model, target_modules: str, layers: list[int] | None):
+    """PEFT's target_modules for `--lora-target-modules` (comma-separated or all-linear) on `layers` (None: all):
+    PEFT takes layers_to_transform with a list of names only, so all-linear becomes the decoder's linear names."""
+    import torch
+
+    if target_modules != "all-linear":
+        return target_modules.split(",")
+    if layers is None:
+        return "all-linear"
+    return sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules()
+                   if isinstance(m, torch.nn.Linear) and ".layers." in name})
 
 
 def build_trainer(cfg: TrainConfig, model, tok, dataset, collator, probe=None):
