@@ -150,7 +150,7 @@ def test_gated_rows_joining_beside_ar_rows_equal_solo_gated_decodes(dtype):
     gen = torch.Generator().manual_seed(21)
     opts = [GatedOptions(block_size=4, lookup_tokens=3, pool_candidates=2, pool_ngram=3),
             GatedOptions(block_size=6, draft_input="mask", mask_token_id=2, pool_candidates=0),
-            GatedOptions(block_size=3, lookup_tokens=0, pool_candidates=1, pool_ngram=2)]
+            GatedOptions(block_size=3, lookup_tokens=0, pool_candidates=1, pool_ngram=2, draft_topk=4)]
     rows = [Row(method="gated", prompt=random_prompt(gen, 4 + 3 * i), max_new_tokens=9 + 4 * i, seed=i, options=o)
             for i, o in enumerate(opts)]
     rows += [Row(method="ar", prompt=random_prompt(gen, 6), max_new_tokens=12, seed=7)]

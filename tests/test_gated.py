@@ -133,14 +133,52 @@ def test_equals_base_greedy_over_block_sizes_inputs_and_pools(seed):
     gen = torch.Generator().manual_seed(seed)
     prompt = random_prompt(gen, 5 + seed)
     want = greedy_reference(base, prompt, 40)
-    for n, draft_input, (G, N, K) in itertools.product([2, 4, 9], ["guess", "mask"],
-                                                        [(0, 4, 0), (3, 3, 0), (5, 2, 3), (0, 2, 6)]):
+    for n, draft_input, (G, N, K), k in itertools.product([2, 4, 9], ["guess", "mask"],
+                                                           [(0, 4, 0), (3, 3, 0), (5, 2, 3), (0, 2, 6)], [1, 3]):
         opts = GatedOptions(block_size=n, draft_input=draft_input, pool_candidates=G, pool_ngram=N, lookup_tokens=K,
-                            mask_token_id=2)
+                            mask_token_id=2, draft_topk=k)
         got = gated_decode(model, None, prompt, opts, max_new_tokens=40, seed=seed, eos_token_id=[-1])
-        assert got.token_ids == want, (n, draft_input, G, N, K)
+        assert got.token_ids == want, (n, draft_input, G, N, K, k)
         assert sum(got.accept_lengths) == 40 and got.n_forwards == len(got.accept_lengths)
         assert all(1 <= a <= max(n, K + 1, N) for a in got.accept_lengths)
+
+
+def test_topk_branches_by_hand():
+    """The draft's runners-up at the first guess position become branches [runner-up][rest of the guess] (one equal
+    to the guess's first token is not repeated); a winning one commits its confirmed tokens, keeps their K/V and is
+    counted apart; the next runners-up are those at the first position of the next guess."""
+    from cllm.decoding.gated import GatedRun
+
+    run = GatedRun([5, 6, 7], GatedOptions(block_size=4, pool_candidates=0, lookup_tokens=0, draft_topk=3))
+    run.guess, run._alts = [10, 11, 12], [20, 10]
+    ids, rel_pos, visible, n_draft = run.inputs()
+    assert ids == [5, 6, 7, 10, 11, 12, 20, 11, 12, 10, 11, 12] and n_draft == 3
+    assert rel_pos == [0, 1, 2, 3, 4, 5, 3, 4, 5, 3, 4, 5]
+    assert torch.equal(visible, branch_mask(3, [3, 3, 3]))
+    # the base's next token is 20, then 11 after [20], then 30 after [20 11]; the draft's outputs 40 41 42
+    pred = [0, 0, 20, 0, 0, 0, 11, 30, 0, 40, 41, 42]
+    taken, reason, keep = run.apply(pred, set(), 100, [[50, 51], [52, 53], [54, 55]])
+    assert taken == [20, 11, 30] and reason is None and keep == [0, 1, 2, 6, 7]
+    assert run.guess[0] == 42 and run._alts == [54, 55]
+    assert run.stats["tokens_from_topk"] == 2 and run.stats["pool_verified"] == 0
+    with pytest.raises(CllmError, match="draft_topk"):
+        GatedOptions(draft_topk=0).check()
+
+
+@pytest.mark.parametrize("seed", range(2))
+def test_topk_over_the_whole_vocabulary_commits_two_tokens_per_forward(seed):
+    """With every token a runner-up, the base's next token after the last committed one is always on a branch:
+    after a forward that did not take the whole guess, the next commits >= 2 tokens; the text is the base's."""
+    base, model = gated_tiny(seed)
+    prompt = random_prompt(torch.Generator().manual_seed(seed), 6)
+    want = greedy_reference(base, prompt, 40)
+    for n, k in [(3, 64), (5, 64), (5, 3)]:
+        opts = GatedOptions(block_size=n, pool_candidates=0, lookup_tokens=0, draft_topk=k)
+        got = gated_decode(model, None, prompt, opts, max_new_tokens=40, seed=seed, eos_token_id=[-1])
+        assert got.token_ids == want, (n, k)
+        if k == 64:
+            acc = got.accept_lengths
+            assert all(b >= 2 for a, b in zip(acc[:-1], acc[1:-1]) if a < n), acc
 
 
 def test_shared_below_forward_equals_the_full_one():

@@ -25,7 +25,7 @@ import torch
 from cllm.decoding import jacobi
 from cllm.decoding.common import RaggedCache, check_lengths
 from cllm.decoding.gate import gated
-from cllm.decoding.gated import GatedRun
+from cllm.decoding.gated import GatedRun, read_logits
 from cllm.decoding.options import GatedOptions
 from cllm.decoding.sampling import check_sampling_args, sample_token, warp_logits
 from cllm.errors import CllmError
@@ -123,7 +123,9 @@ class Row:
         return row.generated[-n_new:], n_head + n_new - 1
 
     def _gated(self, logits: torch.Tensor, stop: set[int], pad_id: int) -> tuple[list[int], list[int]]:
-        taken, reason, keep = self._state.apply(logits.argmax(dim=-1).tolist(), stop, self.max_new_tokens)
+        run = self._state
+        pred, alts = read_logits(logits, run.width, run.opts.draft_topk)
+        taken, reason, keep = run.apply(pred, stop, self.max_new_tokens, alts)
         self.finish_reason = reason
         return taken, keep
 

@@ -18,6 +18,10 @@ trained on the base's Jacobi trajectories to jump to the fixed point) or mask to
 tokens from the committed text alone). Its output at guess position i predicts the token after it; those past
 the committed run become the next guess.
 
+With `draft_topk` k > 1 the draft's k - 1 runners-up at the guess's first position are verified too, each as a
+branch `[runner-up][rest of the guess]`: most forwards commit one token because that first guess token is wrong
+(it is drafted two ahead of the committed text, before the base's next token is known).
+
 The pool holds the N-grams of the prompt and of the committed text keyed by their first token (prompt lookup, as
 Lookahead's pool holds its window's n-grams); the branches keyed by the head's last token are verified beside the
 guess in the same forward.
@@ -69,6 +73,15 @@ def branch_mask(n_head: int, lengths: list[int]) -> torch.Tensor:
     return allowed
 
 
+def read_logits(logits: torch.Tensor, n_draft: int, topk: int) -> tuple[list[int], list[list[int]] | None]:
+    """(every row's argmax (L,), the last `n_draft` (draft) rows' next `topk - 1` best tokens or None) of one
+    forward's (L, V) logits."""
+    pred = logits.argmax(-1).tolist()
+    if topk <= 1:
+        return pred, None
+    return pred, logits[logits.shape[0] - n_draft :].topk(topk, dim=-1).indices[:, 1:].tolist()  # (n_draft, k-1)
+
+
 def resolve_options(model, opts: GatedOptions) -> GatedOptions:
     """The options with what the loaded adapter was trained on filled in (its gate file): the draft input unless
     given, and the mask token id."""
@@ -102,8 +115,9 @@ def gated_decode(model, tokenizer, prompt_ids, options: GatedOptions | None = No
         gate[0, L - n_draft :] = 1.0
         sources = run.draft_sources() if opts.share_below else None
         with gated(model, gate.to(cache.device)), shared_below(model, L - n_draft, sources):
-            pred = _forward(cache, ids, [S + p for p in rel_pos], mask).argmax(-1).tolist()  # (L,)
-        taken, reason, keep = run.apply(pred, stop, max_new_tokens)
+            logits = _forward(cache, ids, [S + p for p in rel_pos], mask)  # (L, V)
+        pred, alts = read_logits(logits, n_draft, opts.draft_topk)
+        taken, reason, keep = run.apply(pred, stop, max_new_tokens, alts)
         cache.keep(list(range(S)) + [S + k for k in keep])
         if on_commit is not None:
             on_commit(0, taken)
@@ -130,6 +144,8 @@ class GatedRun:
         self.guess = [prompt[i] for i in idx]  # y(0): prompt tokens at random, as Jacobi starts
         self.stats = {"tokens_from_draft": 0, "tokens_from_pool": 0, "pool_verified": 0}
         self._branches: list[list[int]] = []
+        self._alts: list[int] = []  # the draft's runners-up for the guess's first token (draft_topk)
+        self._n_alt = 0
 
     def _add_ngrams(self, text: list[int], start: int) -> None:
         """The pool gets the N-grams of `text` that begin at index >= start."""
@@ -146,7 +162,8 @@ class GatedRun:
             found = lookup_continuation(self.prompt + self.generated, self.opts.lookup_tokens)
             cands = ([found] if found else []) + [c for c in cands if c != found[: len(c)]]
         draft_in = self.guess if self.opts.draft_input == "guess" else [self.opts.mask_token_id] * self.width
-        self._branches = [self.guess, *cands]
+        alt = [[a, *self.guess[1:]] for a in self._alts if a != self.guess[0]]
+        self._branches, self._n_alt = [self.guess, *alt, *cands], len(alt)
         lengths = [len(b) for b in self._branches] + [self.width]
         h = len(head)
         ids = head + [t for b in self._branches for t in b] + draft_in
@@ -161,8 +178,10 @@ class GatedRun:
         h = len(self.head)
         return list(range(h, h + self.width))
 
-    def apply(self, pred: list[int], stop: set[int], max_new_tokens: int) -> tuple[list[int], str | None, list[int]]:
-        """Verify the branches against the base's argmax `pred` (L,), commit, draft the next guess; returns (the
+    def apply(self, pred: list[int], stop: set[int], max_new_tokens: int,
+              alts: list[list[int]] | None = None) -> tuple[list[int], str | None, list[int]]:
+        """Verify the branches against the base's argmax `pred` (L,), commit, draft the next guess (and keep the
+        draft's runners-up `alts` (width, k - 1) at its first position, from `read_logits`); returns (the
         tokens committed, the finish reason once the decode ends, the indices of this forward's tokens whose K/V
         stay: the head and the winning branch's accepted tokens)."""
         branches, h = self._branches, len(self.head)
@@ -176,12 +195,13 @@ class GatedRun:
         winner = branches[best]
         correct = winner[:best_n] + [first if best_n == 0 else pred[best_start + best_n - 1]]
         taken, reason = finish(self.generated, correct, stop, max_new_tokens)
-        self._record(best, best_n, len(branches) - 1)
+        self._record(best, best_n)
         self.head = [taken[-1]]
         self.accept_lengths.append(len(taken))
         self._add_ngrams(self.generated, len(self.generated) - len(taken) - self.opts.pool_ngram)
         drafted = pred[len(pred) - self.width :]  # drafted[i] predicts the token after guess position i
         self.guess = self._fill(drafted[best_n:] if best_n < self.width else [], taken[-1])
+        self._alts = alts[best_n] if alts is not None and best_n < self.width else []
         return taken, reason, list(range(h)) + list(range(best_start, best_start + best_n))
 
     def _fill(self, guess: list[int], last: int) -> list[int]:
@@ -194,7 +214,8 @@ class GatedRun:
             guess += list(grams[-1]) if grams else [key]
         return guess[: self.width]
 
-    def _record(self, best: int, n: int, n_cands: int) -> None:
-        self.stats["pool_verified"] += n_cands
-        self.stats["tokens_from_pool" if best else "tokens_from_draft"] += n
+    def _record(self, best: int, n: int) -> None:
+        self.stats["pool_verified"] += len(self._branches) - 1 - self._n_alt
+        key = "tokens_from_draft" if best == 0 else "tokens_from_topk" if best <= self._n_alt else "tokens_from_pool"
+        self.stats[key] = self.stats.get(key, 0) + n
 
