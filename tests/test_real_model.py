@@ -135,7 +135,8 @@ def test_published_gated_adapter_leaves_the_base_exact_and_gated_decoding_lossle
     """Every gated adapter under models/ is at most 20 MiB, records the alias as its base, loads switched off (the
     base bit for bit), changes the model at gate 1, and gated decoding returns the base's greedy output in fp32
     on two GSM8K test prompts, committing more than one token per forward on average; with LoRA on the top layers
-    only, also with the layers below shared between the guess and its draft copy (`share_below`)."""
+    only, also with the layers below shared between the guess and its draft copy (`share_below`); and with
+    the draft's 2 runners-up at the guess's first position verified too (`draft_topk` 3)."""
     import json
 
     from cllm.decoding import registry
@@ -152,13 +153,13 @@ def test_published_gated_adapter_leaves_the_base_exact_and_gated_decoding_lossle
         assert torch.equal(model(x).logits, want)
         with gated(model, torch.ones(1, x.shape[1])):
             assert (model(x).logits - want).abs().max() > 1e-2
-    shares = [False, True] if gate_state(model).below else [False]
+    settings = [(False, 1), (False, 3)] + ([(True, 1)] if gate_state(model).below else [])  # (share_below, draft_topk)
     tokens = forwards = 0
     for ids in prompts:
         ar = ar_decode(base, tok, ids, max_new_tokens=64)
-        for share in shares:
-            cfg = registry.DecodeConfig(max_new_tokens=64, share_below=share)
+        for share, k in settings:
+            cfg = registry.DecodeConfig(max_new_tokens=64, share_below=share, draft_topk=k)
             [res] = registry.decode("gated", model, tok, [ids], [0], cfg)
-            assert res.token_ids == ar.token_ids, share
+            assert res.token_ids == ar.token_ids, (share, k)
             tokens, forwards = tokens + res.n_new_tokens, forwards + res.n_forwards
     assert tokens / forwards > 1.2
