@@ -25,8 +25,9 @@ import torch
 from cllm.decoding import jacobi
 from cllm.decoding.common import RaggedCache, check_lengths
 from cllm.decoding.gate import gated
-from cllm.decoding.gated import GatedRun, read_logits
+from cllm.decoding.gated import GatedRun, read_logits, sampler_drafter
 from cllm.decoding.options import GatedOptions
+from cllm.decoding.sampler_head import final_hidden, sampler_of
 from cllm.decoding.sampling import check_sampling_args, sample_token, warp_logits
 from cllm.errors import CllmError
 
@@ -88,12 +89,14 @@ class Row:
             return len(self.step_input())
         return len(self.step_input()) - len(self._state["head"] if self.method == "ar" else self._state.head) + 1
 
-    def consume(self, logits: torch.Tensor, stop: set[int], pad_id: int) -> int | list[int]:
-        """Apply one forward's logits of this row's last inputs (K, V), K >= `n_logits()`; returns how many new KV
-        entries it keeps (gated: which)."""
+    def consume(self, logits: torch.Tensor, stop: set[int], pad_id: int, drafter=None) -> int | list[int]:
+        """Apply one forward's logits of this row's last inputs (K, V), K >= `n_logits()` (gated: with the sampler
+        head's `drafter` of this row's draft rows, if any); returns how many new KV entries it keeps (gated: which)."""
         self.n_forwards += 1
-        step = {"ar": self._ar, "jacobi": self._jacobi, "gated": self._gated}[self.method]
-        new, n_keep = step(logits, stop, pad_id)
+        if self.method == "gated":
+            new, n_keep = self._gated(logits, stop, drafter)
+        else:
+            new, n_keep = {"ar": self._ar, "jacobi": self._jacobi}[self.method](logits, stop, pad_id)
         self.generated.extend(new)
         if self.finish_reason is None and len(self.generated) >= self.max_new_tokens:
             self.finish_reason = "length"
@@ -122,10 +125,10 @@ class Row:
         self.finish_reason = row.finish_reason
         return row.generated[-n_new:], n_head + n_new - 1
 
-    def _gated(self, logits: torch.Tensor, stop: set[int], pad_id: int) -> tuple[list[int], list[int]]:
+    def _gated(self, logits: torch.Tensor, stop: set[int], drafter) -> tuple[list[int], list[int]]:
         run = self._state
         pred, alts = read_logits(logits, run.width, run.opts.draft_topk)
-        taken, reason, keep = run.apply(pred, stop, self.max_new_tokens, alts)
+        taken, reason, keep = run.apply(pred, stop, self.max_new_tokens, alts, drafter)
         self.finish_reason = reason
         return taken, keep
 
@@ -204,10 +207,19 @@ class ContinuousBatch:
         gate = torch.zeros(len(rows), max(len(p[0]) for p in parts))  # (B, W): the draft copies at 1
         for b, (ids, _, _, n_draft) in enumerate(parts):
             gate[b, len(ids) - n_draft : len(ids)] = 1.0
-        with gated(self.model, gate.to(self.device)):
+        head = sampler_of(self.model)
+        with gated(self.model, gate.to(self.device)), final_hidden(self.model, head is not None) as hidden:
             logits, lengths = cache.forward_tree(self.model, *[[p[i] for p in parts] for i in range(3)])  # (B, W, V)
         self.forwards += 1
-        return [row.consume(logits[b, :n], self.stop, self.pad_id) for b, (row, n) in enumerate(zip(rows, lengths))]
+        keep = []
+        for b, (row, n, part) in enumerate(zip(rows, lengths, parts)):
+            drafter = None
+            opts = row._state.opts if row.method == "gated" else None
+            if head is not None and opts is not None and opts.sampler_tokens:
+                n_draft = part[3]  # the row's draft rows are its last inputs
+                drafter = sampler_drafter(self.model, head, hidden[-1][b, n - n_draft : n], opts)
+            keep.append(row.consume(logits[b, :n], self.stop, self.pad_id, drafter))
+        return keep
 
     def _drop_cancelled(self) -> list[Row]:
         for row in self.rows:

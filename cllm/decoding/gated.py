@@ -22,6 +22,10 @@ With `draft_topk` k > 1 the draft's k - 1 runners-up at the guess's first positi
 branch `[runner-up][rest of the guess]`: most forwards commit one token because that first guess token is wrong
 (it is drafted two ahead of the committed text, before the base's next token is known).
 
+An adapter with a sampler head (`cllm.decoding.sampler_head`) redrafts the next guess after the forward instead:
+from the draft rows' final hidden states and the base's next token, one token after another, each given the one
+before it (`sampler_tokens` of them; the rest stay the draft's).
+
 The pool holds the N-grams of the prompt and of the committed text keyed by their first token (prompt lookup, as
 Lookahead's pool holds its window's n-grams); the branches keyed by the head's last token are verified beside the
 guess in the same forward.
@@ -38,6 +42,7 @@ from cllm.decoding.common import DecodeResult, SeqCache, check_lengths, committe
 from cllm.decoding.gate import gated, shared_below
 from cllm.decoding.lookahead import NgramPool, _forward
 from cllm.decoding.options import DRAFT_INPUTS, GatedOptions  # noqa: F401 (re-exported)
+from cllm.decoding.sampler_head import final_hidden, redraft, sampler_of
 
 def accept_length(branch: list[int], pred: list[int]) -> int:
     """How many leading tokens of `branch` the base confirms: pred[i] is the base's greedy token at branch[i]'s
@@ -105,6 +110,7 @@ def gated_decode(model, tokenizer, prompt_ids, options: GatedOptions | None = No
     stop = eos_ids(model, tokenizer, eos_token_id)
     t0 = time.perf_counter()
     cache, run = SeqCache(model), GatedRun(prompt, opts, int(seed[0] if isinstance(seed, list) else seed))
+    head = sampler_of(model) if opts.sampler_tokens else None
     reason = None
     while reason is None:
         ids, rel_pos, visible, n_draft = run.inputs()
@@ -114,15 +120,27 @@ def gated_decode(model, tokenizer, prompt_ids, options: GatedOptions | None = No
         gate = torch.zeros(1, L)  # (1, L): the draft copy at 1
         gate[0, L - n_draft :] = 1.0
         sources = run.draft_sources() if opts.share_below else None
-        with gated(model, gate.to(cache.device)), shared_below(model, L - n_draft, sources):
+        with gated(model, gate.to(cache.device)), shared_below(model, L - n_draft, sources), \
+                final_hidden(model, head is not None) as hidden:
             logits = _forward(cache, ids, [S + p for p in rel_pos], mask)  # (L, V)
         pred, alts = read_logits(logits, n_draft, opts.draft_topk)
-        taken, reason, keep = run.apply(pred, stop, max_new_tokens, alts)
+        drafter = sampler_drafter(model, head, hidden[-1][0, L - n_draft :], opts) if head is not None else None
+        taken, reason, keep = run.apply(pred, stop, max_new_tokens, alts, drafter)
         cache.keep(list(range(S)) + [S + k for k in keep])
         if on_commit is not None:
             on_commit(0, taken)
     result = committed_result(tokenizer, run.generated, run.accept_lengths, reason, t0, run.stats)
     return result if single else [result]
+
+
+def sampler_drafter(model, head, hidden: torch.Tensor, opts: GatedOptions):
+    """`GatedRun.apply`'s redrafter from one forward's draft rows' final hidden states `hidden` (n_draft, d):
+    (row, the token now at its position, how many) -> (the head's tokens from that row on, its first runners-up)."""
+    def drafter(row: int, token: int, count: int) -> tuple[list[int], list[int]]:
+        if opts.sampler_tokens > 0:
+            count = min(count, opts.sampler_tokens)
+        return redraft(model, head, hidden[row : row + count], token, count, opts.draft_topk)
+    return drafter
 
 
 class GatedRun:
@@ -178,10 +196,11 @@ class GatedRun:
         h = len(self.head)
         return list(range(h, h + self.width))
 
-    def apply(self, pred: list[int], stop: set[int], max_new_tokens: int,
-              alts: list[list[int]] | None = None) -> tuple[list[int], str | None, list[int]]:
+    def apply(self, pred: list[int], stop: set[int], max_new_tokens: int, alts: list[list[int]] | None = None,
+              drafter=None) -> tuple[list[int], str | None, list[int]]:
         """Verify the branches against the base's argmax `pred` (L,), commit, draft the next guess (and keep the
-        draft's runners-up `alts` (width, k - 1) at its first position, from `read_logits`); returns (the
+        draft's runners-up `alts` (width, k - 1) at its first position, from `read_logits`; with a sampler
+        head's `drafter` (`sampler_drafter`) the head redrafts it from the committed token on); returns (the
         tokens committed, the finish reason once the decode ends, the indices of this forward's tokens whose K/V
         stay: the head and the winning branch's accepted tokens)."""
         branches, h = self._branches, len(self.head)
@@ -200,8 +219,13 @@ class GatedRun:
         self.accept_lengths.append(len(taken))
         self._add_ngrams(self.generated, len(self.generated) - len(taken) - self.opts.pool_ngram)
         drafted = pred[len(pred) - self.width :]  # drafted[i] predicts the token after guess position i
-        self.guess = self._fill(drafted[best_n:] if best_n < self.width else [], taken[-1])
+        guess = drafted[best_n:] if best_n < self.width else []
         self._alts = alts[best_n] if alts is not None and best_n < self.width else []
+        if drafter is not None and guess and reason is None:
+            # draft row best_n stands where the committed token `taken[-1]` now is: the head knows it
+            head, self._alts = drafter(best_n, taken[-1], len(guess))
+            guess = head + guess[len(head) :]
+        self.guess = self._fill(guess, taken[-1])
         return taken, reason, list(range(h)) + list(range(best_start, best_start + best_n))
 
     def _fill(self, guess: list[int], last: int) -> list[int]:

@@ -45,10 +45,20 @@ def export_adapter(src: str | Path, dst: str | Path, dtype: str = "bf16", max_mb
     (dst / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
     from cllm.decoding.gate import GATE_FILE
 
+    from cllm.decoding.sampler_head import SAMPLER_FILE
+
     if (src / GATE_FILE).is_file():  # a gated adapter stays gated
         shutil.copy2(src / GATE_FILE, dst / GATE_FILE)
-    return {"tensors": len(tensors), "parameters": sum(v.numel() for v in tensors.values()),
-            "bytes": (dst / "adapter_model.safetensors").stat().st_size}
+    files = ["adapter_model.safetensors"]
+    if (src / SAMPLER_FILE).is_file():  # and keeps its sampler head, cast like the adapter
+        files.append(SAMPLER_FILE)
+        tensors = {**tensors, **{f"sampler.{k}": v for k, v in _save_cast(
+            load_file(str(src / SAMPLER_FILE)), dst / SAMPLER_FILE, dtype, None, "the sampler head", "").items()}}
+    size = sum((dst / f).stat().st_size for f in files)
+    if max_mb is not None and size > max_mb * 2**20:
+        raise CllmError(f"the adapter with its sampler head is {size / 2**20:.1f} MiB in {dtype}, over the "
+                        f"{max_mb:g} MiB limit")
+    return {"tensors": len(tensors), "parameters": sum(v.numel() for v in tensors.values()), "bytes": size}
 
 
 def export_draft(src: str | Path, dst: str | Path, target: str | None = None, dtype: str = "bf16",

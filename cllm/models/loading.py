@@ -316,6 +316,7 @@ def _merge_adapter(model, adapter: str, spec: str, dtype=None):
     from peft import PeftModel
 
     from cllm.decoding.gate import GATE_FILE, attach_gate
+    from cllm.decoding.sampler_head import load_sampler
 
     try:
         if Path(adapter, GATE_FILE).is_file():
@@ -323,6 +324,7 @@ def _merge_adapter(model, adapter: str, spec: str, dtype=None):
             if dtype is not None:
                 model.to(dtype)
             attach_gate(model).meta = json.loads(Path(adapter, GATE_FILE).read_text())
+            load_sampler(model, adapter)  # the draft's sampler head, when it was trained with one
             return model
         return PeftModel.from_pretrained(model, adapter).merge_and_unload()
     except (RuntimeError, ValueError, KeyError) as e:  # shapes or module names that are not this model's

@@ -48,6 +48,12 @@ class TrainConfig:
     draft_input: str = opt("guess", "gated: what the draft copy reads, the Jacobi state (guess) or mask tokens",
                            ("guess", "mask"))
     mask_token_id: int = opt(0, "gated with draft_input mask: the token id the draft reads at unknown positions")
+    sampler_head: bool = opt(False, "gated: also train a sampler head (cllm.decoding.sampler_head) that redrafts the "
+                                    "next guess from the draft's hidden states and the token before each, saved "
+                                    "beside the adapter (continued from --init-adapter's when it has one)")
+    sampler_weight: float = opt(1.0, "gated with sampler_head: weight of the head's KL to the base's distribution")
+    train_adapter: bool = opt(True, "gated: train the LoRA adapter; false keeps --init-adapter's frozen and trains "
+                                    "the sampler head alone (no backward through the model)")
     noise_window: int = opt(16, "jacobi_forcing: window w of the progressive noise schedule "
                                 "t_j = linspace(0, 1, w)[j mod w]")
     noise_shifts: int = opt(1, "jacobi_forcing: examples per response, the schedule shifted by 0 .. this-1 blocks "
@@ -164,6 +170,8 @@ class TrainConfig:
                                 f"got {self.noise_shifts}")
         if self.objective == "gated":
             self._validate_gated()
+        elif self.sampler_head or not self.train_adapter:
+            raise CllmError("--sampler-head and --train-adapter are options of --objective gated")
         if self.jacobi_eval_held_out < 0:
             raise CllmError(f"--jacobi-eval-held-out must be >= 0, got {self.jacobi_eval_held_out}")
         if self.jacobi_eval_held_out and not (self.max_prompts and self.jacobi_eval_steps > 0):
@@ -189,6 +197,11 @@ class TrainConfig:
                             "--use-aug or --ar-target labels")
         if self.noise_window < 1 or not 1 <= self.noise_shifts <= self.noise_window or self.max_blocks < 0:
             raise CllmError("--noise-window must be >= 1, --noise-shifts in 1 .. --noise-window, --max-blocks >= 0")
+        if not self.train_adapter and not (self.sampler_head and self.init_adapter):
+            raise CllmError("--train-adapter false trains the sampler head alone on a frozen adapter: add "
+                            "--sampler-head and --init-adapter")
+        if self.sampler_weight < 0:
+            raise CllmError(f"--sampler-weight must be >= 0, got {self.sampler_weight}")
 
     def training_arguments(self) -> dict:
         """The keyword arguments of `TrainingArguments`: the defaults above, then the given ones."""

@@ -126,6 +126,7 @@ class LossSettings:
     temperature: float = 1.0
     label_smoothing: float = 0.0
     base_kl_weight: float = 0.0
+    sampler_weight: float = 1.0  # a gated draft's sampler head, when the model has one
     loss_normalization: str = "original"  # NORMALIZATIONS
 
     @classmethod
@@ -151,6 +152,25 @@ def packed_losses(logits: torch.Tensor, inputs: dict, s: LossSettings, block_nor
     ar = ar_loss(pick(inputs["ar_idx"]), inputs["ar_target"], inputs["ar_mask"], s.label_smoothing,
                  Reduction(s.loss_normalization, ar_norm))
     return ar, cons, pick(inputs["student_idx"])
+
+
+def sampler_pairs(hidden: torch.Tensor, inputs: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """What a gated draft's sampler head reads in one packed forward: the draft's final hidden states (B, M, d) at
+    the consistency student positions (noisy k_j[t]) and the tokens (B, M) at the teacher positions (clean c_j[t]:
+    the fixed point's token t, the one the base commits there)."""
+    idx = inputs["cons_student_idx"]
+    h = hidden.gather(1, idx.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))
+    return h, inputs["input_ids"].gather(1, inputs["cons_teacher_idx"])
+
+
+def sampler_loss(head_logits: torch.Tensor, logits: torch.Tensor, inputs: dict, s: LossSettings,
+                 block_norm=None) -> torch.Tensor:
+    """The sampler head's term: its logits (B, M, V) at the consistency pairs against the base's at the teacher
+    positions (from the packed logits (B, T, V)), with the draft's divergence, mask and normalization."""
+    teacher = logits.gather(1, inputs["cons_teacher_idx"].unsqueeze(-1).expand(-1, -1, logits.shape[-1]))
+    scale = 1.0 / inputs["n_blocks"].clamp(min=1)
+    return consistency_loss(head_logits, teacher, inputs["block_mask"], s.divergence, s.jsd_beta, s.temperature,
+                            Reduction(s.loss_normalization, block_norm, scale))
 
 
 def base_kl_loss(logits: torch.Tensor, base_logits: torch.Tensor, inputs: dict, ar_norm=None,

@@ -131,8 +131,23 @@ def build_model(cfg: TrainConfig):
         from cllm.decoding.gate import attach_gate
 
         attach_gate(model, enabled=True)  # every training forward sets its gate (the batch's `gate`)
+        if cfg.sampler_head:
+            _sampler_head(cfg, model)
     model.config.use_cache = False
     return model, tok
+
+
+def _sampler_head(cfg: TrainConfig, model) -> None:
+    """The draft's sampler head: --init-adapter's when it has one, else a new one; with train_adapter false the
+    LoRA weights are frozen, so only the head learns (and no gradient runs back through the model)."""
+    from cllm.decoding.sampler_head import load_sampler, new_sampler
+
+    if not (cfg.init_adapter and load_sampler(model, cfg.init_adapter)):
+        new_sampler(model)
+    if not cfg.train_adapter:
+        for name, param in model.named_parameters():
+            if "lora_" in name:
+                param.requires_grad_(False)
 
 
 def lora_targets(model, target_modules: str, layers: list[int] | None):
@@ -174,6 +189,10 @@ def train(cfg: TrainConfig) -> dict:
     if resume_from:
         check_kind(resume_from, cfg.use_peft)
     model, tok = build_model(cfg)
+    if resume_from and cfg.sampler_head:
+        from cllm.decoding.sampler_head import load_sampler
+
+        load_sampler(model, resume_from)  # the head as the checkpoint left it (Trainer restores the adapter)
     dataset, collator, records, held_out = build_dataset(cfg, tok, model.config.vocab_size)
     probe = _jacobi_probe(cfg, records, tok, held_out) if cfg.jacobi_eval_steps > 0 else None
     trainer = build_trainer(cfg, model, tok, dataset, collator, probe)

@@ -17,7 +17,9 @@ import torch
 from transformers import Trainer
 
 from cllm.errors import CllmError
-from cllm.training.losses import LossSettings, base_kl_loss, converged_prefix, packed_losses
+from cllm.decoding.sampler_head import final_hidden, head_logits, sampler_of, save_sampler
+from cllm.training.losses import (LossSettings, base_kl_loss, converged_prefix, packed_losses, sampler_loss,
+                                  sampler_pairs)
 
 
 def flush_metrics(metrics: dict[str, list[float]], logs: dict) -> None:
@@ -68,7 +70,9 @@ class CllmTrainer(Trainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         s = self.loss_settings
-        with _gate(model, inputs.get("gate")):
+        inner = self.accelerator.unwrap_model(model)
+        head = sampler_of(inner)
+        with _gate(model, inputs.get("gate")), final_hidden(inner, head is not None) as hidden:
             out = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
                         position_ids=inputs["position_ids"], use_cache=False)
         logits = out.logits  # (B, T, V)
@@ -87,6 +91,13 @@ class CllmTrainer(Trainer):
             base_kl = base_kl_loss(logits, base_logits, inputs, ar_norm, s.loss_normalization)
             del base_logits
             loss = loss + s.base_kl_weight * base_kl
+        if head is not None:
+            h, tokens = sampler_pairs(hidden[-1], inputs)
+            sampled = head_logits(inner, head, h, tokens)  # (B, M, V)
+            samp = sampler_loss(sampled, logits, inputs, s, block_norm)
+            loss = loss + s.sampler_weight * samp
+            if model.training:
+                self._log_sampler(samp, sampled, logits, inputs)
         if not torch.isfinite(loss):
             raise CllmError(f"non-finite loss at step {self.state.global_step + 1}: ar={ar.item()}, "
                             f"consistency={cons.item()} (lower the learning rate or check the data)")
@@ -111,6 +122,25 @@ class CllmTrainer(Trainer):
                     had = ((inputs["state"] == fixed) & real).long().cumprod(-1).sum(-1)
                     self._metrics["tokens_gained"].append((conv - had.float())[blocks].mean().item())
         return (loss, out) if return_outputs else loss
+
+    @torch.no_grad()
+    def _log_sampler(self, samp, sampled, logits, inputs) -> None:
+        """The head's loss, and how often its argmax and the draft's equal the base's where the draft is trained
+        (the first guess token the decoder keeps comes from the one or the other)."""
+        teacher = logits.gather(1, inputs["cons_teacher_idx"].unsqueeze(-1).expand(-1, -1, logits.shape[-1]))
+        want, mask = teacher.argmax(-1), inputs["block_mask"]
+        draft = logits.gather(1, inputs["cons_student_idx"].unsqueeze(-1).expand(-1, -1, logits.shape[-1]))
+        n = mask.sum().clamp(min=1)
+        self._metrics["loss/sampler"].append(samp.item())
+        self._metrics["sampler/agree"].append(((sampled.argmax(-1) == want) & mask).sum().item() / n.item())
+        self._metrics["draft/agree"].append(((draft.argmax(-1) == want) & mask).sum().item() / n.item())
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """The model as Trainer saves it (a PEFT adapter: the adapter alone), and a gated draft's sampler head
+        beside it (checkpoints included)."""
+        super().save_model(output_dir, _internal_call)
+        if self.args.should_save:
+            save_sampler(self.accelerator.unwrap_model(self.model), output_dir or self.args.output_dir)
 
     def log(self, logs: dict, start_time: float | None = None) -> None:
         flush_metrics(self._metrics, logs)

@@ -1,0 +1,127 @@
+"""The sampler head of a gated draft: the draft's next guess conditioned on the token just before it.
+
+A gated forward verifies the guess and drafts the next one at the same time, so the draft row where the base's next
+token (the one every forward commits) now stands read the old guess's token there, usually a wrong one: its
+prediction of the token after it is made without knowing it, and half of the forwards commit one token because of
+it (docs/experiments/gated.md). "Your LLM Knows the Future" (Samragh et al., 2025) gives its mask-token draft a
+small sampler head for the same reason: the next token comes from the draft row's final hidden state *and* the
+embedding of the token now known to stand at that row, one token after another, each conditioned on the one before.
+
+Here: `z = h + down(SiLU(up([h; embed(token)])))`, logits = the model's own LM head at `z`, where `h` (d,) is the
+draft row's final hidden state (the LM head's input) and `token` the one now at that row's position. `down` starts
+at zero, so an untrained head predicts exactly what the draft row does. The head only proposes guess tokens; the
+base verifies them as before, so the output stays the base's greedy output whatever the head learnt.
+
+Trained with the gated objective (`--sampler-head`): at a noisy position t the head gets the draft's hidden state and
+the fixed point's token t, its target is the base's distribution at the clean position t (the same teacher as the
+draft's). Saved beside the adapter as SAMPLER_FILE and loaded with it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+
+import torch
+from torch import nn
+
+SAMPLER_FILE = "cllm_sampler.safetensors"
+
+
+class SamplerHead(nn.Module):
+    """(h (..., d), e (..., d)) -> the hidden state the LM head reads (..., d)."""
+
+    def __init__(self, hidden_size: int, inner_size: int | None = None):
+        super().__init__()
+        inner = inner_size or 2 * hidden_size
+        self.up = nn.Linear(2 * hidden_size, inner, bias=False)
+        self.down = nn.Linear(inner, hidden_size, bias=False)
+        nn.init.zeros_(self.down.weight)  # untrained: the draft row's own prediction
+
+    def forward(self, h: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
+        return h + self.down(nn.functional.silu(self.up(torch.cat([h, e], dim=-1))))
+
+
+def new_sampler(model, inner_size: int | None = None) -> SamplerHead:
+    """A fresh head for `model`, attached to it (`sampler_of` finds it; its parameters are the model's)."""
+    head = SamplerHead(model.config.hidden_size, inner_size)
+    return attach_sampler(model, head)
+
+
+def attach_sampler(model, head: SamplerHead) -> SamplerHead:
+    ref = next(model.parameters())
+    head.to(device=ref.device, dtype=ref.dtype)
+    model.cllm_sampler = head  # a submodule: moved, cast and trained with the model
+    return head
+
+
+def sampler_of(model) -> SamplerHead | None:
+    """The sampler head of `model` (or of the model a DDP / DeepSpeed wrapper holds), if it has one."""
+    while model is not None:
+        head = getattr(model, "cllm_sampler", None)
+        if isinstance(head, SamplerHead):
+            return head
+        model = getattr(model, "module", None)
+    return None
+
+
+def save_sampler(model, folder: str | Path, dtype: torch.dtype | None = None) -> bool:
+    """Write the head of `model` (if it has one) to folder/SAMPLER_FILE; returns whether it did."""
+    from safetensors.torch import save_file
+
+    head = sampler_of(model)
+    if head is None:
+        return False
+    state = {k: (v.to(dtype) if dtype else v).detach().cpu().contiguous() for k, v in head.state_dict().items()}
+    save_file(state, str(Path(folder) / SAMPLER_FILE), metadata={"format": "pt"})
+    return True
+
+
+def load_sampler(model, folder: str | Path) -> SamplerHead | None:
+    """Attach the head saved in folder/SAMPLER_FILE to `model`; None when the folder has none."""
+    from safetensors.torch import load_file
+
+    path = Path(folder) / SAMPLER_FILE
+    if not path.is_file():
+        return None
+    state = load_file(str(path))
+    head = SamplerHead(model.config.hidden_size, state["up.weight"].shape[0])
+    head.load_state_dict(state)
+    return attach_sampler(model, head)
+
+
+@contextlib.contextmanager
+def final_hidden(model, enabled: bool = True):
+    """Forwards inside this block record the LM head's input, the final hidden states (B, T, d), in the yielded
+    list (one entry per forward); nothing is recorded when not `enabled`."""
+    box: list[torch.Tensor] = []
+    if not enabled:
+        yield box
+        return
+    handle = model.get_output_embeddings().register_forward_pre_hook(lambda module, args: box.append(args[0]))
+    try:
+        yield box
+    finally:
+        handle.remove()
+
+
+def head_logits(model, head: SamplerHead, hidden: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """The head's logits (..., V) at draft hidden states (..., d) given the tokens (...) known at their positions."""
+    e = model.get_input_embeddings()(tokens)
+    return model.get_output_embeddings()(head(hidden, e.to(hidden.dtype)))
+
+
+def redraft(model, head: SamplerHead, hidden: torch.Tensor, token: int, count: int,
+            topk: int = 1) -> tuple[list[int], list[int]]:
+    """The next `count` guess tokens from consecutive draft rows' hidden states `hidden` (>= count, d), the first
+    row's position holding `token`: each next token is the head's argmax given the row and the token before it.
+    Returns (the tokens, the head's `topk - 1` runners-up for the first one)."""
+    out, alts = [], []
+    device = hidden.device
+    for j in range(count):
+        logits = head_logits(model, head, hidden[j], torch.tensor(token, device=device))  # (V,)
+        if j == 0 and topk > 1:
+            alts = logits.topk(topk).indices[1:].tolist()
+        token = int(logits.argmax())
+        out.append(token)
+    return out, alts

@@ -1,0 +1,201 @@
+"""The gated draft's sampler head (`cllm.decoding.sampler_head`): an untrained head is the draft itself (same
+guesses, same forwards), any head keeps the output the base's greedy output, the decoder hands it the draft row
+where the committed token stands, and the gated objective trains, saves, resumes, exports and loads it."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from cllm.decoding.gated import GatedOptions, GatedRun, gated_decode
+from cllm.decoding.sampler_head import SamplerHead, head_logits, new_sampler, redraft, sampler_of
+from cllm.errors import CllmError
+from conftest import random_prompt, tiny_model, with_random_gated_adapter
+from test_jacobi import greedy_reference
+
+
+def _gated(seed: int):
+    base = tiny_model(seed, torch.float64)
+    return base, with_random_gated_adapter(copy.deepcopy(base), seed, 4, None)
+
+
+def test_an_untrained_head_predicts_what_the_draft_row_does():
+    _, model = _gated(0)
+    head = new_sampler(model)
+    h = torch.randn(3, model.config.hidden_size, dtype=torch.float64)
+    got = head_logits(model, head, h, torch.tensor([4, 9, 1]))
+    assert torch.equal(got, model.get_output_embeddings()(h))
+    torch.nn.init.normal_(head.down.weight)
+    assert not torch.allclose(head_logits(model, head, h, torch.tensor([4, 9, 1])), got)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_untrained_head_decodes_as_the_draft_and_any_head_as_the_base(seed):
+    """Zero head: the same guesses as the draft's own, so the same forwards (this fails if the head reads the
+    wrong draft rows); a random head: other guesses, the base's greedy output still, over block sizes, pools and
+    how many tokens the head redrafts."""
+    base, model = _gated(seed)
+    prompt = random_prompt(torch.Generator().manual_seed(seed), 6)
+    want = greedy_reference(base, prompt, 40)
+    opts = [GatedOptions(block_size=n, pool_candidates=G, lookup_tokens=K, sampler_tokens=s, draft_topk=k)
+            for n, G, K, s, k in [(5, 0, 0, -1, 1), (3, 2, 0, 1, 1), (9, 0, 4, 2, 3), (5, 0, 0, -1, 2)]]
+    own = [gated_decode(model, None, prompt, o, max_new_tokens=40, eos_token_id=[-1]) for o in opts]
+    head = new_sampler(model)
+    for o, ref in zip(opts, own):
+        got = gated_decode(model, None, prompt, o, max_new_tokens=40, eos_token_id=[-1])
+        assert got.token_ids == want and got.accept_lengths == ref.accept_lengths, o
+    torch.nn.init.normal_(head.down.weight, std=0.5, generator=torch.Generator().manual_seed(seed))
+    for o in opts:
+        got = gated_decode(model, None, prompt, o, max_new_tokens=40, eos_token_id=[-1])
+        assert got.token_ids == want, o
+    off = gated_decode(model, None, prompt, GatedOptions(block_size=5, pool_candidates=0, lookup_tokens=0,
+                                                         sampler_tokens=0), max_new_tokens=40, eos_token_id=[-1])
+    assert off.accept_lengths == own[0].accept_lengths  # sampler_tokens=0: the draft's own guesses
+    with pytest.raises(CllmError, match="sampler_tokens"):
+        GatedOptions(sampler_tokens=-2).check()
+
+
+def test_the_head_redrafts_from_the_committed_token_by_hand():
+    """After a forward that accepts 1 guess token, the head is asked for draft row 1 (where the base's next token
+    now stands) with that token, for the 2 guess tokens the draft had left; its tokens replace theirs."""
+    run = GatedRun([5, 6, 7], GatedOptions(block_size=4, pool_candidates=0, lookup_tokens=0))
+    run.guess = [10, 11, 12]
+    ids, _, _, n_draft = run.inputs()
+    assert ids == [5, 6, 7, 10, 11, 12, 10, 11, 12] and n_draft == 3
+    pred = [0, 0, 10, 30, 0, 0, 40, 41, 42]  # base: 10 then 30 (not 11); draft: 40 41 42
+    calls = []
+
+    def drafter(row, token, count):
+        calls.append((row, token, count))
+        return [70, 71][:count], [80]
+
+    taken, reason, keep = run.apply(pred, set(), 100, None, drafter)
+    assert taken == [10, 30] and keep == [0, 1, 2, 3] and calls == [(1, 30, 2)]
+    assert run.guess == [70, 71, 71] and run._alts == [80]  # filled on with the last token (empty pool)
+    # a drafter that redrafts fewer tokens leaves the draft's own after them
+    run.guess = [10, 11, 12]
+    run.inputs()
+    run.apply([0, 0, 99, 0, 0, 0, 40, 41, 42], set(), 100, None, lambda r, t, c: ([77], []))
+    assert run.guess[:3] == [77, 41, 42]
+
+
+def test_redraft_chains_each_token_on_the_one_before():
+    _, model = _gated(1)
+    head = new_sampler(model)
+    torch.nn.init.normal_(head.down.weight, std=0.5, generator=torch.Generator().manual_seed(3))
+    h = torch.randn(3, model.config.hidden_size, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    tokens, alts = redraft(model, head, h, 7, 3, topk=3)
+    want, tok = [], 7
+    for j in range(3):
+        logits = head_logits(model, head, h[j], torch.tensor(tok))
+        if j == 0:
+            assert alts == logits.topk(3).indices[1:].tolist()
+        tok = int(logits.argmax())
+        want.append(tok)
+    assert tokens == want
+
+
+def test_continuous_batching_with_a_head_equals_the_solo_decode():
+    """Gated rows with a sampler head (each row's head reads its own draft rows of the shared forward) join a batch
+    beside an AR row; each gets what it gets alone."""
+    from cllm.decoding.continuous import Row
+    from test_continuous import EOS, _run
+
+    _, model = _gated(2)
+    head = new_sampler(model)
+    torch.nn.init.normal_(head.down.weight, std=0.5, generator=torch.Generator().manual_seed(2))
+    gen = torch.Generator().manual_seed(5)
+    opts = [GatedOptions(block_size=4, pool_candidates=1, lookup_tokens=3),
+            GatedOptions(block_size=6, pool_candidates=0, lookup_tokens=0, sampler_tokens=2, draft_topk=3)]
+    rows = [Row(method="gated", prompt=random_prompt(gen, 4 + 3 * i), max_new_tokens=12 + 4 * i, seed=i, options=o)
+            for i, o in enumerate(opts)] + [Row(method="ar", prompt=random_prompt(gen, 5), max_new_tokens=10)]
+    _run(model, {0: [rows[0], rows[2]], 3: [rows[1]]})
+    for row in rows[:2]:
+        solo = gated_decode(model, None, row.prompt, row.options, max_new_tokens=row.max_new_tokens, seed=row.seed,
+                            eos_token_id=EOS)
+        assert row.generated == solo.token_ids and row.n_forwards == solo.n_forwards
+
+
+def test_sampler_head_sizes_and_lookup():
+    _, model = _gated(0)
+    assert sampler_of(model) is None
+    head = new_sampler(model)
+    assert sampler_of(model) is head and isinstance(head, SamplerHead)
+    d = model.config.hidden_size
+    assert head.up.weight.shape == (2 * d, 2 * d) and head.down.weight.shape == (d, 2 * d)
+
+
+def test_gated_training_of_the_head_alone_saves_resumes_exports_and_loads(tiny_model_dir, tmp_path):
+    """A gated adapter trained 4 steps, then its sampler head alone on it (the adapter frozen): the head is saved
+    beside the adapter and in every checkpoint, the adapter's weights stay those of --init-adapter, the head's
+    loss and agreement are logged, a resumed run continues from the checkpoint's head, `export-adapter` keeps the
+    head (bf16) and `--adapter` loads it; decoding with it is the base's greedy output."""
+    import json
+
+    from safetensors.torch import load_file
+
+    from cllm.config import resolve
+    from cllm.data.collect import generate
+    from cllm.data.trajectories import GenConfig
+    from cllm.decoding import registry
+    from cllm.decoding.sampler_head import SAMPLER_FILE
+    from cllm.models import export_adapter, load_model
+    from cllm.training.config import TrainConfig
+    from cllm.training.run import train
+
+    lines = [json.dumps({"prompt": " ".join(f"w{3 + (i * 11 + j * 5) % 60}" for j in range(3 + i % 3))})
+             for i in range(6)]
+    (tmp_path / "p.jsonl").write_text("\n".join(lines) + "\n")
+    generate(resolve(GenConfig, {"model": str(tiny_model_dir), "prompts": str(tmp_path / "p.jsonl"),
+                                 "out": str(tmp_path / "t"), "block_size": 4, "max_new_tokens": 12, "batch_size": 6,
+                                 "repeat_threshold": 0}))
+    common = dict(model=str(tiny_model_dir), data=[str(tmp_path / "t")], block_size=4, objective="gated",
+                  use_peft=True, ar_weight=0.0, lora_r=4, logging_steps=2, save_steps=2, learning_rate=1e-2,
+                  per_device_train_batch_size=2)
+    train(resolve(TrainConfig, {**common, "output_dir": str(tmp_path / "g"), "max_steps": 4}))
+    adapter = tmp_path / "g" / "adapter"
+    assert not (adapter / SAMPLER_FILE).exists()
+    out = tmp_path / "s"
+    cfg = {**common, "output_dir": str(out), "max_steps": 4, "init_adapter": str(adapter), "sampler_head": True,
+           "train_adapter": False, "jacobi_eval_steps": 2}
+    train(resolve(TrainConfig, cfg))
+    assert (out / "adapter" / SAMPLER_FILE).is_file() and (out / "checkpoint-2" / SAMPLER_FILE).is_file()
+    before, after = load_file(str(adapter / "adapter_model.safetensors")), \
+        load_file(str(out / "adapter" / "adapter_model.safetensors"))
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    head2, head4 = (load_file(str(out / d / SAMPLER_FILE)) for d in ("checkpoint-2", "adapter"))
+    assert head4["down.weight"].abs().sum() > 0 and not torch.equal(head2["down.weight"], head4["down.weight"])
+    history = json.loads((out / "log_history.json").read_text())
+    logged = [h for h in history if "loss/sampler" in h]
+    assert logged and all(0 <= h["sampler/agree"] <= 1 and 0 <= h["draft/agree"] <= 1 for h in logged)
+    (out / "adapter" / SAMPLER_FILE).unlink()
+    train(resolve(TrainConfig, {**cfg, "resume": True}))  # nothing left to train: the checkpoint's head is saved
+    assert torch.equal(load_file(str(out / "adapter" / SAMPLER_FILE))["down.weight"], head4["down.weight"])
+    train(resolve(TrainConfig, {**cfg, "max_steps": 6, "resume": True}))
+    assert json.loads((out / "log_history.json").read_text())[-1]["step"] == 6
+
+    info = export_adapter(out / "adapter", tmp_path / "pub")
+    pub = load_file(str(tmp_path / "pub" / SAMPLER_FILE))
+    assert pub["down.weight"].dtype == torch.bfloat16 and info["bytes"] > (tmp_path / "pub" / SAMPLER_FILE).stat().st_size
+    base, tok = load_model(str(tiny_model_dir), dtype="fp32")
+    model, _ = load_model(str(tiny_model_dir), dtype="fp32", adapter=str(tmp_path / "pub"))
+    assert sampler_of(model) is not None and sampler_of(model).down.weight.dtype == torch.float32
+    cfg_d = registry.DecodeConfig(block_size=4, max_new_tokens=20)
+    [want] = registry.decode("ar", base, tok, [[5, 9, 14, 20, 7]], [0], cfg_d)
+    [got] = registry.decode("gated", model, tok, [[5, 9, 14, 20, 7]], [0], cfg_d)
+    assert got.token_ids == want.token_ids
+
+
+def test_sampler_options_are_checked():
+    from cllm.config import resolve
+    from cllm.training.config import TrainConfig
+
+    base = dict(data=["x"], output_dir="o", objective="gated", use_peft=True, ar_weight=0.0)
+    with pytest.raises(CllmError, match="--init-adapter"):
+        resolve(TrainConfig, {**base, "train_adapter": False, "sampler_head": True}).validate()
+    with pytest.raises(CllmError, match="objective gated"):
+        resolve(TrainConfig, dict(data=["x"], output_dir="o", sampler_head=True)).validate()
+    with pytest.raises(CllmError, match="sampler-weight"):
+        resolve(TrainConfig, {**base, "sampler_head": True, "sampler_weight": -1.0}).validate()
