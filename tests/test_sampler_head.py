@@ -39,8 +39,10 @@ def test_untrained_head_decodes_as_the_draft_and_any_head_as_the_base(seed):
     base, model = _gated(seed)
     prompt = random_prompt(torch.Generator().manual_seed(seed), 6)
     want = greedy_reference(base, prompt, 40)
-    opts = [GatedOptions(block_size=n, pool_candidates=G, lookup_tokens=K, sampler_tokens=s, draft_topk=k)
-            for n, G, K, s, k in [(5, 0, 0, -1, 1), (3, 2, 0, 1, 1), (9, 0, 4, 2, 3), (5, 0, 0, -1, 2)]]
+    opts = [GatedOptions(block_size=n, pool_candidates=G, lookup_tokens=K, sampler_tokens=s, draft_topk=k,
+                         sampler_candidates=c)
+            for n, G, K, s, k, c in [(5, 0, 0, -1, 1, 0), (3, 2, 0, 1, 1, 0), (9, 0, 4, 2, 3, 0), (5, 0, 0, -1, 2, 0),
+                                     (5, 0, 0, -1, 1, 4), (9, 0, 4, -1, 3, 3)]]
     own = [gated_decode(model, None, prompt, o, max_new_tokens=40, eos_token_id=[-1]) for o in opts]
     head = new_sampler(model)
     for o, ref in zip(opts, own):
@@ -55,6 +57,8 @@ def test_untrained_head_decodes_as_the_draft_and_any_head_as_the_base(seed):
     assert off.accept_lengths == own[0].accept_lengths  # sampler_tokens=0: the draft's own guesses
     with pytest.raises(CllmError, match="sampler_tokens"):
         GatedOptions(sampler_tokens=-2).check()
+    with pytest.raises(CllmError, match="sampler_candidates"):
+        GatedOptions(sampler_candidates=-1).check()
 
 
 def test_the_head_redrafts_from_the_committed_token_by_hand():
@@ -95,6 +99,11 @@ def test_redraft_chains_each_token_on_the_one_before():
         tok = int(logits.argmax())
         want.append(tok)
     assert tokens == want
+    # over candidates: the best of each row's own candidates (here the head's top 2 of row 0 and anything else)
+    cand = torch.stack([head_logits(model, head, h[0], torch.tensor(7)).topk(2).indices, torch.tensor([5, 9]),
+                        torch.tensor([want[2], 3])])  # (3, K = 2)
+    tokens, alts = redraft(model, head, h, 7, 3, topk=2, candidates=cand)
+    assert tokens[0] == want[0] and alts == [int(cand[0, 1])] and tokens[1] in (5, 9) and tokens[2] in (want[2], 3)
 
 
 def test_continuous_batching_with_a_head_equals_the_solo_decode():

@@ -124,7 +124,9 @@ def gated_decode(model, tokenizer, prompt_ids, options: GatedOptions | None = No
                 final_hidden(model, head is not None) as hidden:
             logits = _forward(cache, ids, [S + p for p in rel_pos], mask)  # (L, V)
         pred, alts = read_logits(logits, n_draft, opts.draft_topk)
-        drafter = sampler_drafter(model, head, hidden[-1][0, L - n_draft :], opts) if head is not None else None
+        drafter = None
+        if head is not None:
+            drafter = sampler_drafter(model, head, hidden[-1][0, L - n_draft :], logits[L - n_draft :], opts)
         taken, reason, keep = run.apply(pred, stop, max_new_tokens, alts, drafter)
         cache.keep(list(range(S)) + [S + k for k in keep])
         if on_commit is not None:
@@ -133,13 +135,17 @@ def gated_decode(model, tokenizer, prompt_ids, options: GatedOptions | None = No
     return result if single else [result]
 
 
-def sampler_drafter(model, head, hidden: torch.Tensor, opts: GatedOptions):
-    """`GatedRun.apply`'s redrafter from one forward's draft rows' final hidden states `hidden` (n_draft, d):
-    (row, the token now at its position, how many) -> (the head's tokens from that row on, its first runners-up)."""
+def sampler_drafter(model, head, hidden: torch.Tensor, logits: torch.Tensor, opts: GatedOptions):
+    """`GatedRun.apply`'s redrafter from one forward's draft rows' final hidden states `hidden` (n_draft, d) and
+    logits (n_draft, V): (row, the token now at its position, how many) -> (the head's tokens from that row on,
+    its first runners-up)."""
     def drafter(row: int, token: int, count: int) -> tuple[list[int], list[int]]:
         if opts.sampler_tokens > 0:
             count = min(count, opts.sampler_tokens)
-        return redraft(model, head, hidden[row : row + count], token, count, opts.draft_topk)
+        cand = None
+        if opts.sampler_candidates:  # (count, K): each row's own most likely tokens
+            cand = logits[row : row + count].topk(min(opts.sampler_candidates, logits.shape[-1]), dim=-1).indices
+        return redraft(model, head, hidden[row : row + count], token, count, opts.draft_topk, cand)
     return drafter
 
 

@@ -168,6 +168,8 @@ class GatedOptions:
                              "as a branch continuing with the rest of the guess (1 = the guess only)")
     sampler_tokens: int = opt(-1, "gated, an adapter with a sampler head: how many of the next guess's tokens the head "
                                   "redrafts, each given the token before it (-1 = all, 0 = off: the draft's own)")
+    sampler_candidates: int = opt(0, "gated, sampler head: score only the draft row's K most likely tokens (0 = "
+                                     "the whole vocabulary; each redrafted token costs an LM-head product)")
     share_below: bool = opt(False, "gated, guess-reading draft, batch 1: the layers below the adapter's lowest "
                                   "(--lora-layers top:K) run once for the guess and its draft copy")
     mask_token_id: int = opt(0, "the token the draft copy reads with draft_input=mask (from the adapter)", flag=False)
@@ -181,6 +183,8 @@ class GatedOptions:
             raise CllmError(f"gated draft_topk must be an integer >= 1, got {self.draft_topk!r}")
         if not isinstance(self.sampler_tokens, int) or self.sampler_tokens < -1:
             raise CllmError(f"gated sampler_tokens must be -1 (all), 0 (off) or a count, got {self.sampler_tokens!r}")
+        if not isinstance(self.sampler_candidates, int) or self.sampler_candidates < 0:
+            raise CllmError(f"gated sampler_candidates must be >= 0, got {self.sampler_candidates!r}")
         if self.pool_candidates < 0 or self.pool_ngram < 2 or self.lookup_tokens < 0:
             raise CllmError(f"pool: candidates >= 0 and n-gram size >= 2, got {self.pool_candidates}, "
                             f"{self.pool_ngram}; lookup tokens >= 0, got {self.lookup_tokens}")

@@ -105,23 +105,33 @@ def final_hidden(model, enabled: bool = True):
         handle.remove()
 
 
-def head_logits(model, head: SamplerHead, hidden: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-    """The head's logits (..., V) at draft hidden states (..., d) given the tokens (...) known at their positions."""
+def head_logits(model, head: SamplerHead, hidden: torch.Tensor, tokens: torch.Tensor,
+                candidates: torch.Tensor | None = None) -> torch.Tensor:
+    """The head's logits (..., V) at draft hidden states (..., d) given the tokens (...) known at their positions;
+    with `candidates` (K,) only theirs (..., K): a product with K rows of the LM head instead of all V."""
     e = model.get_input_embeddings()(tokens)
-    return model.get_output_embeddings()(head(hidden, e.to(hidden.dtype)))
+    z = head(hidden, e.to(hidden.dtype))
+    out = model.get_output_embeddings()
+    if candidates is None:
+        return out(z)
+    bias = out.bias[candidates] if getattr(out, "bias", None) is not None else None
+    return nn.functional.linear(z, out.weight[candidates], bias)
 
 
-def redraft(model, head: SamplerHead, hidden: torch.Tensor, token: int, count: int,
-            topk: int = 1) -> tuple[list[int], list[int]]:
+def redraft(model, head: SamplerHead, hidden: torch.Tensor, token: int, count: int, topk: int = 1,
+            candidates: torch.Tensor | None = None) -> tuple[list[int], list[int]]:
     """The next `count` guess tokens from consecutive draft rows' hidden states `hidden` (>= count, d), the first
-    row's position holding `token`: each next token is the head's argmax given the row and the token before it.
-    Returns (the tokens, the head's `topk - 1` runners-up for the first one)."""
+    row's position holding `token`: each next token is the head's argmax given the row and the token before it,
+    over the whole vocabulary or over that row's `candidates` (>= count, K). Returns (the tokens, the head's
+    `topk - 1` runners-up for the first one)."""
     out, alts = [], []
     device = hidden.device
     for j in range(count):
-        logits = head_logits(model, head, hidden[j], torch.tensor(token, device=device))  # (V,)
+        cand = candidates[j] if candidates is not None else None
+        logits = head_logits(model, head, hidden[j], torch.tensor(token, device=device), cand)  # (V,) or (K,)
         if j == 0 and topk > 1:
-            alts = logits.topk(topk).indices[1:].tolist()
-        token = int(logits.argmax())
+            best = logits.topk(min(topk, logits.shape[-1])).indices[1:]
+            alts = (cand[best] if cand is not None else best).tolist()
+        token = int(logits.argmax()) if cand is None else int(cand[logits.argmax()])
         out.append(token)
     return out, alts
