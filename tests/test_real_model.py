@@ -135,12 +135,14 @@ def test_published_gated_adapter_leaves_the_base_exact_and_gated_decoding_lossle
     """Every gated adapter under models/ is at most 20 MiB, records the alias as its base, loads switched off (the
     base bit for bit), changes the model at gate 1, and gated decoding returns the base's greedy output in fp32
     on two GSM8K test prompts, committing more than one token per forward on average; with LoRA on the top layers
-    only, also with the layers below shared between the guess and its draft copy (`share_below`); and with
-    the draft's 2 runners-up at the guess's first position verified too (`draft_topk` 3)."""
+    only, also with the layers below shared between the guess and its draft copy (`share_below`); with the
+    draft's 2 runners-up at the guess's first position verified too (`draft_topk` 3); with a sampler head, also
+    with it over the whole vocabulary and with it off."""
     import json
 
     from cllm.decoding import registry
     from cllm.decoding.gate import gate_state, gated
+    from cllm.decoding.sampler_head import sampler_of
 
     base, tok, _ = smollm
     assert sum(f.stat().st_size for f in adapter.iterdir()) <= 20 * 2**20
@@ -153,13 +155,14 @@ def test_published_gated_adapter_leaves_the_base_exact_and_gated_decoding_lossle
         assert torch.equal(model(x).logits, want)
         with gated(model, torch.ones(1, x.shape[1])):
             assert (model(x).logits - want).abs().max() > 1e-2
-    settings = [(False, 1), (False, 3)] + ([(True, 1)] if gate_state(model).below else [])  # (share_below, draft_topk)
+    settings = [{}, {"draft_topk": 3}] + ([{"share_below": True}] if gate_state(model).below else [])
+    if sampler_of(model) is not None:  # the head over the whole vocabulary, and the draft without it
+        settings += [{"sampler_candidates": 0}, {"sampler_tokens": 0}]
     tokens = forwards = 0
     for ids in prompts:
         ar = ar_decode(base, tok, ids, max_new_tokens=64)
-        for share, k in settings:
-            cfg = registry.DecodeConfig(max_new_tokens=64, share_below=share, draft_topk=k)
-            [res] = registry.decode("gated", model, tok, [ids], [0], cfg)
-            assert res.token_ids == ar.token_ids, (share, k)
+        for options in settings:
+            [res] = registry.decode("gated", model, tok, [ids], [0], registry.DecodeConfig(max_new_tokens=64, **options))
+            assert res.token_ids == ar.token_ids, options
             tokens, forwards = tokens + res.n_new_tokens, forwards + res.n_forwards
     assert tokens / forwards > 1.2

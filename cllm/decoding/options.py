@@ -168,8 +168,8 @@ class GatedOptions:
                              "as a branch continuing with the rest of the guess (1 = the guess only)")
     sampler_tokens: int = opt(-1, "gated, an adapter with a sampler head: how many of the next guess's tokens the head "
                                   "redrafts, each given the token before it (-1 = all, 0 = off: the draft's own)")
-    sampler_candidates: int = opt(0, "gated, sampler head: score only the draft row's K most likely tokens (0 = "
-                                     "the whole vocabulary; each redrafted token costs an LM-head product)")
+    sampler_candidates: int = opt(64, "gated, sampler head: score only the draft row's K most likely tokens (0 = "
+                                      "the whole vocabulary: each redrafted token then costs an LM-head product)")
     share_below: bool = opt(False, "gated, guess-reading draft, batch 1: the layers below the adapter's lowest "
                                   "(--lora-layers top:K) run once for the guess and its draft copy")
     mask_token_id: int = opt(0, "the token the draft copy reads with draft_input=mask (from the adapter)", flag=False)
