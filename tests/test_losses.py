@@ -96,3 +96,33 @@ def test_training_log_plot_is_a_png(tmp_path):
     (tmp_path / "log_history.json").write_text(__import__("json").dumps(log))
     png = plot_training_log(tmp_path, tmp_path / "loss.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
+
+
+def test_sampler_pairs_and_loss_by_hand():
+    """The sampler head's pairs: the hidden state at each noisy (student) position and the token at its clean
+    (teacher) position; its loss: forward KL(base at the teacher position || head), averaged over the mask per
+    example, divided by the example's block count ("original") or over all counted positions ("token")."""
+    from cllm.training.losses import LossSettings, sampler_loss, sampler_pairs
+
+    hidden = torch.arange(2 * 6 * 3, dtype=torch.float64).view(2, 6, 3)  # (B, T, d)
+    inputs = {"input_ids": torch.tensor([[9, 8, 7, 6, 5, 4], [3, 2, 1, 0, 11, 12]]),
+              "cons_student_idx": torch.tensor([[1, 2], [0, 3]]), "cons_teacher_idx": torch.tensor([[4, 5], [2, 5]]),
+              "block_mask": torch.tensor([[True, True], [False, True]]), "n_blocks": torch.tensor([1.0, 2.0])}
+    h, tokens = sampler_pairs(hidden, inputs)
+    assert torch.equal(h[0, 1], hidden[0, 2]) and torch.equal(h[1, 0], hidden[1, 0])
+    assert tokens.tolist() == [[5, 4], [1, 12]]
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 6, 5, generator=gen, dtype=torch.float64)  # (B, T, V)
+    head = torch.randn(2, 2, 5, generator=gen, dtype=torch.float64)  # (B, M, V)
+
+    def kl(t, s):
+        p = t.softmax(-1)
+        return float((p * (t.log_softmax(-1) - s.log_softmax(-1))).sum())
+
+    k = [[kl(logits[0, 4], head[0, 0]), kl(logits[0, 5], head[0, 1])], [None, kl(logits[1, 5], head[1, 1])]]
+    original = ((k[0][0] + k[0][1]) / 2 / 1 + k[1][1] / 1 / 2) / 2
+    token = (k[0][0] + k[0][1] + k[1][1]) / 3
+    got = sampler_loss(head, logits, inputs, LossSettings(loss_normalization="original"))
+    assert abs(float(got) - original) < 1e-6  # the divergence is computed in float32
+    got = sampler_loss(head, logits, inputs, LossSettings(loss_normalization="token"))
+    assert abs(float(got) - token) < 1e-6

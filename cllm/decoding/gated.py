@@ -229,8 +229,8 @@ class GatedRun:
         self._alts = alts[best_n] if alts is not None and best_n < self.width else []
         if drafter is not None and guess and reason is None:
             # draft row best_n stands where the committed token `taken[-1]` now is: the head knows it
-            head, self._alts = drafter(best_n, taken[-1], len(guess))
-            guess = head + guess[len(head) :]
+            redrafted, self._alts = drafter(best_n, taken[-1], len(guess))
+            guess = redrafted + guess[len(redrafted) :]
         self.guess = self._fill(guess, taken[-1])
         return taken, reason, list(range(h)) + list(range(best_start, best_start + best_n))
 
