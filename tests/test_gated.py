@@ -257,6 +257,23 @@ def test_a_right_draft_commits_n_tokens_per_forward(draft_input):
     assert got.token_ids == [0] * T and got.accept_lengths == [1, 5, 5, 5, 5]
 
 
+def tiny_trajectories(model_dir, tmp_path, a: int, b: int):
+    """`cllm gen` trajectories (n = 4, 12 tokens) of 6 word prompts for the saved tiny model, in tmp_path / "t"."""
+    import json
+
+    from cllm.config import resolve
+    from cllm.data.collect import generate
+    from cllm.data.trajectories import GenConfig
+
+    lines = [json.dumps({"prompt": " ".join(f"w{3 + (i * a + j * b) % 60}" for j in range(3 + i % 3))})
+             for i in range(6)]
+    (tmp_path / "p.jsonl").write_text("\n".join(lines) + "\n")
+    generate(resolve(GenConfig, {"model": str(model_dir), "prompts": str(tmp_path / "p.jsonl"),
+                                 "out": str(tmp_path / "t"), "block_size": 4, "max_new_tokens": 12, "batch_size": 6,
+                                 "repeat_threshold": 0}))
+    return tmp_path / "t"
+
+
 def test_gated_training_changes_only_the_draft_and_decodes_losslessly(tiny_model_dir, tmp_path):
     """A short gated run from `cllm gen` data: the adapter is saved unmerged with its gate file, `--adapter` loads
     it gated (every other method runs the base exactly), the probe logs gated tokens per forward, and gated
@@ -264,19 +281,12 @@ def test_gated_training_changes_only_the_draft_and_decodes_losslessly(tiny_model
     import json
 
     from cllm.config import resolve
-    from cllm.data.collect import generate
-    from cllm.data.trajectories import GenConfig
     from cllm.decoding import registry
     from cllm.models import load_model
     from cllm.training.config import TrainConfig
     from cllm.training.run import train
 
-    lines = [json.dumps({"prompt": " ".join(f"w{3 + (i * 13 + j * 7) % 60}" for j in range(3 + i % 3))})
-             for i in range(6)]
-    (tmp_path / "p.jsonl").write_text("\n".join(lines) + "\n")
-    generate(resolve(GenConfig, {"model": str(tiny_model_dir), "prompts": str(tmp_path / "p.jsonl"),
-                                 "out": str(tmp_path / "t"), "block_size": 4, "max_new_tokens": 12, "batch_size": 6,
-                                 "repeat_threshold": 0}))
+    tiny_trajectories(tiny_model_dir, tmp_path, 13, 7)
     out = tmp_path / "g"
     cfg = dict(model=str(tiny_model_dir), data=[str(tmp_path / "t")], output_dir=str(out), block_size=4,
                objective="gated", use_peft=True, ar_weight=0.0, lora_r=4, max_steps=4, logging_steps=2,

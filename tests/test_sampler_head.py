@@ -13,6 +13,7 @@ from cllm.decoding.gated import GatedOptions, GatedRun, gated_decode
 from cllm.decoding.sampler_head import SamplerHead, head_logits, new_sampler, redraft, sampler_of
 from cllm.errors import CllmError
 from conftest import random_prompt, tiny_model, with_random_gated_adapter
+from test_gated import tiny_trajectories
 from test_jacobi import greedy_reference
 
 
@@ -146,20 +147,13 @@ def test_gated_training_of_the_head_alone_saves_resumes_exports_and_loads(tiny_m
     from safetensors.torch import load_file
 
     from cllm.config import resolve
-    from cllm.data.collect import generate
-    from cllm.data.trajectories import GenConfig
     from cllm.decoding import registry
     from cllm.decoding.sampler_head import SAMPLER_FILE
     from cllm.models import export_adapter, load_model
     from cllm.training.config import TrainConfig
     from cllm.training.run import train
 
-    lines = [json.dumps({"prompt": " ".join(f"w{3 + (i * 11 + j * 5) % 60}" for j in range(3 + i % 3))})
-             for i in range(6)]
-    (tmp_path / "p.jsonl").write_text("\n".join(lines) + "\n")
-    generate(resolve(GenConfig, {"model": str(tiny_model_dir), "prompts": str(tmp_path / "p.jsonl"),
-                                 "out": str(tmp_path / "t"), "block_size": 4, "max_new_tokens": 12, "batch_size": 6,
-                                 "repeat_threshold": 0}))
+    tiny_trajectories(tiny_model_dir, tmp_path, 11, 5)
     common = dict(model=str(tiny_model_dir), data=[str(tmp_path / "t")], block_size=4, objective="gated",
                   use_peft=True, ar_weight=0.0, lora_r=4, logging_steps=2, save_steps=2, learning_rate=1e-2,
                   per_device_train_batch_size=2)
