@@ -161,6 +161,15 @@ def test_topk_branches_by_hand():
     assert taken == [20, 11, 30] and reason is None and keep == [0, 1, 2, 6, 7]
     assert run.guess[0] == 42 and run._alts == [54, 55]
     assert run.stats["tokens_from_topk"] == 2 and run.stats["pool_verified"] == 0
+    # topk_tokens 1: each runner-up alone, one row; a right one commits itself and the base's token after it
+    run = GatedRun([5, 6, 7], GatedOptions(block_size=4, pool_candidates=0, lookup_tokens=0, draft_topk=3,
+                                           topk_tokens=1))
+    run.guess, run._alts = [10, 11, 12], [20, 10]
+    ids, rel_pos, visible, _ = run.inputs()
+    assert ids == [5, 6, 7, 10, 11, 12, 20, 10, 11, 12] and rel_pos == [0, 1, 2, 3, 4, 5, 3, 3, 4, 5]
+    assert torch.equal(visible, branch_mask(3, [3, 1, 3]))
+    taken, _, keep = run.apply([0, 0, 20, 0, 0, 0, 11, 40, 41, 42], set(), 100, None)
+    assert taken == [20, 11] and keep == [0, 1, 2, 6]
     with pytest.raises(CllmError, match="draft_topk"):
         GatedOptions(draft_topk=0).check()
 
@@ -172,8 +181,8 @@ def test_topk_over_the_whole_vocabulary_commits_two_tokens_per_forward(seed):
     base, model = gated_tiny(seed)
     prompt = random_prompt(torch.Generator().manual_seed(seed), 6)
     want = greedy_reference(base, prompt, 40)
-    for n, k in [(3, 64), (5, 64), (5, 3)]:
-        opts = GatedOptions(block_size=n, pool_candidates=0, lookup_tokens=0, draft_topk=k)
+    for n, k, m in [(3, 64, 0), (5, 64, 0), (5, 3, 0), (5, 64, 1)]:
+        opts = GatedOptions(block_size=n, pool_candidates=0, lookup_tokens=0, draft_topk=k, topk_tokens=m)
         got = gated_decode(model, None, prompt, opts, max_new_tokens=40, seed=seed, eos_token_id=[-1])
         assert got.token_ids == want, (n, k)
         if k == 64:

@@ -9,7 +9,7 @@ import copy
 import pytest
 import torch
 
-from cllm.decoding.gated import GatedOptions, GatedRun, gated_decode
+from cllm.decoding.gated import GatedOptions, GatedRun, branch_mask, gated_decode
 from cllm.decoding.sampler_head import SamplerHead, head_logits, new_sampler, redraft, sampler_of
 from cllm.errors import CllmError
 from conftest import random_prompt, tiny_model, with_random_gated_adapter
@@ -41,9 +41,10 @@ def test_untrained_head_decodes_as_the_draft_and_any_head_as_the_base(seed):
     prompt = random_prompt(torch.Generator().manual_seed(seed), 6)
     want = greedy_reference(base, prompt, 40)
     opts = [GatedOptions(block_size=n, pool_candidates=G, lookup_tokens=K, sampler_tokens=s, draft_topk=k,
-                         sampler_candidates=c)
-            for n, G, K, s, k, c in [(5, 0, 0, -1, 1, 0), (3, 2, 0, 1, 1, 0), (9, 0, 4, 2, 3, 0), (5, 0, 0, -1, 2, 0),
-                                     (5, 0, 0, -1, 1, 4), (9, 0, 4, -1, 3, 3)]]
+                         sampler_candidates=c, topk_tokens=m)
+            for n, G, K, s, k, c, m in [(5, 0, 0, -1, 1, 0, 0), (3, 2, 0, 1, 1, 0, 0), (9, 0, 4, 2, 3, 0, 0),
+                                        (5, 0, 0, -1, 2, 0, 0), (5, 0, 0, -1, 1, 4, 0), (9, 0, 4, -1, 3, 3, 0),
+                                        (9, 0, 0, -1, 4, 0, 3), (5, 2, 0, -1, 3, 4, 1)]]
     own = [gated_decode(model, None, prompt, o, max_new_tokens=40, eos_token_id=[-1]) for o in opts]
     head = new_sampler(model)
     for o, ref in zip(opts, own):
@@ -84,6 +85,37 @@ def test_the_head_redrafts_from_the_committed_token_by_hand():
     run.inputs()
     run.apply([0, 0, 99, 0, 0, 0, 40, 41, 42], set(), 100, None, lambda r, t, c: ([77], []))
     assert run.guess[:3] == [77, 41, 42]
+
+
+def test_runner_up_branches_continue_with_the_head_by_hand():
+    """With draft_topk, the head's runners-up for the next guess's first token become branches continued by the
+    head's own tokens after each (draft row 2 stands where the runner-up would be), cut to topk_tokens rows; a
+    runner-up equal to the guess's first token is not repeated."""
+    calls = []
+
+    def drafter(row, token, count):
+        calls.append((row, token, count))
+        if row == 1:
+            return [70, 71, 72][:count], [80, 70, 81]
+        return [token + 100, token + 200][:count], [99]
+
+    for m, tails in [(0, {80: [180, 280], 81: [181, 281]}), (2, {80: [180], 81: [181]}), (1, {})]:
+        run = GatedRun([5, 6, 7], GatedOptions(block_size=5, pool_candidates=0, lookup_tokens=0, draft_topk=4,
+                                               topk_tokens=m))
+        run.guess, calls[:] = [10, 11, 12, 13], []
+        run.inputs()
+        pred = [0, 0, 10, 30, 0, 0, 0, 40, 41, 42, 43]  # base: 10 then 30 (not 11): one guess token accepted
+        taken, _, _ = run.apply(pred, set(), 100, None, drafter)
+        assert taken == [10, 30] and run.guess == [70, 71, 72, 72] and run._tails == {a: t for a, t in tails.items()}
+        assert calls[0] == (1, 30, 3) and sorted(calls[1:]) == sorted((2, a, len(t)) for a, t in tails.items())
+        ids, rel_pos, visible, _ = run.inputs()
+        width = m or 4
+        want = [[a, *tails.get(a, []), *run.guess[1 + len(tails.get(a, [])) :]][:width] for a in (80, 81)]
+        assert ids == [30, 70, 71, 72, 72, *want[0], *want[1], 70, 71, 72, 72], m
+        assert rel_pos == [0, 1, 2, 3, 4, *range(1, 1 + width), *range(1, 1 + width), 1, 2, 3, 4]
+        assert torch.equal(visible, branch_mask(1, [4, width, width, 4]))
+    with pytest.raises(CllmError, match="topk_tokens"):
+        GatedOptions(topk_tokens=-1).check()
 
 
 def test_redraft_chains_each_token_on_the_one_before():

@@ -20,11 +20,13 @@ the committed run become the next guess.
 
 With `draft_topk` k > 1 the draft's k - 1 runners-up at the guess's first position are verified too, each as a
 branch `[runner-up][rest of the guess]`: most forwards commit one token because that first guess token is wrong
-(it is drafted two ahead of the committed text, before the base's next token is known).
+(it is drafted two ahead of the committed text, before the base's next token is known). `topk_tokens` m cuts
+each such branch to m rows (m = 1: the runner-up alone, which commits 2 tokens when it is right, for one row).
 
 An adapter with a sampler head (`cllm.decoding.sampler_head`) redrafts the next guess after the forward instead:
 from the draft rows' final hidden states and the base's next token, one token after another, each given the one
-before it (`sampler_tokens` of them; the rest stay the draft's).
+before it (`sampler_tokens` of them; the rest stay the draft's). Its runners-up for the first token are then the
+`draft_topk` branches, each continued by the head's own tokens after it instead of the rest of the guess.
 
 The pool holds the N-grams of the prompt and of the committed text keyed by their first token (prompt lookup, as
 Lookahead's pool holds its window's n-grams); the branches keyed by the head's last token are verified beside the
@@ -169,6 +171,7 @@ class GatedRun:
         self.stats = {"tokens_from_draft": 0, "tokens_from_pool": 0, "pool_verified": 0}
         self._branches: list[list[int]] = []
         self._alts: list[int] = []  # the draft's runners-up for the guess's first token (draft_topk)
+        self._tails: dict[int, list[int]] = {}  # a runner-up -> the sampler head's tokens after it
         self._n_alt = 0
 
     def _add_ngrams(self, text: list[int], start: int) -> None:
@@ -186,7 +189,8 @@ class GatedRun:
             found = lookup_continuation(self.prompt + self.generated, self.opts.lookup_tokens)
             cands = ([found] if found else []) + [c for c in cands if c != found[: len(c)]]
         draft_in = self.guess if self.opts.draft_input == "guess" else [self.opts.mask_token_id] * self.width
-        alt = [[a, *self.guess[1:]] for a in self._alts if a != self.guess[0]]
+        m = self.opts.topk_tokens or self.width
+        alt = [self._alt_branch(a)[:m] for a in self._alts if a != self.guess[0]]
         self._branches, self._n_alt = [self.guess, *alt, *cands], len(alt)
         lengths = [len(b) for b in self._branches] + [self.width]
         h = len(head)
@@ -231,8 +235,24 @@ class GatedRun:
             # draft row best_n stands where the committed token `taken[-1]` now is: the head knows it
             redrafted, self._alts = drafter(best_n, taken[-1], len(guess))
             guess = redrafted + guess[len(redrafted) :]
+        self._tails = self._head_tails(drafter, best_n, guess) if drafter is not None and reason is None else {}
         self.guess = self._fill(guess, taken[-1])
         return taken, reason, list(range(h)) + list(range(best_start, best_start + best_n))
+
+    def _alt_branch(self, alt: int) -> list[int]:
+        """A runner-up's branch: the runner-up at the guess's first position, then the head's tokens after it (if it
+        drafted them), then the rest of the guess."""
+        tail = self._tails.get(alt, [])
+        return [alt, *tail, *self.guess[1 + len(tail) :]]
+
+    def _head_tails(self, drafter, row: int, guess: list[int]) -> dict[int, list[int]]:
+        """The sampler head's tokens after each runner-up (other than the guess's first token): draft row `row + 1`
+        stands where the runner-up would be, so the head reads it with the runner-up, then chains (as many as the
+        branch holds after it)."""
+        count = min(self.opts.topk_tokens or self.width, len(guess)) - 1
+        if count <= 0 or self.opts.draft_topk <= 1:
+            return {}
+        return {a: drafter(row + 1, a, count)[0] for a in self._alts if a != guess[0]}
 
     def _fill(self, guess: list[int], last: int) -> list[int]:
         """The next guess: the draft's tokens past the committed run, then (the window moved on by the tokens

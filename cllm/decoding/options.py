@@ -166,6 +166,9 @@ class GatedOptions:
                                  "(gated: 0 = off)")
     draft_topk: int = opt(1, "gated: verify the draft's k most likely tokens at the guess's first position, each "
                              "as a branch continuing with the rest of the guess (1 = the guess only)")
+    topk_tokens: int = opt(0, "gated, draft_topk > 1: tokens per runner-up branch (1 = the runner-up alone; 0 = as "
+                              "many as the guess: the runner-up, then the rest of the guess, or with a sampler head "
+                              "the head's tokens after the runner-up)")
     sampler_tokens: int = opt(-1, "gated, an adapter with a sampler head: how many of the next guess's tokens the head "
                                   "redrafts, each given the token before it (-1 = all, 0 = off: the draft's own)")
     sampler_candidates: int = opt(64, "gated, sampler head: score only the draft row's K most likely tokens (0 = "
@@ -181,6 +184,8 @@ class GatedOptions:
             raise CllmError(f"draft input must be one of {', '.join(DRAFT_INPUTS)}, got {self.draft_input!r}")
         if not isinstance(self.draft_topk, int) or self.draft_topk < 1:
             raise CllmError(f"gated draft_topk must be an integer >= 1, got {self.draft_topk!r}")
+        if not isinstance(self.topk_tokens, int) or self.topk_tokens < 0:
+            raise CllmError(f"gated topk_tokens must be an integer >= 0, got {self.topk_tokens!r}")
         if not isinstance(self.sampler_tokens, int) or self.sampler_tokens < -1:
             raise CllmError(f"gated sampler_tokens must be -1 (all), 0 (off) or a count, got {self.sampler_tokens!r}")
         if not isinstance(self.sampler_candidates, int) or self.sampler_candidates < 0:
