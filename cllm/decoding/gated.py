@@ -189,8 +189,7 @@ class GatedRun:
             found = lookup_continuation(self.prompt + self.generated, self.opts.lookup_tokens)
             cands = ([found] if found else []) + [c for c in cands if c != found[: len(c)]]
         draft_in = self.guess if self.opts.draft_input == "guess" else [self.opts.mask_token_id] * self.width
-        m = self.opts.topk_tokens or self.width
-        alt = [self._alt_branch(a)[:m] for a in self._alts if a != self.guess[0]]
+        alt = [self._alt_branch(a)[: self._alt_rows] for a in self._alts if a != self.guess[0]]
         self._branches, self._n_alt = [self.guess, *alt, *cands], len(alt)
         lengths = [len(b) for b in self._branches] + [self.width]
         h = len(head)
@@ -239,6 +238,11 @@ class GatedRun:
         self.guess = self._fill(guess, taken[-1])
         return taken, reason, list(range(h)) + list(range(best_start, best_start + best_n))
 
+    @property
+    def _alt_rows(self) -> int:
+        """Rows of one runner-up branch (topk_tokens; 0 = as many as the guess)."""
+        return self.opts.topk_tokens or self.width
+
     def _alt_branch(self, alt: int) -> list[int]:
         """A runner-up's branch: the runner-up at the guess's first position, then the head's tokens after it (if it
         drafted them), then the rest of the guess."""
@@ -249,7 +253,7 @@ class GatedRun:
         """The sampler head's tokens after each runner-up (other than the guess's first token): draft row `row + 1`
         stands where the runner-up would be, so the head reads it with the runner-up, then chains (as many as the
         branch holds after it)."""
-        count = min(self.opts.topk_tokens or self.width, len(guess)) - 1
+        count = min(self._alt_rows, len(guess)) - 1
         if count <= 0 or self.opts.draft_topk <= 1:
             return {}
         return {a: drafter(row + 1, a, count)[0] for a in self._alts if a != guess[0]}
