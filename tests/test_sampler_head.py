@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from cllm.decoding.gated import GatedOptions, GatedRun, branch_mask, gated_decode
-from cllm.decoding.sampler_head import SamplerHead, head_logits, new_sampler, redraft, sampler_of
+from cllm.decoding.sampler_head import (SamplerHead, head_logits, load_sampler, new_sampler, redraft, sampler_of,
+                                       save_sampler)
 from cllm.errors import CllmError
 from conftest import random_prompt, tiny_model, with_random_gated_adapter
 from test_gated import tiny_trajectories
@@ -63,6 +64,26 @@ def test_untrained_head_decodes_as_the_draft_and_any_head_as_the_base(seed):
         GatedOptions(sampler_candidates=-1).check()
 
 
+def test_a_head_reading_the_base_decodes_as_the_base():
+    """A `base_input` head: untrained, the draft's own forwards; random, other guesses and the base's greedy output
+    (over block sizes, pools, the first token only, runners-up continued by the head)."""
+    base, model = _gated(4)
+    prompt = random_prompt(torch.Generator().manual_seed(4), 6)
+    want = greedy_reference(base, prompt, 40)
+    opts = [GatedOptions(block_size=n, pool_candidates=G, lookup_tokens=K, sampler_tokens=s, draft_topk=k,
+                         topk_tokens=m)
+            for n, G, K, s, k, m in [(5, 0, 0, -1, 1, 0), (4, 2, 3, 1, 1, 0), (6, 1, 0, -1, 3, 2), (4, 0, 2, -1, 3, 1)]]
+    own = [gated_decode(model, None, prompt, o, max_new_tokens=40, eos_token_id=[-1]) for o in opts]
+    head = new_sampler(model, base_input=True)
+    for o, ref in zip(opts, own):
+        assert gated_decode(model, None, prompt, o, max_new_tokens=40, eos_token_id=[-1]).accept_lengths == \
+            ref.accept_lengths, o
+    torch.nn.init.normal_(head.down.weight, std=0.5, generator=torch.Generator().manual_seed(4))
+    got = [gated_decode(model, None, prompt, o, max_new_tokens=40, eos_token_id=[-1]) for o in opts]
+    assert all(g.token_ids == want for g in got)
+    assert any(g.accept_lengths != r.accept_lengths for g, r in zip(got, own))
+
+
 def test_the_head_redrafts_from_the_committed_token_by_hand():
     """After a forward that accepts 1 guess token, the head is asked for draft row 1 (where the base's next token
     now stands) with that token, for the 2 guess tokens the draft had left; its tokens replace theirs."""
@@ -73,18 +94,33 @@ def test_the_head_redrafts_from_the_committed_token_by_hand():
     pred = [0, 0, 10, 30, 0, 0, 40, 41, 42]  # base: 10 then 30 (not 11); draft: 40 41 42
     calls = []
 
-    def drafter(row, token, count):
-        calls.append((row, token, count))
+    def drafter(row, token, count, base_row):
+        calls.append((row, token, count, base_row))
         return [70, 71][:count], [80]
 
+    # the base's hidden state that predicted 30 is that of input row 3 (the accepted guess token 10)
     taken, reason, keep = run.apply(pred, set(), 100, None, drafter)
-    assert taken == [10, 30] and keep == [0, 1, 2, 3] and calls == [(1, 30, 2)]
+    assert taken == [10, 30] and keep == [0, 1, 2, 3] and calls == [(1, 30, 2, 3)]
     assert run.guess == [70, 71, 71] and run._alts == [80]  # filled on with the last token (empty pool)
     # a drafter that redrafts fewer tokens leaves the draft's own after them
     run.guess = [10, 11, 12]
     run.inputs()
-    run.apply([0, 0, 99, 0, 0, 0, 40, 41, 42], set(), 100, None, lambda r, t, c: ([77], []))
-    assert run.guess[:3] == [77, 41, 42]
+    calls[:] = []
+    run.guess, run._alts = [10, 11, 12], []
+    assert run.inputs()[0] == [30, 10, 11, 12, 10, 11, 12]
+    run.apply([99, 0, 0, 0, 40, 41, 42], set(), 100, None,
+              lambda r, t, c, b: calls.append((r, t, c, b)) or ([77], []))
+    assert run.guess[:3] == [77, 41, 42] and calls == [(0, 99, 3, 0)]  # nothing accepted: the head's last row
+    # a pooled branch wins: its last accepted row predicted the committed token
+    run = GatedRun([5, 6, 7, 8, 5, 6, 7], GatedOptions(block_size=4, pool_candidates=1, pool_ngram=3,
+                                                       lookup_tokens=0))
+    run.guess = [10, 11, 12]
+    ids, _, _, _ = run.inputs()
+    assert ids == [5, 6, 7, 8, 5, 6, 7, 10, 11, 12, 8, 5, 10, 11, 12]  # rows 10-11: the n-gram after 7
+    pred = [0] * 6 + [8, 0, 0, 0, 5, 55, 40, 41, 42]  # the base: 8, 5, then 55
+    calls[:] = []
+    taken, _, _ = run.apply(pred, set(), 100, None, lambda r, t, c, b: calls.append((r, t, c, b)) or ([], []))
+    assert taken == [8, 5, 55] and calls == [(2, 55, 1, 11)]
 
 
 def test_runner_up_branches_continue_with_the_head_by_hand():
@@ -93,8 +129,9 @@ def test_runner_up_branches_continue_with_the_head_by_hand():
     runner-up equal to the guess's first token is not repeated."""
     calls = []
 
-    def drafter(row, token, count):
+    def drafter(row, token, count, base_row):
         calls.append((row, token, count))
+        assert (base_row is None) == (row == 2)  # a runner-up's tail chains on the head's first z
         if row == 1:
             return [70, 71, 72][:count], [80, 70, 81]
         return [token + 100, token + 200][:count], [99]
@@ -118,6 +155,36 @@ def test_runner_up_branches_continue_with_the_head_by_hand():
         GatedOptions(topk_tokens=-1).check()
 
 
+def test_a_head_reading_the_base_chains_on_its_own_state_by_hand(tmp_path):
+    """A `base_input` head: z = h + down(SiLU(up([h; e; f]))); the first redrafted token reads the base's hidden
+    state given, each next one the z before it; it needs f; its kind survives save and load."""
+    _, model = _gated(1)
+    head = new_sampler(model, base_input=True)
+    d = model.config.hidden_size
+    assert head.base_input and head.up.weight.shape == (2 * d, 3 * d) and not new_sampler(model).base_input
+    head = new_sampler(model, base_input=True)
+    torch.nn.init.normal_(head.down.weight, std=0.5, generator=torch.Generator().manual_seed(3))
+    gen = torch.Generator().manual_seed(4)
+    h, f = (torch.randn(n, d, dtype=torch.float64, generator=gen) for n in (3, 1))
+    emb = model.get_input_embeddings()
+    tokens, _ = redraft(model, head, h, 7, 3, base=f[0])
+    want, tok, prev = [], 7, f[0]
+    for j in range(3):
+        e = emb(torch.tensor(tok))
+        z = h[j] + head.down(torch.nn.functional.silu(head.up(torch.cat([h[j], e, prev]))))
+        tok, prev = int(model.get_output_embeddings()(z).argmax()), z
+        want.append(tok)
+    assert tokens == want
+    t = torch.tensor(7)
+    assert not torch.allclose(head_logits(model, head, h[0], t, base=f[0]), head_logits(model, head, h[0], t, base=-f[0]))
+    with pytest.raises(ValueError, match="pass f"):
+        head(h[0], emb(t))
+    save_sampler(model, tmp_path)
+    _, other = _gated(1)
+    loaded = load_sampler(other, tmp_path)
+    assert loaded.base_input and torch.equal(loaded.up.weight, head.up.weight)
+
+
 def test_redraft_chains_each_token_on_the_one_before():
     _, model = _gated(1)
     head = new_sampler(model)
@@ -139,14 +206,15 @@ def test_redraft_chains_each_token_on_the_one_before():
     assert tokens[0] == want[0] and alts == [int(cand[0, 1])] and tokens[1] in (5, 9) and tokens[2] in (want[2], 3)
 
 
-def test_continuous_batching_with_a_head_equals_the_solo_decode():
-    """Gated rows with a sampler head (each row's head reads its own draft rows of the shared forward) join a batch
+@pytest.mark.parametrize("base_input", [False, True])
+def test_continuous_batching_with_a_head_equals_the_solo_decode(base_input):
+    """Gated rows with a sampler head (each row's head reads its own rows of the shared forward) join a batch
     beside an AR row; each gets what it gets alone."""
     from cllm.decoding.continuous import Row
     from test_continuous import EOS, _run
 
     _, model = _gated(2)
-    head = new_sampler(model)
+    head = new_sampler(model, base_input=base_input)
     torch.nn.init.normal_(head.down.weight, std=0.5, generator=torch.Generator().manual_seed(2))
     gen = torch.Generator().manual_seed(5)
     opts = [GatedOptions(block_size=4, pool_candidates=1, lookup_tokens=3),
@@ -234,3 +302,36 @@ def test_sampler_options_are_checked():
         resolve(TrainConfig, dict(data=["x"], output_dir="o", sampler_head=True)).validate()
     with pytest.raises(CllmError, match="sampler-weight"):
         resolve(TrainConfig, {**base, "sampler_head": True, "sampler_weight": -1.0}).validate()
+    with pytest.raises(CllmError, match="add --sampler-head"):
+        resolve(TrainConfig, {**base, "sampler_base": True}).validate()
+
+
+def test_training_a_head_that_reads_the_base(tiny_model_dir, tmp_path):
+    """--sampler-base trains a head that reads the base's hidden state (the trainer hands it f: the head raises
+    without); it is saved as such, loads as such, decodes as the base, and an --init-adapter head of the other kind is an
+    error naming the flag."""
+    from safetensors.torch import load_file
+
+    from cllm.config import resolve
+    from cllm.decoding.sampler_head import SAMPLER_FILE
+    from cllm.models import load_model
+    from cllm.training.config import TrainConfig
+    from cllm.training.run import train
+
+    tiny_trajectories(tiny_model_dir, tmp_path, 11, 5)
+    common = dict(model=str(tiny_model_dir), data=[str(tmp_path / "t")], block_size=4, objective="gated",
+                  use_peft=True, ar_weight=0.0, lora_r=4, logging_steps=2, save_steps=10, learning_rate=1e-2,
+                  per_device_train_batch_size=2, max_steps=3, sampler_head=True)
+    train(resolve(TrainConfig, {**common, "output_dir": str(tmp_path / "g"), "sampler_base": True}))
+    state = load_file(str(tmp_path / "g" / "adapter" / SAMPLER_FILE))
+    d = state["down.weight"].shape[0]
+    assert state["up.weight"].shape[1] == 3 * d and state["down.weight"].abs().sum() > 0
+    base, tok = load_model(str(tiny_model_dir), dtype="fp32")
+    model, _ = load_model(str(tiny_model_dir), dtype="fp32", adapter=str(tmp_path / "g" / "adapter"))
+    assert sampler_of(model).base_input
+    prompt = [5, 9, 14, 20, 7]
+    got = gated_decode(model, tok, prompt, GatedOptions(block_size=4), max_new_tokens=20, eos_token_id=[-1])
+    assert got.token_ids == greedy_reference(base, prompt, 20)
+    with pytest.raises(CllmError, match="--sampler-base true"):
+        train(resolve(TrainConfig, {**common, "output_dir": str(tmp_path / "h"),
+                                    "init_adapter": str(tmp_path / "g" / "adapter"), "train_adapter": False}))

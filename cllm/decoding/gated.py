@@ -128,7 +128,7 @@ def gated_decode(model, tokenizer, prompt_ids, options: GatedOptions | None = No
         pred, alts = read_logits(logits, n_draft, opts.draft_topk)
         drafter = None
         if head is not None:
-            drafter = sampler_drafter(model, head, hidden[-1][0, L - n_draft :], logits[L - n_draft :], opts)
+            drafter = sampler_drafter(model, head, hidden[-1][0], logits[L - n_draft :], opts)
         taken, reason, keep = run.apply(pred, stop, max_new_tokens, alts, drafter)
         cache.keep(list(range(S)) + [S + k for k in keep])
         if on_commit is not None:
@@ -138,16 +138,26 @@ def gated_decode(model, tokenizer, prompt_ids, options: GatedOptions | None = No
 
 
 def sampler_drafter(model, head, hidden: torch.Tensor, logits: torch.Tensor, opts: GatedOptions):
-    """`GatedRun.apply`'s redrafter from one forward's draft rows' final hidden states `hidden` (n_draft, d) and
-    logits (n_draft, V): (row, the token now at its position, how many) -> (the head's tokens from that row on,
-    its first runners-up)."""
-    def drafter(row: int, token: int, count: int) -> tuple[list[int], list[int]]:
+    """`GatedRun.apply`'s redrafter from one forward's final hidden states `hidden` (L, d), its last n_draft rows
+    the draft's, and the draft rows' logits (n_draft, V): (draft row, the token now at its position, how many, the
+    forward's row that predicted that token or None) -> (the head's tokens from that row on, its first runners-up).
+    A head that reads the base's hidden state gets that row's (the verified prefix's); with None (a runner-up
+    branch's tail, chained after the last call's first token) the z of that first token."""
+    draft = hidden[hidden.shape[0] - logits.shape[0] :]  # (n_draft, d)
+    first: list[torch.Tensor] = []
+
+    def drafter(row: int, token: int, count: int, base_row: int | None = None) -> tuple[list[int], list[int]]:
         if opts.sampler_tokens > 0:
             count = min(count, opts.sampler_tokens)
         cand = None
         if opts.sampler_candidates:  # (count, K): each row's own most likely tokens
             cand = logits[row : row + count].topk(min(opts.sampler_candidates, logits.shape[-1]), dim=-1).indices
-        return redraft(model, head, hidden[row : row + count], token, count, opts.draft_topk, cand)
+        states: list[torch.Tensor] = []
+        base = hidden[base_row] if base_row is not None else (first[0] if first else None)
+        out = redraft(model, head, draft[row : row + count], token, count, opts.draft_topk, cand, base, states)
+        if base_row is not None:
+            first[:] = states[:1]
+        return out
     return drafter
 
 
@@ -232,7 +242,8 @@ class GatedRun:
         self._alts = alts[best_n] if alts is not None and best_n < self.width else []
         if drafter is not None and guess and reason is None:
             # draft row best_n stands where the committed token `taken[-1]` now is: the head knows it
-            redrafted, self._alts = drafter(best_n, taken[-1], len(guess))
+            # the base's hidden state that predicted it: the last accepted row's, or the head's last row's
+            redrafted, self._alts = drafter(best_n, taken[-1], len(guess), best_start + best_n - 1 if best_n else h - 1)
             guess = redrafted + guess[len(redrafted) :]
         self._tails = self._head_tails(drafter, best_n, guess) if drafter is not None and reason is None else {}
         self.guess = self._fill(guess, taken[-1])
@@ -256,7 +267,7 @@ class GatedRun:
         count = min(self._alt_rows, len(guess)) - 1
         if count <= 0 or self.opts.draft_topk <= 1:
             return {}
-        return {a: drafter(row + 1, a, count)[0] for a in self._alts if a != guess[0]}
+        return {a: drafter(row + 1, a, count, None)[0] for a in self._alts if a != guess[0]}
 
     def _fill(self, guess: list[int], last: int) -> list[int]:
         """The next guess: the draft's tokens past the committed run, then (the window moved on by the tokens

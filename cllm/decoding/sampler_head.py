@@ -15,6 +15,13 @@ base verifies them as before, so the output stays the base's greedy output whate
 Trained with the gated objective (`--sampler-head`): at a noisy position t the head gets the draft's hidden state and
 the fixed point's token t, its target is the base's distribution at the clean position t (the same teacher as the
 draft's). Saved beside the adapter as SAMPLER_FILE and loaded with it.
+
+A head made with `base_input` (`--sampler-base`) also reads `f` (d,), the base's final hidden state at the row that
+predicted `token` (EAGLE's feature, Li et al. 2024): `z = h + down(SiLU(up([h; embed(token); f])))`. That row is
+the verify row of the last accepted token, computed by the base from the verified text alone, where the draft row
+read the old guess's token. In training it is the base's (gate 0) hidden state at the clean position t - 1 of the
+same forward. Past the first redrafted token no verified row exists, so each next one reads the head's own `z`
+before it in its place (EAGLE's draft chain).
 """
 
 from __future__ import annotations
@@ -31,20 +38,29 @@ SAMPLER_FILE = "cllm_sampler.safetensors"
 class SamplerHead(nn.Module):
     """(h (..., d), e (..., d)) -> the hidden state the LM head reads (..., d)."""
 
-    def __init__(self, hidden_size: int, inner_size: int | None = None):
+    def __init__(self, hidden_size: int, inner_size: int | None = None, base_input: bool = False):
         super().__init__()
         inner = inner_size or 2 * hidden_size
-        self.up = nn.Linear(2 * hidden_size, inner, bias=False)
+        self.up = nn.Linear((3 if base_input else 2) * hidden_size, inner, bias=False)
         self.down = nn.Linear(inner, hidden_size, bias=False)
         nn.init.zeros_(self.down.weight)  # untrained: the draft row's own prediction
 
-    def forward(self, h: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
+    @property
+    def base_input(self) -> bool:
+        """Whether the head also reads the base's hidden state `f` (its input is 3 d wide)."""
+        return self.up.in_features == 3 * self.down.out_features
+
+    def forward(self, h: torch.Tensor, e: torch.Tensor, f: torch.Tensor | None = None) -> torch.Tensor:
+        if self.base_input:
+            if f is None:
+                raise ValueError("this sampler head reads the base's hidden state: pass f")
+            return h + self.down(nn.functional.silu(self.up(torch.cat([h, e, f], dim=-1))))
         return h + self.down(nn.functional.silu(self.up(torch.cat([h, e], dim=-1))))
 
 
-def new_sampler(model, inner_size: int | None = None) -> SamplerHead:
+def new_sampler(model, inner_size: int | None = None, base_input: bool = False) -> SamplerHead:
     """A fresh head for `model`, attached to it (`sampler_of` finds it; its parameters are the model's)."""
-    head = SamplerHead(model.config.hidden_size, inner_size)
+    head = SamplerHead(model.config.hidden_size, inner_size, base_input)
     return attach_sampler(model, head)
 
 
@@ -85,7 +101,8 @@ def load_sampler(model, folder: str | Path) -> SamplerHead | None:
     if not path.is_file():
         return None
     state = load_file(str(path))
-    head = SamplerHead(model.config.hidden_size, state["up.weight"].shape[0])
+    d = model.config.hidden_size
+    head = SamplerHead(d, state["up.weight"].shape[0], base_input=state["up.weight"].shape[1] == 3 * d)
     head.load_state_dict(state)
     return attach_sampler(model, head)
 
@@ -106,11 +123,22 @@ def final_hidden(model, enabled: bool = True):
 
 
 def head_logits(model, head: SamplerHead, hidden: torch.Tensor, tokens: torch.Tensor,
-                candidates: torch.Tensor | None = None) -> torch.Tensor:
-    """The head's logits (..., V) at draft hidden states (..., d) given the tokens (...) known at their positions;
-    with `candidates` (K,) only theirs (..., K): a product with K rows of the LM head instead of all V."""
+                candidates: torch.Tensor | None = None, base: torch.Tensor | None = None) -> torch.Tensor:
+    """The head's logits (..., V) at draft hidden states (..., d) given the tokens (...) known at their positions
+    (and, for a `base_input` head, the base's hidden states `base` (..., d) that predicted them); with `candidates`
+    (K,) only theirs (..., K): a product with K rows of the LM head instead of all V."""
+    return lm_logits(model, head_state(model, head, hidden, tokens, base), candidates)
+
+
+def head_state(model, head: SamplerHead, hidden: torch.Tensor, tokens: torch.Tensor,
+               base: torch.Tensor | None = None) -> torch.Tensor:
+    """The hidden state z (..., d) the LM head reads (see `head_logits`)."""
     e = model.get_input_embeddings()(tokens)
-    z = head(hidden, e.to(hidden.dtype))
+    return head(hidden, e.to(hidden.dtype), base)
+
+
+def lm_logits(model, z: torch.Tensor, candidates: torch.Tensor | None = None) -> torch.Tensor:
+    """The LM head at z (..., d): (..., V), or with `candidates` (K,) only their rows (..., K)."""
     out = model.get_output_embeddings()
     if candidates is None:
         return out(z)
@@ -119,16 +147,21 @@ def head_logits(model, head: SamplerHead, hidden: torch.Tensor, tokens: torch.Te
 
 
 def redraft(model, head: SamplerHead, hidden: torch.Tensor, token: int, count: int, topk: int = 1,
-            candidates: torch.Tensor | None = None) -> tuple[list[int], list[int]]:
+            candidates: torch.Tensor | None = None, base: torch.Tensor | None = None,
+            states: list | None = None) -> tuple[list[int], list[int]]:
     """The next `count` guess tokens from consecutive draft rows' hidden states `hidden` (>= count, d), the first
     row's position holding `token`: each next token is the head's argmax given the row and the token before it,
-    over the whole vocabulary or over that row's `candidates` (>= count, K). Returns (the tokens, the head's
-    `topk - 1` runners-up for the first one)."""
+    over the whole vocabulary or over that row's `candidates` (>= count, K). A `base_input` head reads `base` (d,)
+    for the first token (the base's hidden state that predicted `token`) and its own z before each next one.
+    Returns (the tokens, the head's `topk - 1` runners-up for the first one); `states`, if given, gets each z."""
     out, alts = [], []
     device = hidden.device
     for j in range(count):
         cand = candidates[j] if candidates is not None else None
-        logits = head_logits(model, head, hidden[j], torch.tensor(token, device=device), cand)  # (V,) or (K,)
+        base = head_state(model, head, hidden[j], torch.tensor(token, device=device), base)  # (d,): z, next f
+        logits = lm_logits(model, base, cand)  # (V,) or (K,)
+        if states is not None:
+            states.append(base)
         if j == 0 and topk > 1:
             best = logits.topk(min(topk, logits.shape[-1])).indices[1:]
             alts = (cand[best] if cand is not None else best).tolist()

@@ -51,6 +51,8 @@ class TrainConfig:
     sampler_head: bool = opt(False, "gated: also train a sampler head (cllm.decoding.sampler_head) that redrafts the "
                                     "next guess from the draft's hidden states and the token before each, saved "
                                     "beside the adapter (continued from --init-adapter's when it has one)")
+    sampler_base: bool = opt(False, "gated with sampler_head: a new head also reads the base's hidden state at the "
+                                    "row that predicted its token (EAGLE's feature; cllm.decoding.sampler_head)")
     sampler_weight: float = opt(1.0, "gated with sampler_head: weight of the head's KL to the base's distribution")
     train_adapter: bool = opt(True, "gated: train the LoRA adapter; false keeps --init-adapter's frozen and trains "
                                     "the sampler head alone (no backward through the model)")
@@ -170,8 +172,8 @@ class TrainConfig:
                                 f"got {self.noise_shifts}")
         if self.objective == "gated":
             self._validate_gated()
-        elif self.sampler_head or not self.train_adapter:
-            raise CllmError("--sampler-head and --train-adapter are options of --objective gated")
+        elif self.sampler_head or self.sampler_base or not self.train_adapter:
+            raise CllmError("--sampler-head, --sampler-base and --train-adapter are options of --objective gated")
         if self.jacobi_eval_held_out < 0:
             raise CllmError(f"--jacobi-eval-held-out must be >= 0, got {self.jacobi_eval_held_out}")
         if self.jacobi_eval_held_out and not (self.max_prompts and self.jacobi_eval_steps > 0):
@@ -200,6 +202,8 @@ class TrainConfig:
         if not self.train_adapter and not (self.sampler_head and self.init_adapter):
             raise CllmError("--train-adapter false trains the sampler head alone on a frozen adapter: add "
                             "--sampler-head and --init-adapter")
+        if self.sampler_base and not self.sampler_head:
+            raise CllmError("--sampler-base is an option of the sampler head: add --sampler-head")
         if self.sampler_weight < 0:
             raise CllmError(f"--sampler-weight must be >= 0, got {self.sampler_weight}")
 

@@ -154,13 +154,16 @@ def packed_losses(logits: torch.Tensor, inputs: dict, s: LossSettings, block_nor
     return ar, cons, pick(inputs["student_idx"])
 
 
-def sampler_pairs(hidden: torch.Tensor, inputs: dict) -> tuple[torch.Tensor, torch.Tensor]:
+def sampler_pairs(hidden: torch.Tensor, inputs: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """What a gated draft's sampler head reads in one packed forward: the draft's final hidden states (B, M, d) at
-    the consistency student positions (noisy k_j[t]) and the tokens (B, M) at the teacher positions (clean c_j[t]:
-    the fixed point's token t, the one the base commits there)."""
-    idx = inputs["cons_student_idx"]
-    h = hidden.gather(1, idx.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))
-    return h, inputs["input_ids"].gather(1, inputs["cons_teacher_idx"])
+    the consistency student positions (noisy k_j[t]), the tokens (B, M) at the teacher positions (clean c_j[t]:
+    the fixed point's token t, the one the base commits there) and the base's final hidden states (B, M, d) at
+    c_j[t] - 1, the clean (gate 0) row that predicted that token (what a `base_input` head reads)."""
+    d = hidden.shape[-1]
+    idx, teacher = inputs["cons_student_idx"], inputs["cons_teacher_idx"]
+    h = hidden.gather(1, idx.unsqueeze(-1).expand(-1, -1, d))
+    base = hidden.gather(1, (teacher - 1).clamp(min=0).unsqueeze(-1).expand(-1, -1, d))
+    return h, inputs["input_ids"].gather(1, teacher), base
 
 
 def sampler_loss(head_logits: torch.Tensor, logits: torch.Tensor, inputs: dict, s: LossSettings,

@@ -142,8 +142,13 @@ def _sampler_head(cfg: TrainConfig, model) -> None:
     LoRA weights are frozen, so only the head learns (and no gradient runs back through the model)."""
     from cllm.decoding.sampler_head import load_sampler, new_sampler
 
-    if not (cfg.init_adapter and load_sampler(model, cfg.init_adapter)):
-        new_sampler(model)
+    head = load_sampler(model, cfg.init_adapter) if cfg.init_adapter else None
+    if head is None:
+        new_sampler(model, base_input=cfg.sampler_base)
+    elif head.base_input != cfg.sampler_base:
+        raise CllmError(f"--init-adapter {cfg.init_adapter}'s sampler head "
+                        f"{'reads' if head.base_input else 'does not read'} the base's hidden state: "
+                        f"--sampler-base {str(head.base_input).lower()}")
     if not cfg.train_adapter:
         for name, param in model.named_parameters():
             if "lora_" in name:

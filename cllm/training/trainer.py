@@ -92,8 +92,8 @@ class CllmTrainer(Trainer):
             del base_logits
             loss = loss + s.base_kl_weight * base_kl
         if head is not None:
-            h, tokens = sampler_pairs(hidden[-1], inputs)
-            sampled = head_logits(inner, head, h, tokens)  # (B, M, V)
+            h, tokens, base = sampler_pairs(hidden[-1], inputs)
+            sampled = head_logits(inner, head, h, tokens, base=base)  # (B, M, V)
             samp = sampler_loss(sampled, logits, inputs, s, block_norm)
             loss = loss + s.sampler_weight * samp
             if model.training:
