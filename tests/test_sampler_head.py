@@ -167,13 +167,15 @@ def test_a_head_reading_the_base_chains_on_its_own_state_by_hand(tmp_path):
     gen = torch.Generator().manual_seed(4)
     h, f = (torch.randn(n, d, dtype=torch.float64, generator=gen) for n in (3, 1))
     emb = model.get_input_embeddings()
-    tokens, _ = redraft(model, head, h, 7, 3, base=f[0])
+    tokens, _, z0 = redraft(model, head, h, 7, 3, base=f[0])
     want, tok, prev = [], 7, f[0]
     for j in range(3):
         e = emb(torch.tensor(tok))
         z = h[j] + head.down(torch.nn.functional.silu(head.up(torch.cat([h[j], e, prev]))))
         tok, prev = int(model.get_output_embeddings()(z).argmax()), z
         want.append(tok)
+        if j == 0:
+            assert torch.allclose(z0, z)
     assert tokens == want
     t = torch.tensor(7)
     assert not torch.allclose(head_logits(model, head, h[0], t, base=f[0]), head_logits(model, head, h[0], t, base=-f[0]))
@@ -190,7 +192,7 @@ def test_redraft_chains_each_token_on_the_one_before():
     head = new_sampler(model)
     torch.nn.init.normal_(head.down.weight, std=0.5, generator=torch.Generator().manual_seed(3))
     h = torch.randn(3, model.config.hidden_size, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
-    tokens, alts = redraft(model, head, h, 7, 3, topk=3)
+    tokens, alts, _ = redraft(model, head, h, 7, 3, topk=3)
     want, tok = [], 7
     for j in range(3):
         logits = head_logits(model, head, h[j], torch.tensor(tok))
@@ -202,7 +204,7 @@ def test_redraft_chains_each_token_on_the_one_before():
     # over candidates: the best of each row's own candidates (here the head's top 2 of row 0 and anything else)
     cand = torch.stack([head_logits(model, head, h[0], torch.tensor(7)).topk(2).indices, torch.tensor([5, 9]),
                         torch.tensor([want[2], 3])])  # (3, K = 2)
-    tokens, alts = redraft(model, head, h, 7, 3, topk=2, candidates=cand)
+    tokens, alts, _ = redraft(model, head, h, 7, 3, topk=2, candidates=cand)
     assert tokens[0] == want[0] and alts == [int(cand[0, 1])] and tokens[1] in (5, 9) and tokens[2] in (want[2], 3)
 
 

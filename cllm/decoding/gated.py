@@ -152,12 +152,11 @@ def sampler_drafter(model, head, hidden: torch.Tensor, logits: torch.Tensor, opt
         cand = None
         if opts.sampler_candidates:  # (count, K): each row's own most likely tokens
             cand = logits[row : row + count].topk(min(opts.sampler_candidates, logits.shape[-1]), dim=-1).indices
-        states: list[torch.Tensor] = []
         base = hidden[base_row] if base_row is not None else (first[0] if first else None)
-        out = redraft(model, head, draft[row : row + count], token, count, opts.draft_topk, cand, base, states)
+        tokens, alts, z = redraft(model, head, draft[row : row + count], token, count, opts.draft_topk, cand, base)
         if base_row is not None:
-            first[:] = states[:1]
-        return out
+            first[:] = [z]
+        return tokens, alts
     return drafter
 
 

@@ -147,24 +147,24 @@ def lm_logits(model, z: torch.Tensor, candidates: torch.Tensor | None = None) ->
 
 
 def redraft(model, head: SamplerHead, hidden: torch.Tensor, token: int, count: int, topk: int = 1,
-            candidates: torch.Tensor | None = None, base: torch.Tensor | None = None,
-            states: list | None = None) -> tuple[list[int], list[int]]:
+            candidates: torch.Tensor | None = None,
+            base: torch.Tensor | None = None) -> tuple[list[int], list[int], torch.Tensor | None]:
     """The next `count` guess tokens from consecutive draft rows' hidden states `hidden` (>= count, d), the first
     row's position holding `token`: each next token is the head's argmax given the row and the token before it,
     over the whole vocabulary or over that row's `candidates` (>= count, K). A `base_input` head reads `base` (d,)
     for the first token (the base's hidden state that predicted `token`) and its own z before each next one.
-    Returns (the tokens, the head's `topk - 1` runners-up for the first one); `states`, if given, gets each z."""
-    out, alts = [], []
+    Returns (the tokens, the head's `topk - 1` runners-up for the first one, the first one's z (d,) or None)."""
+    out, alts, first = [], [], None
     device = hidden.device
     for j in range(count):
         cand = candidates[j] if candidates is not None else None
         base = head_state(model, head, hidden[j], torch.tensor(token, device=device), base)  # (d,): z, next f
         logits = lm_logits(model, base, cand)  # (V,) or (K,)
-        if states is not None:
-            states.append(base)
+        if j == 0:
+            first = base
         if j == 0 and topk > 1:
             best = logits.topk(min(topk, logits.shape[-1])).indices[1:]
             alts = (cand[best] if cand is not None else best).tolist()
         token = int(logits.argmax()) if cand is None else int(cand[logits.argmax()])
         out.append(token)
-    return out, alts
+    return out, alts, first
