@@ -36,7 +36,7 @@ SAMPLER_FILE = "cllm_sampler.safetensors"
 
 
 class SamplerHead(nn.Module):
-    """(h (..., d), e (..., d)) -> the hidden state the LM head reads (..., d)."""
+    """(h (..., d), e (..., d)[, f (..., d) with `base_input`]) -> the hidden state the LM head reads (..., d)."""
 
     def __init__(self, hidden_size: int, inner_size: int | None = None, base_input: bool = False):
         super().__init__()
