@@ -154,17 +154,18 @@ def redraft(model, head: SamplerHead, hidden: torch.Tensor, token: int, count: i
     over the whole vocabulary or over that row's `candidates` (>= count, K). A `base_input` head reads `base` (d,)
     for the first token (the base's hidden state that predicted `token`) and its own z before each next one.
     Returns (the tokens, the head's `topk - 1` runners-up for the first one, the first one's z (d,) or None)."""
-    out, alts, first = [], [], None
+    out, alts, first, f = [], [], None, base
     device = hidden.device
     for j in range(count):
         cand = candidates[j] if candidates is not None else None
-        base = head_state(model, head, hidden[j], torch.tensor(token, device=device), base)  # (d,): z, next f
-        logits = lm_logits(model, base, cand)  # (V,) or (K,)
+        z = head_state(model, head, hidden[j], torch.tensor(token, device=device), f)  # (d,)
+        logits = lm_logits(model, z, cand)  # (V,) or (K,)
+        f = z  # what the next token's head reads in place of a verified row
         if j == 0:
-            first = base
-        if j == 0 and topk > 1:
-            best = logits.topk(min(topk, logits.shape[-1])).indices[1:]
-            alts = (cand[best] if cand is not None else best).tolist()
+            first = z
+            if topk > 1:
+                best = logits.topk(min(topk, logits.shape[-1])).indices[1:]
+                alts = (cand[best] if cand is not None else best).tolist()
         token = int(logits.argmax()) if cand is None else int(cand[logits.argmax()])
         out.append(token)
     return out, alts, first
