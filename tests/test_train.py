@@ -297,3 +297,61 @@ def test_drop_looping_leaves_out_whole_looping_responses(capsys, tiny_model_dir,
     assert main(["train", "--model", str(tiny_model_dir), "--data", str(traj_dir), "--output-dir",
                  str(tmp_path / "o"), "--block-size", "4", "--max-steps", "1", "--drop-looping"]) == 0
     assert "--drop-looping: left out" in capsys.readouterr().err
+
+
+def _jacobi_step(model, context: list[int], state: list[int]) -> list[int]:
+    """One Jacobi iteration of a block on committed `context`: token i is the argmax after context + state[:i]."""
+    with torch.no_grad():
+        logits = model(torch.tensor([context + state[:-1]])).logits[0, len(context) - 1:]
+    return logits.argmax(-1).tolist()
+
+
+def test_split_blocks_keeps_true_trajectories_of_the_smaller_block(tiny_model_dir, tmp_path):
+    """Blocks of 8 cut into pieces of 4: every kept state of a piece steps (one Jacobi iteration on the piece's
+    committed context) to the next kept state, and the last to the piece's fixed point; the pieces chain as
+    consecutive blocks; blocks that are not a multiple are refused."""
+    from cllm.errors import CllmError
+    from cllm.models import load_model
+    from cllm.training.records import read_records, split_blocks
+
+    lines = [json.dumps({"prompt": " ".join(f"w{3 + (i * 11 + j * 5) % 60}" for j in range(3 + i % 3))})
+             for i in range(4)]
+    (tmp_path / "p.jsonl").write_text("\n".join(lines) + "\n")
+    generate(resolve(GenConfig, {"model": str(tiny_model_dir), "prompts": str(tmp_path / "p.jsonl"),
+                                 "out": str(tmp_path / "t"), "block_size": 8, "max_new_tokens": 16,
+                                 "batch_size": 4, "repeat_threshold": 0}))
+    records = read_records(tmp_path / "t")
+    pieces = split_blocks(records, 4)
+    assert len(pieces) == sum(-(-len(r["fixed_point"]) // 4) for r in records)
+    model = load_model(str(tiny_model_dir), dtype="fp32")[0]
+    stepped = 0
+    for p in pieces:
+        states, fp = p["states"], p["fixed_point"]
+        assert all(len(s) == len(fp) for s in states)
+        for a, b in zip(states, [*states[1:], fp]):
+            if a != fp:
+                assert _jacobi_step(model, p["prompt_ids"], a)[:len(fp)] == b
+                stepped += 1
+    assert stepped > len(pieces)  # the check ran on real iterations, not only on converged pieces
+    by_id = {}
+    for p in sorted(pieces, key=lambda p: (p["data_id"], p["block_index"])):
+        ctx = by_id.get(p["data_id"], p["prompt_ids"])
+        assert p["prompt_ids"] == ctx
+        by_id[p["data_id"]] = ctx + p["fixed_point"]
+    with pytest.raises(CllmError, match="not a multiple"):
+        split_blocks(records, 3)
+
+
+def test_split_blocks_by_hand():
+    """Piece 1 keeps only the states whose piece 0 is already the fixed point's; states equal to the piece's
+    fixed point and repeats go; a piece left with none keeps its fixed point."""
+    from cllm.training.records import split_blocks
+
+    r = {"data_id": 7, "block_index": 1, "prompt_ids": [9, 9, 5], "prompt_len": 2, "fixed_point": [1, 2, 3, 4],
+         "states": [[0, 0, 0, 0], [1, 0, 6, 6], [1, 2, 6, 0], [1, 2, 3, 0]]}
+    a, b = split_blocks([r], 2)
+    assert (a["block_index"], a["prompt_ids"], a["states"], a["fixed_point"]) == (2, [9, 9, 5], [[0, 0], [1, 0]], [1, 2])
+    assert (b["block_index"], b["prompt_ids"], b["states"], b["fixed_point"]) == (3, [9, 9, 5, 1, 2], [[6, 0], [3, 0]],
+                                                                                    [3, 4])
+    done = dict(r, states=[[1, 2, 3, 4]])
+    assert [p["states"] for p in split_blocks([done], 2)] == [[[1, 2]], [[3, 4]]]

@@ -39,7 +39,10 @@ class TrainConfig:
     model: str = opt(DEFAULT_MODEL, "model to train: alias, local folder, HF id or .gguf")
     data: list = opt([], "`cllm gen` output folders or .jsonl record files")
     output_dir: str | None = opt(None, "checkpoints and the final (merged) model")
-    block_size: int = opt(16, "Jacobi block size n; must match the data")
+    block_size: int = opt(16, "Jacobi block size n; must match the data (or divide it, with split_blocks)")
+    split_blocks: bool = opt(False, "cut the data's blocks (a multiple of block_size) into blocks of block_size; "
+                                    "each piece keeps the states of a true block_size trajectory "
+                                    "(cllm.training.records.split_blocks)")
     objective: str = opt("cllm", "cllm: one trajectory state per example (CLLM paper); jacobi_forcing: whole "
                                  "responses packed as noisy/clean block pairs (Jacobi Forcing); gated: a gated "
                                  "LoRA adapter learns to draft on that packing while the base stays exact (the "

@@ -50,6 +50,31 @@ def first_prompts(records: list[dict], n: int) -> list[dict]:
     return [r for r in records if r["data_id"] in keep]
 
 
+def split_blocks(records: list[dict], m: int, where: str = "data") -> list[dict]:
+    """The records cut into blocks of m tokens (the data's block size must be a multiple of m).
+
+    Jacobi iteration is causal, so the first m positions of an n-token trajectory are the m-token trajectory itself.
+    Piece s > 0 keeps only the states whose pieces before it already equal the fixed point: from there on its
+    positions iterate on committed text, so each kept state is a state of an m-token trajectory (the first one its
+    initial guess). States equal to the piece's fixed point are left out (noise 0: the objectives add the fixed
+    point themselves); a piece with none left keeps its fixed point as its one state, so records stay well formed."""
+    if m < 1:
+        raise CllmError(f"block size must be >= 1, got {m}")
+    n = max(len(r["fixed_point"]) for r in records)
+    if n % m:
+        raise CllmError(f"{where}: blocks of {n} tokens cannot be cut into blocks of {m} (not a multiple)")
+    out = []
+    for r in records:
+        fp, k = r["fixed_point"], n // m
+        for s in range(-(-len(fp) // m)):
+            lo, piece = s * m, fp[s * m:(s + 1) * m]
+            states = [st[lo:lo + m] for st in r["states"] if st[:lo] == fp[:lo]]
+            states = [st for i, st in enumerate(states) if st != piece and (i == 0 or st != states[i - 1])]
+            out.append({**r, "block_index": r["block_index"] * k + s, "prompt_ids": [*r["prompt_ids"], *fp[:lo]],
+                        "states": states or [list(piece)], "fixed_point": piece})
+    return out
+
+
 def check_records(records: list[dict], block_size: int, vocab_size: int, where: str = "data") -> None:
     """Refuse data of the wrong format, another vocabulary or another block size, naming the first bad record."""
     for i, r in enumerate(records):
@@ -67,4 +92,5 @@ def check_records(records: list[dict], block_size: int, vocab_size: int, where: 
                             f"{vocab_size} (trajectories of another model?)")
     lengths = {len(r["fixed_point"]) for r in records}
     if max(lengths) != block_size:
-        raise CllmError(f"{where}: blocks have {max(lengths)} tokens but block_size is {block_size}")
+        hint = " (--split-blocks cuts them)" if max(lengths) > block_size and not max(lengths) % block_size else ""
+        raise CllmError(f"{where}: blocks have {max(lengths)} tokens but block_size is {block_size}{hint}")

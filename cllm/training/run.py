@@ -33,9 +33,11 @@ def _prepare_environment(cfg: TrainConfig) -> None:
 
 def build_dataset(cfg: TrainConfig, tok, vocab_size: int):
     """(dataset, collator, records, held-out records) for the objective; the records are checked first."""
-    from cllm.training.records import check_records, drop_looping, read_records
+    from cllm.training.records import check_records, drop_looping, read_records, split_blocks
 
     records = read_records(cfg.data)
+    if cfg.split_blocks:
+        records = split_blocks(records, cfg.block_size, where=", ".join(map(str, cfg.data)))
     if cfg.drop_looping:
         records, dropped = drop_looping(records)
         print(f"[cllm train] --drop-looping: left out {len(dropped)} looping responses "
