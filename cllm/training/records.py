@@ -63,9 +63,9 @@ def split_blocks(records: list[dict], m: int, where: str = "data") -> list[dict]
     n = max(len(r["fixed_point"]) for r in records)
     if n % m:
         raise CllmError(f"{where}: blocks of {n} tokens cannot be cut into blocks of {m} (not a multiple)")
-    out = []
+    out, k = [], n // m
     for r in records:
-        fp, k = r["fixed_point"], n // m
+        fp = r["fixed_point"]
         for s in range(-(-len(fp) // m)):
             lo, piece = s * m, fp[s * m:(s + 1) * m]
             states = [st[lo:lo + m] for st in r["states"] if st[:lo] == fp[:lo]]
