@@ -299,13 +299,6 @@ def test_drop_looping_leaves_out_whole_looping_responses(capsys, tiny_model_dir,
     assert "--drop-looping: left out" in capsys.readouterr().err
 
 
-def _jacobi_step(model, context: list[int], state: list[int]) -> list[int]:
-    """One Jacobi iteration of a block on committed `context`: token i is the argmax after context + state[:i]."""
-    with torch.no_grad():
-        logits = model(torch.tensor([context + state[:-1]])).logits[0, len(context) - 1:]
-    return logits.argmax(-1).tolist()
-
-
 def test_split_blocks_keeps_true_trajectories_of_the_smaller_block(tiny_model_dir, tmp_path):
     """Blocks of 8 cut into pieces of 4: every kept state of a piece steps (one Jacobi iteration on the piece's
     committed context) to the next kept state, and the last to the piece's fixed point; the pieces chain as
@@ -313,6 +306,7 @@ def test_split_blocks_keeps_true_trajectories_of_the_smaller_block(tiny_model_di
     from cllm.errors import CllmError
     from cllm.models import load_model
     from cllm.training.records import read_records, split_blocks
+    from test_jacobi import jacobi_step
 
     lines = [json.dumps({"prompt": " ".join(f"w{3 + (i * 11 + j * 5) % 60}" for j in range(3 + i % 3))})
              for i in range(4)]
@@ -330,7 +324,7 @@ def test_split_blocks_keeps_true_trajectories_of_the_smaller_block(tiny_model_di
         assert all(len(s) == len(fp) for s in states)
         for a, b in zip(states, [*states[1:], fp]):
             if a != fp:
-                assert _jacobi_step(model, p["prompt_ids"], a)[:len(fp)] == b
+                assert jacobi_step(model, p["prompt_ids"], a)[:len(fp)] == b
                 stepped += 1
     assert stepped > len(pieces)  # the check ran on real iterations, not only on converged pieces
     by_id = {}

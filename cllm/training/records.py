@@ -51,15 +51,13 @@ def first_prompts(records: list[dict], n: int) -> list[dict]:
 
 
 def split_blocks(records: list[dict], m: int, where: str = "data") -> list[dict]:
-    """The records cut into blocks of m tokens (the data's block size must be a multiple of m).
+    """The records cut into blocks of m >= 1 tokens (the data's block size must be a multiple of m).
 
     Jacobi iteration is causal, so the first m positions of an n-token trajectory are the m-token trajectory itself.
     Piece s > 0 keeps only the states whose pieces before it already equal the fixed point: from there on its
     positions iterate on committed text, so each kept state is a state of an m-token trajectory (the first one its
     initial guess). States equal to the piece's fixed point are left out (noise 0: the objectives add the fixed
     point themselves); a piece with none left keeps its fixed point as its one state, so records stay well formed."""
-    if m < 1:
-        raise CllmError(f"block size must be >= 1, got {m}")
     n = max(len(r["fixed_point"]) for r in records)
     if n % m:
         raise CllmError(f"{where}: blocks of {n} tokens cannot be cut into blocks of {m} (not a multiple)")
