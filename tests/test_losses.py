@@ -100,19 +100,22 @@ def test_training_log_plot_is_a_png(tmp_path):
 
 def test_sampler_pairs_and_loss_by_hand():
     """The sampler head's pairs: the hidden state at each noisy (student) position, the token at its clean
-    (teacher) position and the hidden state one before that (the clean row that predicted the token); its loss: forward KL(base at the teacher position || head), averaged over the mask per
-    example, divided by the example's block count ("original") or over all counted positions ("token")."""
+    (teacher) position and the hidden state of the last clean (gate 0) row before it, the one that predicted the
+    token; its loss: forward KL(base at the teacher position || head), averaged over the mask per example,
+    divided by the example's block count ("original") or over all counted positions ("token")."""
     from cllm.training.losses import LossSettings, sampler_loss, sampler_pairs
 
     hidden = torch.arange(2 * 6 * 3, dtype=torch.float64).view(2, 6, 3)  # (B, T, d)
     inputs = {"input_ids": torch.tensor([[9, 8, 7, 6, 5, 4], [3, 2, 1, 0, 11, 12]]),
+              "gate": torch.tensor([[0, 1, 1, 0, 0, 0], [0, 0, 0, 0, 1, 0]]),  # (B, T): 1 on noisy rows
               "cons_student_idx": torch.tensor([[1, 2], [0, 3]]), "cons_teacher_idx": torch.tensor([[4, 5], [2, 5]]),
               "block_mask": torch.tensor([[True, True], [False, True]]), "n_blocks": torch.tensor([1.0, 2.0])}
     h, tokens, base = sampler_pairs(hidden, inputs)
     assert torch.equal(h[0, 1], hidden[0, 2]) and torch.equal(h[1, 0], hidden[1, 0])
     assert tokens.tolist() == [[5, 4], [1, 12]]
     assert torch.equal(base[0, 0], hidden[0, 3]) and torch.equal(base[0, 1], hidden[0, 4])
-    assert torch.equal(base[1, 0], hidden[1, 1]) and torch.equal(base[1, 1], hidden[1, 4])
+    # example 1: row 4 before teacher 5 is noisy (gate 1), so the clean row that predicted its token is row 3
+    assert torch.equal(base[1, 0], hidden[1, 1]) and torch.equal(base[1, 1], hidden[1, 3])
     gen = torch.Generator().manual_seed(0)
     logits = torch.randn(2, 6, 5, generator=gen, dtype=torch.float64)  # (B, T, V)
     head = torch.randn(2, 2, 5, generator=gen, dtype=torch.float64)  # (B, M, V)

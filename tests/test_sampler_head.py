@@ -335,3 +335,23 @@ def test_training_a_head_that_reads_the_base(tiny_model_dir, tmp_path):
     with pytest.raises(CllmError, match="--sampler-base true"):
         train(resolve(TrainConfig, {**common, "output_dir": str(tmp_path / "h"),
                                     "init_adapter": str(tmp_path / "g" / "adapter"), "train_adapter": False}))
+
+
+def test_the_head_reads_the_clean_row_that_predicted_its_token_in_a_packed_batch():
+    """In `[prompt][k_0][c_0][k_1][c_1]` the row before c_j[0] is k_j's last (noisy, gate 1); the base row that
+    predicted c_j[0] is the prompt's last row (j = 0) or c_{j-1}'s last. A pair at t = 0 (the state's first token
+    wrong: the decoder's case when a forward commits one token) must read that row, as the decoder does."""
+    from cllm.training.losses import sampler_pairs
+    from cllm.training.objectives.gated import GatedCollator
+
+    ex = {"prompt_ids": [5, 6, 7], "fixed_points": [[10, 11, 12], [13, 14, 15]], "states": [[1, 2, 3], [2, 14, 3]]}
+    batch = GatedCollator(pad_token_id=0, block_size=3)([ex])
+    # packed: prompt 0-2, k_0 3-5, c_0 6-8, k_1 9-11, c_1 12-14
+    hidden = torch.arange(15, dtype=torch.float64).view(1, 15, 1)  # (B, T, d = 1): a row's hidden state is its index
+    _, tokens, base = sampler_pairs(hidden, batch)
+    counted = batch["block_mask"][0]
+    teacher = batch["cons_teacher_idx"][0][counted].tolist()
+    got = dict(zip(teacher, base[0, counted, 0].long().tolist()))
+    assert teacher[0] == 6 and got[6] == 2  # c_0[0]: the prompt's last row, not k_0's last (5)
+    assert got[7] == 6 and 12 in got and got[12] == 8  # c_1[0]: c_0's last row, not k_1's last (11)
+    assert tokens[0, counted].tolist()[: 2] == [10, 11]

@@ -158,11 +158,18 @@ def sampler_pairs(hidden: torch.Tensor, inputs: dict) -> tuple[torch.Tensor, tor
     """What a gated draft's sampler head reads in one packed forward: the draft's final hidden states (B, M, d) at
     the consistency student positions (noisy k_j[t]), the tokens (B, M) at the teacher positions (clean c_j[t]:
     the fixed point's token t, the one the base commits there) and the base's final hidden states (B, M, d) at
-    c_j[t] - 1, the clean (gate 0) row that predicted that token (what a `base_input` head reads)."""
+    the clean (gate 0) row that predicted that token (what a `base_input` head reads): the last gate-0 row before
+    c_j[t]. For t = 0 that is the previous clean block's last row (or the prompt's), not c_j[0] - 1, which is the
+    noisy block k_j's last row: the decoder's case when a forward commits one token."""
     d = hidden.shape[-1]
     idx, teacher = inputs["cons_student_idx"], inputs["cons_teacher_idx"]
     h = hidden.gather(1, idx.unsqueeze(-1).expand(-1, -1, d))
-    base = hidden.gather(1, (teacher - 1).clamp(min=0).unsqueeze(-1).expand(-1, -1, d))
+    B, T = inputs["input_ids"].shape
+    at = torch.arange(T, device=teacher.device).expand(B, T)
+    # (B, T): the last gate-0 index at or before each index (the prompt's first row is gate 0)
+    last_clean = torch.where(inputs["gate"] == 0, at, torch.zeros_like(at)).cummax(dim=1).values
+    before = last_clean.gather(1, (teacher - 1).clamp(min=0))  # (B, M)
+    base = hidden.gather(1, before.unsqueeze(-1).expand(-1, -1, d))
     return h, inputs["input_ids"].gather(1, teacher), base
 
 
