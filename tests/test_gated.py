@@ -5,6 +5,7 @@ seeds, block sizes, draft inputs and pools (the adapter's weights random, so its
 from __future__ import annotations
 
 import copy
+import dataclasses
 import itertools
 
 import pytest
@@ -13,7 +14,7 @@ import torch
 from cllm.decoding.gate import attach_gate, gated, is_gated
 from cllm.decoding.gated import GatedOptions, accept_length, branch_mask, gated_decode, lookup_continuation
 from cllm.errors import CllmError
-from conftest import random_prompt, tiny_model, with_random_gated_adapter
+from conftest import VOCAB, random_prompt, tiny_model, with_random_gated_adapter
 from test_jacobi import greedy_reference
 
 
@@ -487,3 +488,92 @@ def test_lora_layers_puts_the_adapter_on_the_chosen_layers_only(tiny_model_dir):
     for bad, msg in (("top:0", "top:K"), ("first", "top:K"), (f"top:{n + 1}", f"has {n} layers")):
         with pytest.raises(CllmError, match=msg):
             build_model(resolve(TrainConfig, {**base, "lora_layers": bad}))
+
+
+def test_sample_accept_draws_every_token_from_the_base_distribution():
+    """Speculative sampling over a token tree of deterministic branches: the first token is distributed as the
+    base's p at the root whatever the branches propose, and each next one as p given the tokens before it."""
+    from cllm.decoding.gated import sample_accept
+
+    branches = [[0, 1], [0, 2], [3]]  # two share their first token; the tree is {0: {1, 2}, 3}
+    table = {(): [0.4, 0.1, 0.2, 0.3], (0,): [0.1, 0.5, 0.2, 0.2], (3,): [0.25, 0.25, 0.25, 0.25],
+             (0, 1): [0.7, 0.1, 0.1, 0.1], (0, 2): [0.1, 0.1, 0.1, 0.7]}
+    seen = []
+
+    def dist(k, i):
+        prefix = tuple(branches[k][:i])
+        seen.append(prefix)
+        return torch.tensor(table[prefix], dtype=torch.float64)
+
+    gen, N = torch.Generator().manual_seed(0), 20000
+    counts = {}
+    for _ in range(N):
+        k, n, nxt = sample_accept(branches, dist, gen)
+        text = tuple(branches[k][:n]) + (nxt,)
+        for j in range(1, len(text) + 1):
+            counts[text[:j]] = counts.get(text[:j], 0) + 1
+    assert set(seen) == set(table)  # every node of the tree was reached
+    for prefix, p in table.items():
+        # after each of these prefixes the draw always goes on (a token reached as a branch's is accepted, never
+        # drawn last), so the next token's frequency estimates p given the prefix
+        total = counts.get(prefix, 0) if prefix else N
+        for tok, want in enumerate(p):
+            got = counts.get(prefix + (tok,), 0) / total
+            assert abs(got - want) < 0.03, (prefix, tok, got, want)
+    assert counts[(1,)] / N == pytest.approx(0.1, abs=0.015) and (1, 0) not in counts  # drawn last: nothing after
+
+
+def test_sampling_at_top_k_1_is_the_greedy_decode():
+    """top_k = 1 leaves one token with probability 1: sampling must then commit exactly what greedy commits, in
+    the same forwards (solo and under continuous batching)."""
+    from cllm.decoding.continuous import Row
+    from test_continuous import EOS, _run
+
+    base, model = gated_tiny(1)
+    gen = torch.Generator().manual_seed(1)
+    prompt = random_prompt(gen, 6)
+    greedy = GatedOptions(block_size=4, pool_candidates=2, lookup_tokens=3, draft_topk=2)
+    sampled = dataclasses.replace(greedy, temperature=0.7, top_k=1)
+    want = gated_decode(model, None, prompt, greedy, max_new_tokens=30, seed=3, eos_token_id=[-1])
+    got = gated_decode(model, None, prompt, sampled, max_new_tokens=30, seed=3, eos_token_id=[-1])
+    assert got.token_ids == want.token_ids == greedy_reference(base, prompt, 30)
+    assert got.accept_lengths == want.accept_lengths
+    row = Row(method="gated", prompt=prompt, max_new_tokens=20, seed=3, options=sampled)
+    _run(model, {0: [row]})
+    solo = gated_decode(model, None, prompt, sampled, max_new_tokens=20, seed=3, eos_token_id=EOS)
+    assert row.generated == solo.token_ids
+
+
+def test_sampled_gated_decoding_draws_the_base_distribution():
+    """Temperature 1 on a tiny model whose LM head favours tokens 3 and 4 (a bias, so the branches drawn from
+    the prompt and the draft are often right): the third token's frequency over many seeds matches the base's
+    exact marginal (every continuation of two tokens in one batched forward), with forwards that accept branch
+    tokens often enough for the speculative rule to matter."""
+    base, model = gated_tiny(0)
+    for m in (base, model):  # the same head for the base and the gated copy (gate 0 = the base)
+        lm = m.get_output_embeddings()
+        with torch.no_grad():
+            lm.weight.mul_(0.3)
+        lm.bias = torch.nn.Parameter(torch.zeros(VOCAB, dtype=lm.weight.dtype).index_fill_(0, torch.tensor([3]), 3.0)
+                                     .index_fill_(0, torch.tensor([4]), 2.5))
+    prompt = [3, 4, 3, 3, 4, 3, 9]
+    with torch.no_grad():
+        p1 = base(torch.tensor([prompt])).logits[0, -1].softmax(-1)  # (V,)
+        two = torch.tensor([prompt + [a] for a in range(VOCAB)])  # (V, P + 1)
+        p2 = base(two).logits[:, -1].softmax(-1)  # (V, V): p(t2 | t1)
+        three = torch.tensor([prompt + [a, b] for a in range(VOCAB) for b in range(VOCAB)])  # (V * V, P + 2)
+        p3 = base(three).logits[:, -1].softmax(-1).view(VOCAB, VOCAB, VOCAB)  # p(t3 | t1, t2)
+    exact = torch.einsum("a,ab,abc->c", p1, p2, p3)  # (V,): the third token's marginal
+    opts = GatedOptions(block_size=4, pool_candidates=2, pool_ngram=3, lookup_tokens=3, temperature=1.0)
+    N, counts, multi = 2000, torch.zeros(VOCAB, dtype=torch.float64), 0
+    for seed in range(N):
+        got = gated_decode(model, None, prompt, opts, max_new_tokens=3, seed=seed, eos_token_id=[-1])
+        counts[got.token_ids[2]] += 1
+        multi += any(a > 1 for a in got.accept_lengths)
+    # the favoured tokens and the rest as three buckets (64 single tokens would need far more draws): each
+    # frequency within 3.5 standard deviations of its exact probability
+    rest = 1 - exact[3] - exact[4]
+    for got, want in [(counts[3], exact[3]), (counts[4], exact[4]), (N - counts[3] - counts[4], rest)]:
+        got, want = float(got) / N, float(want)
+        assert abs(got - want) < 3.5 * (want * (1 - want) / N) ** 0.5, (got, want)
+    assert multi > N // 5, multi  # the rule was exercised, not only the residual draw

@@ -25,7 +25,7 @@ import torch
 from cllm.decoding import jacobi
 from cllm.decoding.common import RaggedCache, check_lengths
 from cllm.decoding.gate import gated
-from cllm.decoding.gated import GatedRun, read_logits, sampler_drafter
+from cllm.decoding.gated import GatedRun, sampler_drafter
 from cllm.decoding.options import GatedOptions
 from cllm.decoding.sampler_head import final_hidden, sampler_of
 from cllm.decoding.sampling import check_sampling_args, sample_token, warp_logits
@@ -126,9 +126,7 @@ class Row:
         return row.generated[-n_new:], n_head + n_new - 1
 
     def _gated(self, logits: torch.Tensor, stop: set[int], drafter) -> tuple[list[int], list[int]]:
-        run = self._state
-        pred, alts = read_logits(logits, run.width, run.opts.draft_topk)
-        taken, reason, keep = run.apply(pred, stop, self.max_new_tokens, alts, drafter)
+        taken, reason, keep = self._state.step(logits, stop, self.max_new_tokens, drafter)
         self.finish_reason = reason
         return taken, keep
 

@@ -1,5 +1,7 @@
-"""Gated decoding: a gated LoRA adapter drafts, the base model verifies, in one forward. Greedy and lossless: the
-output is the base model's greedy output whatever the adapter learnt. Batch size 1.
+"""Gated decoding: a gated LoRA adapter drafts, the base model verifies, in one forward. Lossless: greedy, the
+output is the base model's greedy output whatever the adapter learnt; with temperature > 0 each token is drawn from
+the base's (warped) distribution whatever the adapter learnt (`sample_accept`). Batch size 1 here; several rows
+under continuous batching (`cllm.decoding.continuous`).
 
 One forward feeds, after the KV cache of the committed text:
 
@@ -31,6 +33,12 @@ before it (`sampler_tokens` of them; the rest stay the draft's). Its runners-up 
 The pool holds the N-grams of the prompt and of the committed text keyed by their first token (prompt lookup, as
 Lookahead's pool holds its window's n-grams); the branches keyed by the head's last token are verified beside the
 guess in the same forward.
+
+Sampling (temperature > 0): the branches are deterministic proposals, so they are verified as a token tree by
+multi-candidate speculative sampling (SpecInfer's rule, Miao et al. 2024, with point-mass drafts): at each node the
+distinct next tokens of the branches still alive are tried in turn, each accepted with its probability under the
+base's distribution there, renormalized after every rejection; when none is accepted (or a branch ends) the next
+token is drawn from what is left. Each committed token is then distributed exactly as base sampling would draw it.
 """
 
 from __future__ import annotations
@@ -45,6 +53,7 @@ from cllm.decoding.gate import gated, shared_below
 from cllm.decoding.lookahead import NgramPool, _forward
 from cllm.decoding.options import DRAFT_INPUTS, GatedOptions  # noqa: F401 (re-exported)
 from cllm.decoding.sampler_head import final_hidden, redraft, sampler_of
+from cllm.decoding.sampling import warp_logits
 
 def accept_length(branch: list[int], pred: list[int]) -> int:
     """How many leading tokens of `branch` the base confirms: pred[i] is the base's greedy token at branch[i]'s
@@ -53,6 +62,27 @@ def accept_length(branch: list[int], pred: list[int]) -> int:
     while n < len(branch) and n < len(pred) and branch[n] == pred[n]:
         n += 1
     return n
+
+
+def sample_accept(branches: list[list[int]], dist, gen: torch.Generator) -> tuple[int, int, int]:
+    """Speculative sampling over deterministic branches that all start at the same position (pure rule):
+    `dist(k, i)` is the base's warped distribution (V,) at branch k's token i given the text and branch k's tokens
+    before i. Returns (a winning branch k, how many of its leading tokens are accepted, the next token drawn after
+    them); every token is distributed as the base's sampling would draw it."""
+    alive, n = list(range(len(branches))), 0
+    p = dist(0, 0).clone()
+    while True:
+        nexts = list(dict.fromkeys(branches[k][n] for k in alive if len(branches[k]) > n))  # distinct, in order
+        for c in nexts:
+            if float(torch.rand((), generator=gen)) < float(p[c]):
+                break
+            p[c] = 0.0  # rejected: the draw continues from p without c
+            p = p / p.sum()
+        else:
+            return alive[0], n, int(torch.multinomial(p, 1, generator=gen))
+        alive = [k for k in alive if len(branches[k]) > n and branches[k][n] == c]
+        n += 1
+        p = dist(alive[0], n).clone()
 
 
 def lookup_continuation(text: list[int], length: int, max_ngram: int = 2) -> list[int]:
@@ -103,7 +133,8 @@ def resolve_options(model, opts: GatedOptions) -> GatedOptions:
 @torch.inference_mode()
 def gated_decode(model, tokenizer, prompt_ids, options: GatedOptions | None = None, max_new_tokens: int = 256,
                  seed: int | list[int] = 0, eos_token_id=None, on_commit=None) -> DecodeResult | list[DecodeResult]:
-    """Greedy gated decoding of one prompt with a model loaded with a gated adapter (`cllm.decoding.gate`).
+    """Gated decoding of one prompt (greedy, or sampling with temperature > 0) with a model loaded with a gated
+    adapter (`cllm.decoding.gate`).
     `on_commit(0, token_ids)`, if given, is called with the tokens each forward commits (streaming)."""
     opts = options or GatedOptions()
     opts.check()
@@ -125,11 +156,10 @@ def gated_decode(model, tokenizer, prompt_ids, options: GatedOptions | None = No
         with gated(model, gate.to(cache.device)), shared_below(model, L - n_draft, sources), \
                 final_hidden(model, head is not None) as hidden:
             logits = _forward(cache, ids, [S + p for p in rel_pos], mask)  # (L, V)
-        pred, alts = read_logits(logits, n_draft, opts.draft_topk)
         drafter = None
         if head is not None:
             drafter = sampler_drafter(model, head, hidden[-1][0], logits[L - n_draft :], opts)
-        taken, reason, keep = run.apply(pred, stop, max_new_tokens, alts, drafter)
+        taken, reason, keep = run.step(logits, stop, max_new_tokens, drafter)
         cache.keep(list(range(S)) + [S + k for k in keep])
         if on_commit is not None:
             on_commit(0, taken)
@@ -178,6 +208,7 @@ class GatedRun:
         idx = torch.randint(len(prompt), (self.width,), generator=gen).tolist()
         self.guess = [prompt[i] for i in idx]  # y(0): prompt tokens at random, as Jacobi starts
         self.stats = {"tokens_from_draft": 0, "tokens_from_pool": 0, "pool_verified": 0}
+        self._rng = torch.Generator().manual_seed(seed)  # sampling's draws (temperature > 0)
         self._branches: list[list[int]] = []
         self._alts: list[int] = []  # the draft's runners-up for the guess's first token (draft_topk)
         self._tails: dict[int, list[int]] = {}  # a runner-up -> the sampler head's tokens after it
@@ -214,23 +245,35 @@ class GatedRun:
         h = len(self.head)
         return list(range(h, h + self.width))
 
+    def step(self, logits: torch.Tensor, stop: set[int], max_new_tokens: int,
+             drafter=None) -> tuple[list[int], str | None, list[int]]:
+        """`apply` with one forward's logits (L, V) of the last `inputs()`: greedy, or with temperature > 0 the
+        branch and tokens `sample_accept` draws."""
+        pred, alts = read_logits(logits, self.width, self.opts.draft_topk)
+        choice = self._sampled(logits) if self.opts.temperature > 0 else None
+        return self.apply(pred, stop, max_new_tokens, alts, drafter, choice)
+
+    def _sampled(self, logits: torch.Tensor) -> tuple[int, int, int]:
+        h, o = len(self.head), self.opts
+        starts = [h + sum(len(b) for b in self._branches[:k]) for k in range(len(self._branches))]
+
+        def dist(k: int, i: int) -> torch.Tensor:  # (V,): the row before branch k's token i
+            row = h - 1 if i == 0 else starts[k] + i - 1
+            return warp_logits(logits[row], o.temperature, o.top_k, o.top_p).softmax(-1).cpu()
+        return sample_accept(self._branches, dist, self._rng)
+
     def apply(self, pred: list[int], stop: set[int], max_new_tokens: int, alts: list[list[int]] | None = None,
-              drafter=None) -> tuple[list[int], str | None, list[int]]:
+              drafter=None, choice: tuple[int, int, int] | None = None) -> tuple[list[int], str | None, list[int]]:
         """Verify the branches against the base's argmax `pred` (L,), commit, draft the next guess (and keep the
         draft's runners-up `alts` (width, k - 1) at its first position, from `read_logits`; with a sampler
         head's `drafter` (`sampler_drafter`) the head redrafts it from the committed token on); returns (the
         tokens committed, the finish reason once the decode ends, the indices of this forward's tokens whose K/V
         stay: the head and the winning branch's accepted tokens)."""
         branches, h = self._branches, len(self.head)
-        first = pred[h - 1]  # the base's next token after the committed text
-        best, best_n, start, best_start = 0, -1, h, h
-        for k, b in enumerate(branches):
-            n = accept_length(b, [first] + pred[start : start + len(b) - 1])
-            if n > best_n:
-                best, best_n, best_start = k, n, start
-            start += len(b)
+        best, best_n, nxt = choice if choice is not None else self._greedy_choice(pred)
+        best_start = h + sum(len(b) for b in branches[:best])
         winner = branches[best]
-        correct = winner[:best_n] + [first if best_n == 0 else pred[best_start + best_n - 1]]
+        correct = winner[:best_n] + [nxt]
         taken, reason = finish(self.generated, correct, stop, max_new_tokens)
         self._record(best, best_n)
         self.head = [taken[-1]]
@@ -247,6 +290,18 @@ class GatedRun:
         self._tails = self._head_tails(drafter, best_n, guess) if drafter is not None and reason is None else {}
         self.guess = self._fill(guess, taken[-1])
         return taken, reason, list(range(h)) + list(range(best_start, best_start + best_n))
+
+    def _greedy_choice(self, pred: list[int]) -> tuple[int, int, int]:
+        """(the branch with the longest run of the base's argmax, that run's length, the base's token after it)."""
+        h = len(self.head)
+        first = pred[h - 1]  # the base's next token after the committed text
+        best, best_n, start, best_start = 0, -1, h, h
+        for k, b in enumerate(self._branches):
+            n = accept_length(b, [first] + pred[start : start + len(b) - 1])
+            if n > best_n:
+                best, best_n, best_start = k, n, start
+            start += len(b)
+        return best, best_n, first if best_n == 0 else pred[best_start + best_n - 1]
 
     @property
     def _alt_rows(self) -> int:

@@ -155,7 +155,9 @@ class AssistedOptions(SamplingOptions):
 
 
 @dataclass
-class GatedOptions:
+class GatedOptions(SamplingOptions):
+    """Greedy by default; temperature > 0 samples, verified by the speculative rule (`cllm.decoding.gated`)."""
+
     prefix: ClassVar[str] = ""
     block_size: int = opt(16, "Jacobi block size n (gated: the guess and the draft copy hold n - 1 tokens each)")
     draft_input: str | None = opt(None, "gated: what the draft copy reads, the guess or mask tokens (default: what "
@@ -178,6 +180,7 @@ class GatedOptions:
     mask_token_id: int = opt(0, "the token the draft copy reads with draft_input=mask (from the adapter)", flag=False)
 
     def check(self) -> None:
+        super().check()
         if not isinstance(self.block_size, int) or self.block_size < 2:
             raise CllmError(f"gated decoding needs a block size >= 2, got {self.block_size!r}")
         if self.draft_input is not None and self.draft_input not in DRAFT_INPUTS:
