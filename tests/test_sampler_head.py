@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from cllm.decoding.gated import GatedOptions, GatedRun, branch_mask, gated_decode
-from cllm.decoding.sampler_head import (SamplerHead, head_logits, load_sampler, new_sampler, redraft, sampler_of,
-                                       save_sampler)
+from cllm.decoding.sampler_head import (Reads, SamplerHead, head_logits, load_sampler, new_sampler, redraft,
+                                       sampler_of, save_sampler)
 from cllm.errors import CllmError
 from conftest import random_prompt, tiny_model, with_random_gated_adapter
 from test_gated import tiny_trajectories
@@ -165,7 +165,7 @@ def test_a_head_reading_the_base_chains_on_its_own_state_by_hand(tmp_path):
     gen = torch.Generator().manual_seed(4)
     h, f = (torch.randn(n, d, dtype=torch.float64, generator=gen) for n in (3, 1))
     emb = model.get_input_embeddings()
-    tokens, _, z0 = redraft(model, head, h, 7, 3, base=f[0])
+    tokens, _, z0 = redraft(model, head, h, 7, 3, reads=Reads(base=f[0]))
     want, tok, prev = [], 7, f[0]
     for j in range(3):
         e = emb(torch.tensor(tok))
@@ -355,3 +355,97 @@ def test_the_head_reads_the_clean_row_that_predicted_its_token_in_a_packed_batch
     assert teacher[0] == 6 and got[6] == 2  # c_0[0]: the prompt's last row, not k_0's last (5)
     assert got[7] == 6 and 12 in got and got[12] == 8  # c_1[0]: c_0's last row, not k_1's last (11)
     assert tokens[0, counted].tolist()[: 2] == [10, 11]
+
+
+def test_an_attending_head_reads_in_training_what_decoding_reads():
+    """An attending head (`attn_heads`) in training attends, at a pair of teacher position c, over the clean
+    stream's rows up to c (prompt and clean blocks, each token with the base row that predicted it); decoding builds
+    the same keys one commit at a time (`HeadContext`). Both give the same attention output at every pair."""
+    from cllm.decoding.sampler_head import HeadContext, _chain_attention, packed_attention
+    from cllm.training.losses import sampler_context, sampler_pairs
+    from cllm.training.objectives.gated import GatedCollator
+
+    _, model = _gated(7)
+    head = new_sampler(model, base_input=True, attn_heads=2)
+    gen = torch.Generator().manual_seed(7)
+    for p in head.parameters():
+        torch.nn.init.normal_(p, std=0.3, generator=gen)
+    ex = {"prompt_ids": [5, 6, 7, 8], "fixed_points": [[10, 11, 12], [13, 14, 15]], "states": [[1, 2, 3], [2, 14, 3]]}
+    batch = GatedCollator(pad_token_id=0, block_size=3)([ex, {**ex, "fixed_points": [[20, 21, 22]],
+                                                              "states": [[20, 3, 3]]}])
+    B, T = batch["input_ids"].shape
+    hidden = torch.randn(B, T, 32, generator=gen, dtype=torch.float64)  # (B, T, d): any final hidden states
+    f_prev, allowed, dist = sampler_context(hidden, batch)
+    teacher = batch["cons_teacher_idx"]
+    with torch.no_grad():
+        got = packed_attention(model, head, batch["input_ids"], f_prev, teacher, dist, allowed)  # (B, M, d)
+        _, _, base = sampler_pairs(hidden, batch)
+        clean = [i for i in range(T) if batch["gate"][0, i] == 0 and i < 4 + 12]  # example 0: prompt, c_0, c_1
+        ids, pos = batch["input_ids"][0], batch["position_ids"][0]
+        checked = 0
+        for m in range(teacher.shape[1]):
+            c = int(teacher[0, m])
+            if not batch["block_mask"][0, m]:
+                continue
+            rows = [i for i in clean if i <= c]  # the committed text up to and including c's token
+            ctx = HeadContext()
+            ctx.add(model, head, ids[rows[1:]].tolist(), hidden[0, rows[:-1]], pos[rows[1:]].tolist())
+            want = _chain_attention(model, head, ids[c], base[0, m], ctx, ([], [], []), int(pos[c]), False)
+            assert torch.allclose(got[0, m], want, atol=1e-10), m
+            checked += 1
+    assert checked >= 4
+
+
+def test_an_attending_head_decodes_as_the_base_alone_and_batched():
+    """Any attending head keeps the base's greedy output (over block sizes, pools, runner-up tails); untrained it
+    is the draft itself; under continuous batching each row gets what it gets alone (its own context)."""
+    from cllm.decoding.continuous import Row
+    from test_continuous import EOS, _run
+
+    base, model = _gated(8)
+    prompt = random_prompt(torch.Generator().manual_seed(8), 6)
+    want = greedy_reference(base, prompt, 40)
+    opts = [GatedOptions(block_size=n, pool_candidates=G, lookup_tokens=K, draft_topk=k, topk_tokens=m)
+            for n, G, K, k, m in [(5, 0, 0, 1, 0), (4, 2, 3, 1, 0), (6, 1, 0, 3, 2)]]
+    own = [gated_decode(model, None, prompt, o, max_new_tokens=40, eos_token_id=[-1]) for o in opts]
+    head = new_sampler(model, base_input=True, attn_heads=4)
+    assert [gated_decode(model, None, prompt, o, max_new_tokens=40, eos_token_id=[-1]).accept_lengths
+            for o in opts] == [r.accept_lengths for r in own]
+    gen = torch.Generator().manual_seed(8)
+    for p in (head.down.weight, head.pair.weight, head.qkv.weight, head.out.weight):
+        torch.nn.init.normal_(p, std=0.5, generator=gen)
+    got = [gated_decode(model, None, prompt, o, max_new_tokens=40, eos_token_id=[-1]) for o in opts]
+    assert all(g.token_ids == want for g in got)
+    assert any(g.accept_lengths != r.accept_lengths for g, r in zip(got, own))
+    rows = [Row(method="gated", prompt=random_prompt(gen, 4 + 3 * i), max_new_tokens=14, seed=i, options=o)
+            for i, o in enumerate(opts[1:])]
+    _run(model, {0: [rows[0]], 2: [rows[1]]})
+    for row in rows:
+        solo = gated_decode(model, None, row.prompt, row.options, max_new_tokens=14, seed=row.seed, eos_token_id=EOS)
+        assert row.generated == solo.token_ids and row.n_forwards == solo.n_forwards
+
+
+def test_training_an_attending_head_saves_and_loads_it(tiny_model_dir, tmp_path):
+    """--sampler-attn-heads trains a head with attention (its weights move), saved with its head count, loaded as
+    such; decoding with it is the base's greedy output; the option needs --sampler-base."""
+    from cllm.config import resolve
+    from cllm.models import load_model
+    from cllm.training.config import TrainConfig
+    from cllm.training.run import train
+
+    tiny_trajectories(tiny_model_dir, tmp_path, 11, 5)
+    common = dict(model=str(tiny_model_dir), data=[str(tmp_path / "t")], block_size=4, objective="gated",
+                  use_peft=True, ar_weight=0.0, lora_r=4, logging_steps=2, save_steps=10, learning_rate=1e-2,
+                  per_device_train_batch_size=2, max_steps=3, sampler_head=True, sampler_base=True)
+    with pytest.raises(CllmError, match="--sampler-attn-heads"):
+        resolve(TrainConfig, {**common, "sampler_base": False, "sampler_attn_heads": 2,
+                              "output_dir": str(tmp_path / "x")}).validate()
+    train(resolve(TrainConfig, {**common, "output_dir": str(tmp_path / "g"), "sampler_attn_heads": 2}))
+    base, tok = load_model(str(tiny_model_dir), dtype="fp32")
+    model, _ = load_model(str(tiny_model_dir), dtype="fp32", adapter=str(tmp_path / "g" / "adapter"))
+    head = sampler_of(model)
+    assert head.attn_heads == 2 and head.base_input and head.out.weight.abs().sum() > 0
+    assert head.down.weight.abs().sum() > 0
+    prompt = [5, 9, 14, 20, 7]
+    got = gated_decode(model, tok, prompt, GatedOptions(block_size=4), max_new_tokens=20, eos_token_id=[-1])
+    assert got.token_ids == greedy_reference(base, prompt, 20)

@@ -216,7 +216,7 @@ class ContinuousBatch:
             if head is not None and opts is not None and opts.sampler_tokens:
                 n_draft = part[3]  # the row's draft rows are its last inputs
                 drafter = sampler_drafter(self.model, head, hidden[-1][b, :n],
-                                          logits[b, n - n_draft : n], opts)
+                                          logits[b, n - n_draft : n], opts, row._state.head_ctx)
             keep.append(row.consume(logits[b, :n], self.stop, self.pad_id, drafter))
         return keep
 

@@ -52,7 +52,7 @@ from cllm.decoding.common import DecodeResult, SeqCache, check_lengths, committe
 from cllm.decoding.gate import gated, shared_below
 from cllm.decoding.lookahead import NgramPool, _forward
 from cllm.decoding.options import DRAFT_INPUTS, GatedOptions  # noqa: F401 (re-exported)
-from cllm.decoding.sampler_head import final_hidden, redraft, sampler_of
+from cllm.decoding.sampler_head import HeadContext, Reads, final_hidden, redraft, sampler_of
 from cllm.decoding.sampling import warp_logits
 
 def accept_length(branch: list[int], pred: list[int]) -> int:
@@ -158,7 +158,7 @@ def gated_decode(model, tokenizer, prompt_ids, options: GatedOptions | None = No
             logits = _forward(cache, ids, [S + p for p in rel_pos], mask)  # (L, V)
         drafter = None
         if head is not None:
-            drafter = sampler_drafter(model, head, hidden[-1][0], logits[L - n_draft :], opts)
+            drafter = sampler_drafter(model, head, hidden[-1][0], logits[L - n_draft :], opts, run.head_ctx)
         taken, reason, keep = run.step(logits, stop, max_new_tokens, drafter)
         cache.keep(list(range(S)) + [S + k for k in keep])
         if on_commit is not None:
@@ -167,12 +167,15 @@ def gated_decode(model, tokenizer, prompt_ids, options: GatedOptions | None = No
     return result if single else [result]
 
 
-def sampler_drafter(model, head, hidden: torch.Tensor, logits: torch.Tensor, opts: GatedOptions):
+def sampler_drafter(model, head, hidden: torch.Tensor, logits: torch.Tensor, opts: GatedOptions,
+                    ctx: HeadContext | None = None):
     """`GatedRun.apply`'s redrafter from one forward's final hidden states `hidden` (L, d), its last n_draft rows
     the draft's, and the draft rows' logits (n_draft, V): (draft row, the token now at its position, how many, the
     forward's row that predicted that token or None) -> (the head's tokens from that row on, its first runners-up).
     A head that reads the base's hidden state gets that row's (the verified prefix's); with None (a runner-up
-    branch's tail, chained after the last call's first token) the z of that first token."""
+    branch's tail, chained after the last call's first token) the z of that first token. An attending head reads
+    the committed text from `ctx` (the row's), which `drafter.commit(tokens, rows, positions)` extends with the
+    tokens this forward committed and the rows that predicted them."""
     draft = hidden[hidden.shape[0] - logits.shape[0] :]  # (n_draft, d)
     first: list[torch.Tensor] = []
 
@@ -183,10 +186,18 @@ def sampler_drafter(model, head, hidden: torch.Tensor, logits: torch.Tensor, opt
         if opts.sampler_candidates:  # (count, K): each row's own most likely tokens
             cand = logits[row : row + count].topk(min(opts.sampler_candidates, logits.shape[-1]), dim=-1).indices
         base = hidden[base_row] if base_row is not None else (first[0] if first else None)
-        tokens, alts, z = redraft(model, head, draft[row : row + count], token, count, opts.draft_topk, cand, base)
+        # the committed token is the context's last; a runner-up's tail starts one position after it
+        reads = Reads(base, ctx, fresh=base_row is None)
+        tokens, alts, z = redraft(model, head, draft[row : row + count], token, count, opts.draft_topk, cand, reads)
         if base_row is not None:
             first[:] = [z]
         return tokens, alts
+
+    def commit(tokens: list[int], rows: list[int], positions: list[int]) -> None:
+        if ctx is not None and head.attn_heads:
+            ctx.add(model, head, tokens, hidden[rows], positions)
+
+    drafter.commit = commit
     return drafter
 
 
@@ -209,6 +220,7 @@ class GatedRun:
         self.guess = [prompt[i] for i in idx]  # y(0): prompt tokens at random, as Jacobi starts
         self.stats = {"tokens_from_draft": 0, "tokens_from_pool": 0, "pool_verified": 0}
         self._rng = torch.Generator().manual_seed(seed)  # sampling's draws (temperature > 0)
+        self.head_ctx = HeadContext()  # the committed text as an attending sampler head reads it
         self._branches: list[list[int]] = []
         self._alts: list[int] = []  # the draft's runners-up for the guess's first token (draft_topk)
         self._tails: dict[int, list[int]] = {}  # a runner-up -> the sampler head's tokens after it
@@ -276,6 +288,11 @@ class GatedRun:
         correct = winner[:best_n] + [nxt]
         taken, reason = finish(self.generated, correct, stop, max_new_tokens)
         self._record(best, best_n)
+        keep = list(range(h)) + list(range(best_start, best_start + best_n))
+        if reason is None and getattr(drafter, "commit", None) is not None:
+            # kept row i predicted the committed token after it: head[1:] (the prompt, first forward), then taken
+            C = len(self.prompt) + len(self.generated)
+            drafter.commit(self.head[1:] + taken, keep, list(range(C - len(keep), C)))
         self.head = [taken[-1]]
         self.accept_lengths.append(len(taken))
         self._add_ngrams(self.generated, len(self.generated) - len(taken) - self.opts.pool_ngram)
@@ -289,7 +306,7 @@ class GatedRun:
             guess = redrafted + guess[len(redrafted) :]
         self._tails = self._head_tails(drafter, best_n, guess) if drafter is not None and reason is None else {}
         self.guess = self._fill(guess, taken[-1])
-        return taken, reason, list(range(h)) + list(range(best_start, best_start + best_n))
+        return taken, reason, keep
 
     def _greedy_choice(self, pred: list[int]) -> tuple[int, int, int]:
         """(the branch with the longest run of the base's argmax, that run's length, the base's token after it)."""

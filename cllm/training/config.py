@@ -56,6 +56,9 @@ class TrainConfig:
                                     "beside the adapter (continued from --init-adapter's when it has one)")
     sampler_base: bool = opt(False, "gated with sampler_head: a new head also reads the base's hidden state at the "
                                     "row that predicted its token (EAGLE's feature; cllm.decoding.sampler_head)")
+    sampler_attn_heads: int = opt(0, "gated with sampler_base: a new head also attends (this many heads, ALiBi) "
+                                     "to the committed text, each token with the base's row that predicted it "
+                                     "(EAGLE's draft layer, reduced; cllm.decoding.sampler_head); 0 = none")
     sampler_weight: float = opt(1.0, "gated with sampler_head: weight of the head's KL to the base's distribution")
     train_adapter: bool = opt(True, "gated: train the LoRA adapter; false keeps --init-adapter's frozen and trains "
                                     "the sampler head alone (no backward through the model)")
@@ -175,8 +178,9 @@ class TrainConfig:
                                 f"got {self.noise_shifts}")
         if self.objective == "gated":
             self._validate_gated()
-        elif self.sampler_head or self.sampler_base or not self.train_adapter:
-            raise CllmError("--sampler-head, --sampler-base and --train-adapter are options of --objective gated")
+        elif self.sampler_head or self.sampler_base or self.sampler_attn_heads or not self.train_adapter:
+            raise CllmError("--sampler-head, --sampler-base, --sampler-attn-heads and --train-adapter are options "
+                            "of --objective gated")
         if self.jacobi_eval_held_out < 0:
             raise CllmError(f"--jacobi-eval-held-out must be >= 0, got {self.jacobi_eval_held_out}")
         if self.jacobi_eval_held_out and not (self.max_prompts and self.jacobi_eval_steps > 0):
@@ -207,6 +211,9 @@ class TrainConfig:
                             "--sampler-head and --init-adapter")
         if self.sampler_base and not self.sampler_head:
             raise CllmError("--sampler-base is an option of the sampler head: add --sampler-head")
+        if self.sampler_attn_heads < 0 or (self.sampler_attn_heads and not self.sampler_base):
+            raise CllmError(f"--sampler-attn-heads must be >= 0 and needs --sampler-base (its keys are the base's "
+                            f"rows), got {self.sampler_attn_heads}")
         if self.sampler_weight < 0:
             raise CllmError(f"--sampler-weight must be >= 0, got {self.sampler_weight}")
 

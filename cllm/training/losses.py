@@ -164,13 +164,34 @@ def sampler_pairs(hidden: torch.Tensor, inputs: dict) -> tuple[torch.Tensor, tor
     d = hidden.shape[-1]
     idx, teacher = inputs["cons_student_idx"], inputs["cons_teacher_idx"]
     h = hidden.gather(1, idx.unsqueeze(-1).expand(-1, -1, d))
-    B, T = inputs["input_ids"].shape
-    at = torch.arange(T, device=teacher.device).expand(B, T)
-    # (B, T): the last gate-0 index at or before each index (the prompt's first row is gate 0)
-    last_clean = torch.where(inputs["gate"] == 0, at, torch.zeros_like(at)).cummax(dim=1).values
-    before = last_clean.gather(1, (teacher - 1).clamp(min=0))  # (B, M)
-    base = hidden.gather(1, before.unsqueeze(-1).expand(-1, -1, d))
+    base = hidden.gather(1, _clean_before(inputs).gather(1, teacher).unsqueeze(-1).expand(-1, -1, d))
     return h, inputs["input_ids"].gather(1, teacher), base
+
+
+def _clean_before(inputs: dict) -> torch.Tensor:
+    """(B, T): for each packed row, the last gate-0 row before it (the clean row that predicted its token; 0 for
+    row 0)."""
+    B, T = inputs["input_ids"].shape
+    at = torch.arange(T, device=inputs["input_ids"].device).expand(B, T)
+    last_clean = torch.where(inputs["gate"] == 0, at, torch.zeros_like(at)).cummax(dim=1).values  # (B, T)
+    return torch.cat([last_clean[:, :1], last_clean[:, :-1]], dim=1)
+
+
+def sampler_context(hidden: torch.Tensor, inputs: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """What an attending sampler head reads in one packed forward, as decoding reads the committed text: every row
+    s is a key with its token and f_prev (B, T, d), the base's final hidden state at the clean row that predicted
+    it; the pair at teacher position c (B, M) sees the clean-stream rows 1 <= s <= c (the prompt and the clean
+    blocks so far: `allowed` (B, M, T)) at distances position(c) - position(s) (B, M, T). Padding rows follow the
+    real ones (`cllm.training.batch.pad_stream`), so s <= c leaves them out."""
+    d = hidden.shape[-1]
+    f_prev = hidden.gather(1, _clean_before(inputs).unsqueeze(-1).expand(-1, -1, d))  # (B, T, d)
+    teacher, pos = inputs["cons_teacher_idx"], inputs["position_ids"]
+    T = pos.shape[1]
+    s = torch.arange(T, device=pos.device)
+    allowed = (inputs["gate"] == 0)[:, None, :] & (s >= 1) & (s[None, None, :] <= teacher[..., None])  # (B, M, T)
+    allowed[..., 0] |= ~allowed.any(-1)  # a padded pair (teacher 0) sees row 0, so its softmax stays finite
+    dist = pos.gather(1, teacher)[..., None] - pos[:, None, :]  # (B, M, T)
+    return f_prev, allowed, dist
 
 
 def sampler_loss(head_logits: torch.Tensor, logits: torch.Tensor, inputs: dict, s: LossSettings,

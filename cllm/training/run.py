@@ -146,11 +146,14 @@ def _sampler_head(cfg: TrainConfig, model) -> None:
 
     head = load_sampler(model, cfg.init_adapter) if cfg.init_adapter else None
     if head is None:
-        new_sampler(model, base_input=cfg.sampler_base)
+        new_sampler(model, base_input=cfg.sampler_base, attn_heads=cfg.sampler_attn_heads)
     elif head.base_input != cfg.sampler_base:
         raise CllmError(f"--init-adapter {cfg.init_adapter}'s sampler head "
                         f"{'reads' if head.base_input else 'does not read'} the base's hidden state: "
                         f"--sampler-base {str(head.base_input).lower()}")
+    elif head.attn_heads != cfg.sampler_attn_heads:
+        raise CllmError(f"--init-adapter {cfg.init_adapter}'s sampler head has {head.attn_heads} attention heads: "
+                        f"--sampler-attn-heads {head.attn_heads}")
     if not cfg.train_adapter:
         for name, param in model.named_parameters():
             if "lora_" in name:

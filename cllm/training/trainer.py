@@ -17,9 +17,9 @@ import torch
 from transformers import Trainer
 
 from cllm.errors import CllmError
-from cllm.decoding.sampler_head import final_hidden, head_logits, sampler_of, save_sampler
-from cllm.training.losses import (LossSettings, base_kl_loss, converged_prefix, packed_losses, sampler_loss,
-                                  sampler_pairs)
+from cllm.decoding.sampler_head import final_hidden, head_logits, packed_attention, sampler_of, save_sampler
+from cllm.training.losses import (LossSettings, base_kl_loss, converged_prefix, packed_losses, sampler_context,
+                                  sampler_loss, sampler_pairs)
 
 
 def flush_metrics(metrics: dict[str, list[float]], logs: dict) -> None:
@@ -93,7 +93,12 @@ class CllmTrainer(Trainer):
             loss = loss + s.base_kl_weight * base_kl
         if head is not None:
             h, tokens, base = sampler_pairs(hidden[-1], inputs)
-            sampled = head_logits(inner, head, h, tokens, base=base)  # (B, M, V)
+            attn = None
+            if head.attn_heads:
+                f_prev, allowed, dist = sampler_context(hidden[-1], inputs)
+                attn = packed_attention(inner, head, inputs["input_ids"], f_prev, inputs["cons_teacher_idx"], dist,
+                                        allowed)  # (B, M, d)
+            sampled = head_logits(inner, head, h, tokens, base=base, attn=attn)  # (B, M, V)
             samp = sampler_loss(sampled, logits, inputs, s, block_norm)
             loss = loss + s.sampler_weight * samp
             if model.training:
