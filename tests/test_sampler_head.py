@@ -426,8 +426,8 @@ def test_an_attending_head_decodes_as_the_base_alone_and_batched():
 
 
 def test_training_an_attending_head_saves_and_loads_it(tiny_model_dir, tmp_path):
-    """--sampler-attn-heads trains a head with attention (its weights move), saved with its head count, loaded as
-    such; decoding with it is the base's greedy output; the option needs --sampler-base."""
+    """--sampler-attn-heads trains a head with attention (its output projection starts at zero and moves), saved
+    with its head count, loaded as such; decoding with it is the base's greedy output; the option needs --sampler-base."""
     from cllm.config import resolve
     from cllm.models import load_model
     from cllm.training.config import TrainConfig

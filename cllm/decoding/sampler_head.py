@@ -56,6 +56,7 @@ class SamplerHead(nn.Module):
             self.pair = nn.Linear(2 * d, d, bias=False)  # u = pair([embed(token); f]): one committed token
             self.qkv = nn.Linear(d, 3 * d, bias=False)
             self.out = nn.Linear(d, d, bias=False)
+            nn.init.zeros_(self.out.weight)  # untrained: the attention adds nothing (and its training is visible)
             # ALiBi (Press et al. 2022): head i's score falls by slope_i per position of distance; saved with the
             # weights (their count is the head count)
             self.register_buffer("slopes", 2.0 ** (-8.0 * torch.arange(1, attn_heads + 1) / attn_heads))
