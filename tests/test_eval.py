@@ -348,3 +348,35 @@ def test_an_eval_started_before_per_method_options_resumes_and_still_refuses_oth
     shutil.copy(old, tmp_path / "eval_manifest.json")
     with pytest.raises(CllmError, match="block_size=16, this one runs gated with 8"):
         _check_manifest(tmp_path, settings(block_size=8), False, [])
+
+
+def test_an_eval_recorded_before_an_option_was_added_resumes_at_its_default(tmp_path):
+    """g22's eval recorded gated's options before gated could sample: the same command resumes (the new options at
+    their defaults are what it ran with); gated at temperature 0.7 is refused."""
+    import shutil
+    from pathlib import Path
+
+    from cllm import config as cfg_mod
+    from cllm.errors import CllmError
+    from cllm.eval.config import EvalConfig
+    from cllm.eval.runner import _check_manifest, settings_of
+
+    old = Path(__file__).resolve().parents[1] / "docs/results/gated/g22_gsm8k100_bf16/eval_manifest.json"
+    g = "gated:block_size=4:lookup_tokens=5:pool_candidates=1"
+    assert "temperature" not in json.loads(old.read_text())["method_options"][g]
+
+    def settings(**over):
+        c = cfg_mod.resolve(EvalConfig, {"model": "smollm2-135m", "adapter": "runs/ablation/g22_export",
+                                         "dataset": "gsm8k", "limit": 100, "methods": g, "dtype": "bf16",
+                                         "base_methods": "hf,lookahead:lookahead_window=3:lookahead_ngram=3:"
+                                                         "lookahead_guesses=3", "max_new_tokens": 256,
+                                         "out_dir": str(tmp_path), **over})
+        return settings_of(c, c.method_names())
+
+    shutil.copy(old, tmp_path / "eval_manifest.json")
+    _check_manifest(tmp_path, settings(), False, [])
+    sampled = settings()
+    sampled["method_options"][g]["temperature"] = 0.7  # an added option away from its default
+    shutil.copy(old, tmp_path / "eval_manifest.json")
+    with pytest.raises(CllmError, match="ran with"):
+        _check_manifest(tmp_path, sampled, False, [])

@@ -10,6 +10,7 @@ flags speed-ups that compare two runs.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -44,9 +45,13 @@ def _limit_grows(old, new) -> bool:
 
 
 def _check_method_options(out_dir: Path, old: dict, new: dict) -> None:
-    """A method of the earlier eval must run with the same options (methods may be added)."""
+    """A method of the earlier eval must run with the same options (methods may be added). An option the earlier
+    record lacks was added to cllm after that eval started, which ran as its default: at the default it matches."""
     for m in sorted(set(old) & set(new)):
-        if old[m] != new[m]:
+        defaults = {f.name: f.default for f in dataclasses.fields(registry.get(m.removeprefix("base_")).options)}
+        added = {k: v for k, v in new[m].items() if k not in old[m]}
+        if {k: v for k, v in new[m].items() if k in old[m]} != old[m] or \
+                any(k not in defaults or v != defaults[k] for k, v in added.items()):
             raise CllmError(f"{out_dir} holds an eval where {m} ran with {old[m]}, this one has {new[m]}; use another "
                             "--out-dir or --overwrite (finished rows are kept until then)")
 
