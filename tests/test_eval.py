@@ -353,7 +353,6 @@ def test_an_eval_started_before_per_method_options_resumes_and_still_refuses_oth
 def test_an_eval_recorded_before_an_option_was_added_resumes_at_its_default(tmp_path):
     """g22's eval recorded gated's options before gated could sample: the same command resumes (the new options at
     their defaults are what it ran with); gated at temperature 0.7 is refused."""
-    import shutil
     from pathlib import Path
 
     from cllm import config as cfg_mod
@@ -365,18 +364,24 @@ def test_an_eval_recorded_before_an_option_was_added_resumes_at_its_default(tmp_
     g = "gated:block_size=4:lookup_tokens=5:pool_candidates=1"
     assert "temperature" not in json.loads(old.read_text())["method_options"][g]
 
+    # the recorded adapter (runs/ablation/g22_export) is not in a clean clone: a committed one takes its place in
+    # both the record and the command, so only the method options differ from what g22's run recorded
+    adapter = Path(__file__).resolve().parents[1] / "experiments/ablation/adapters/g21_gated_top8_block4"
+    record = json.loads(old.read_text())
+    record["adapter"] = str(adapter)
+
     def settings(**over):
-        c = cfg_mod.resolve(EvalConfig, {"model": "smollm2-135m", "adapter": "runs/ablation/g22_export",
+        c = cfg_mod.resolve(EvalConfig, {"model": "smollm2-135m", "adapter": str(adapter),
                                          "dataset": "gsm8k", "limit": 100, "methods": g, "dtype": "bf16",
                                          "base_methods": "hf,lookahead:lookahead_window=3:lookahead_ngram=3:"
                                                          "lookahead_guesses=3", "max_new_tokens": 256,
                                          "out_dir": str(tmp_path), **over})
         return settings_of(c, c.method_names())
 
-    shutil.copy(old, tmp_path / "eval_manifest.json")
+    (tmp_path / "eval_manifest.json").write_text(json.dumps(record))
     _check_manifest(tmp_path, settings(), False, [])
     sampled = settings()
     sampled["method_options"][g]["temperature"] = 0.7  # an added option away from its default
-    shutil.copy(old, tmp_path / "eval_manifest.json")
+    (tmp_path / "eval_manifest.json").write_text(json.dumps(record))
     with pytest.raises(CllmError, match="ran with"):
         _check_manifest(tmp_path, sampled, False, [])
