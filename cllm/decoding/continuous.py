@@ -25,7 +25,7 @@ import torch
 from cllm.decoding import jacobi
 from cllm.decoding.common import RaggedCache, check_lengths
 from cllm.decoding.gate import gated
-from cllm.decoding.gated import GatedRun, sampler_drafter
+from cllm.decoding.gated import GatedRun, SamplerDrafter
 from cllm.decoding.options import GatedOptions
 from cllm.decoding.sampler_head import final_hidden, sampler_of
 from cllm.decoding.sampling import check_sampling_args, sample_token, warp_logits
@@ -215,8 +215,8 @@ class ContinuousBatch:
             opts = row._state.opts if row.method == "gated" else None
             if head is not None and opts is not None and opts.sampler_tokens:
                 n_draft = part[3]  # the row's draft rows are its last inputs
-                drafter = sampler_drafter(self.model, head, hidden[-1][b, :n],
-                                          logits[b, n - n_draft : n], opts, row._state.head_ctx)
+                drafter = SamplerDrafter(self.model, head, hidden[-1][b, :n],
+                                         logits[b, n - n_draft : n], opts, row._state.head_ctx)
             keep.append(row.consume(logits[b, :n], self.stop, self.pad_id, drafter))
         return keep
 

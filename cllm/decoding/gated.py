@@ -158,7 +158,7 @@ def gated_decode(model, tokenizer, prompt_ids, options: GatedOptions | None = No
             logits = _forward(cache, ids, [S + p for p in rel_pos], mask)  # (L, V)
         drafter = None
         if head is not None:
-            drafter = sampler_drafter(model, head, hidden[-1][0], logits[L - n_draft :], opts, run.head_ctx)
+            drafter = SamplerDrafter(model, head, hidden[-1][0], logits[L - n_draft :], opts, run.head_ctx)
         taken, reason, keep = run.step(logits, stop, max_new_tokens, drafter)
         cache.keep(list(range(S)) + [S + k for k in keep])
         if on_commit is not None:
@@ -167,38 +167,41 @@ def gated_decode(model, tokenizer, prompt_ids, options: GatedOptions | None = No
     return result if single else [result]
 
 
-def sampler_drafter(model, head, hidden: torch.Tensor, logits: torch.Tensor, opts: GatedOptions,
-                    ctx: HeadContext | None = None):
+class SamplerDrafter:
     """`GatedRun.apply`'s redrafter from one forward's final hidden states `hidden` (L, d), its last n_draft rows
-    the draft's, and the draft rows' logits (n_draft, V): (draft row, the token now at its position, how many, the
-    forward's row that predicted that token or None) -> (the head's tokens from that row on, its first runners-up).
-    A head that reads the base's hidden state gets that row's (the verified prefix's); with None (a runner-up
-    branch's tail, chained after the last call's first token) the z of that first token. An attending head reads
-    the committed text from `ctx` (the row's), which `drafter.commit(tokens, rows, positions)` extends with the
+    the draft's, and the draft rows' logits (n_draft, V). Called with (draft row, the token now at its position, how
+    many, the forward's row that predicted that token or None) it returns the head's tokens from that row on and its
+    first runners-up. A head that reads the base's hidden state gets that row's (the verified prefix's); with None
+    (a runner-up branch's tail, chained after the last call's first token) the z of that first token. An attending
+    head reads the committed text from `ctx` (the row's), which `commit(tokens, rows, positions)` extends with the
     tokens this forward committed and the rows that predicted them."""
-    draft = hidden[hidden.shape[0] - logits.shape[0] :]  # (n_draft, d)
-    first: list[torch.Tensor] = []
 
-    def drafter(row: int, token: int, count: int, base_row: int | None = None) -> tuple[list[int], list[int]]:
+    def __init__(self, model, head, hidden: torch.Tensor, logits: torch.Tensor, opts: GatedOptions,
+                 ctx: HeadContext | None = None):
+        self.model, self.head, self.hidden, self.logits, self.opts, self.ctx = model, head, hidden, logits, opts, ctx
+        self.draft = hidden[hidden.shape[0] - logits.shape[0] :]  # (n_draft, d)
+        self.first: torch.Tensor | None = None  # the z of the last call's first token
+
+    def __call__(self, row: int, token: int, count: int, base_row: int | None = None) -> tuple[list[int], list[int]]:
+        opts = self.opts
         if opts.sampler_tokens > 0:
             count = min(count, opts.sampler_tokens)
         cand = None
         if opts.sampler_candidates:  # (count, K): each row's own most likely tokens
-            cand = logits[row : row + count].topk(min(opts.sampler_candidates, logits.shape[-1]), dim=-1).indices
-        base = hidden[base_row] if base_row is not None else (first[0] if first else None)
+            k = min(opts.sampler_candidates, self.logits.shape[-1])
+            cand = self.logits[row : row + count].topk(k, dim=-1).indices
+        base = self.hidden[base_row] if base_row is not None else self.first
         # the committed token is the context's last; a runner-up's tail starts one position after it
-        reads = Reads(base, ctx, fresh=base_row is None)
-        tokens, alts, z = redraft(model, head, draft[row : row + count], token, count, opts.draft_topk, cand, reads)
+        reads = Reads(base, self.ctx, fresh=base_row is None)
+        tokens, alts, z = redraft(self.model, self.head, self.draft[row : row + count], token, count,
+                                  opts.draft_topk, cand, reads)
         if base_row is not None:
-            first[:] = [z]
+            self.first = z
         return tokens, alts
 
-    def commit(tokens: list[int], rows: list[int], positions: list[int]) -> None:
-        if ctx is not None and head.attn_heads:
-            ctx.add(model, head, tokens, hidden[rows], positions)
-
-    drafter.commit = commit
-    return drafter
+    def commit(self, tokens: list[int], rows: list[int], positions: list[int]) -> None:
+        if self.ctx is not None and self.head.attn_heads:
+            self.ctx.add(self.model, self.head, tokens, self.hidden[rows], positions)
 
 
 class GatedRun:
@@ -278,7 +281,7 @@ class GatedRun:
               drafter=None, choice: tuple[int, int, int] | None = None) -> tuple[list[int], str | None, list[int]]:
         """Verify the branches against the base's argmax `pred` (L,), commit, draft the next guess (and keep the
         draft's runners-up `alts` (width, k - 1) at its first position, from `read_logits`; with a sampler
-        head's `drafter` (`sampler_drafter`) the head redrafts it from the committed token on); returns (the
+        head's `drafter` (`SamplerDrafter`) the head redrafts it from the committed token on); returns (the
         tokens committed, the finish reason once the decode ends, the indices of this forward's tokens whose K/V
         stay: the head and the winning branch's accepted tokens)."""
         branches, h = self._branches, len(self.head)
