@@ -349,3 +349,27 @@ def test_split_blocks_by_hand():
                                                                                     [3, 4])
     done = dict(r, states=[[1, 2, 3, 4]])
     assert [p["states"] for p in split_blocks([done], 2)] == [[[1, 2]], [[3, 4]]]
+
+
+def test_two_sources_numbered_alike_keep_their_prompts_apart(tmp_path):
+    """CoSQA and the stdlib prompts both number their prompts from 0: read together, the second source's data_ids
+    are qualified with its name, so each response's blocks stay one prompt's (Jacobi Forcing groups by data_id);
+    sources that collide under their names too are refused."""
+    from cllm.errors import CllmError
+    from cllm.training.objectives.jacobi_forcing import group_responses
+    from cllm.training.records import read_records
+
+    def write(path: Path, prompt: list[int]) -> Path:
+        recs = [{"data_id": 0, "block_index": j, "prompt_ids": prompt + [5] * 2 * j, "prompt_len": len(prompt),
+                 "states": [[0, 0]], "fixed_point": [5, 5]} for j in range(2)]
+        path.write_text("".join(json.dumps(r) + "\n" for r in recs))
+        return path
+
+    a, b = write(tmp_path / "a.jsonl", [1, 2]), write(tmp_path / "b.jsonl", [3, 4, 6])
+    records = read_records([a, b])
+    assert sorted({r["data_id"] for r in records}, key=str) == [0, "b.jsonl/0"]
+    responses = group_responses(records)
+    assert sorted((r["prompt_ids"], len(r["blocks"])) for r in responses) == [([1, 2], 2), ([3, 4, 6], 2)]
+    (tmp_path / "x").mkdir()
+    with pytest.raises(CllmError, match="distinct names"):
+        read_records([a, b, write(tmp_path / "x" / "b.jsonl", [7])])

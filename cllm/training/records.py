@@ -13,20 +13,36 @@ REQUIRED_KEYS = ("data_id", "block_index", "prompt_ids", "prompt_len", "states",
 
 
 def read_records(source: str | Path | list) -> list[dict]:
-    """Records from a `cllm gen` folder (all committed shards), or from JSONL files / folders of part files."""
+    """Records from a `cllm gen` folder (all committed shards), or from JSONL files / folders of part files.
+
+    Two collections number their prompts alike (each from 0: CoSQA and the stdlib prompts): a source whose data_ids
+    an earlier source already used gets them qualified with its folder or file name ("c00000/12"), since every
+    objective groups a response's blocks by data_id and would otherwise mix two prompts' blocks."""
     sources = source if isinstance(source, (list, tuple)) else [source]
     records: list[dict] = []
+    seen: set = set()
     for s in sources:
-        p = Path(s)
-        if p.is_dir() and (p / "manifest.json").is_file():
-            records.extend(load_trajectories(p))
-        elif p.is_file():
-            records.extend(read_jsonl(p, "trajectory file"))
-        else:
-            raise CllmError(f"trajectory data not found: {s} (a `cllm gen` output folder or .jsonl files)")
+        part = _read_source(Path(s))
+        ids = {r["data_id"] for r in part}
+        if ids & seen:
+            part = [{**r, "data_id": f"{Path(s).name}/{r['data_id']}"} for r in part]
+            ids = {r["data_id"] for r in part}
+            if ids & seen:
+                raise CllmError(f"trajectory data {s}: its prompts' data_ids are already used by another source, "
+                                "also under its folder name: give the sources distinct names")
+        seen |= ids
+        records.extend(part)
     if not records:
         raise CllmError(f"no trajectory records in {source}")
     return records
+
+
+def _read_source(p: Path) -> list[dict]:
+    if p.is_dir() and (p / "manifest.json").is_file():
+        return load_trajectories(p)
+    if p.is_file():
+        return read_jsonl(p, "trajectory file")
+    raise CllmError(f"trajectory data not found: {p} (a `cllm gen` output folder or .jsonl files)")
 
 
 def drop_looping(records: list[dict]) -> tuple[list[dict], list]:
