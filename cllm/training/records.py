@@ -23,10 +23,10 @@ def read_records(source: str | Path | list) -> list[dict]:
     seen: set = set()
     for s in sources:
         part = _read_source(Path(s))
-        ids = {r["data_id"] for r in part}
+        ids = {r.get("data_id") for r in part} - {None}  # a record without one: check_records names it
         if ids & seen:
-            part = [{**r, "data_id": f"{Path(s).name}/{r['data_id']}"} for r in part]
-            ids = {r["data_id"] for r in part}
+            part = [{**r, "data_id": f"{Path(s).name}/{r['data_id']}"} if "data_id" in r else r for r in part]
+            ids = {r.get("data_id") for r in part} - {None}
             if ids & seen:
                 raise CllmError(f"trajectory data {s}: its prompts' data_ids are already used by another source, "
                                 "also under its folder name: give the sources distinct names")
