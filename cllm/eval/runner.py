@@ -49,9 +49,7 @@ def _check_method_options(out_dir: Path, old: dict, new: dict) -> None:
     record lacks was added to cllm after that eval started, which ran as its default: at the default it matches."""
     for m in sorted(set(old) & set(new)):
         defaults = {f.name: f.default for f in dataclasses.fields(registry.get(m.removeprefix("base_")).options)}
-        added = {k: v for k, v in new[m].items() if k not in old[m]}
-        if {k: v for k, v in new[m].items() if k in old[m]} != old[m] or \
-                any(k not in defaults or v != defaults[k] for k, v in added.items()):
+        if {**{k: defaults.get(k, object()) for k in new[m]}, **old[m]} != new[m]:  # the record, added at defaults
             raise CllmError(f"{out_dir} holds an eval where {m} ran with {old[m]}, this one has {new[m]}; use another "
                             "--out-dir or --overwrite (finished rows are kept until then)")
 
