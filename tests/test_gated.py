@@ -323,6 +323,56 @@ def test_gated_training_changes_only_the_draft_and_decodes_losslessly(tiny_model
     assert json.loads((out / "log_history.json").read_text())[-1]["step"] == 6
 
 
+def test_on_policy_states_from_gated_decoding_train_the_draft(tiny_model_dir, tmp_path):
+    """`cllm gen --decoder gated`: each response's blocks are consecutive, their fixed points are the base's greedy
+    output, a kept block's state is the guess the gated decoder read at that offset, and the folder trains (block
+    size = the guess width, noise window 1: each block's one state); an old folder's manifest still resumes."""
+    from cllm.config import resolve
+    from cllm.data.collect import generate
+    from cllm.data.trajectories import GenConfig, load_trajectories
+    from cllm.decoding import registry
+    from cllm.models import load_model
+    from cllm.training.config import TrainConfig
+    from cllm.training.objectives.jacobi_forcing import group_responses
+    from cllm.training.run import train
+
+    tiny_trajectories(tiny_model_dir, tmp_path, 13, 7)
+    common = dict(model=str(tiny_model_dir), block_size=4, objective="gated", use_peft=True, ar_weight=0.0, lora_r=4,
+                  max_steps=2, logging_steps=1, save_steps=2, learning_rate=1e-2, per_device_train_batch_size=2)
+    train(resolve(TrainConfig, {**common, "data": [str(tmp_path / "t")], "output_dir": str(tmp_path / "g")}))
+    adapter = str(tmp_path / "g" / "adapter")
+    gen_cfg = {"model": str(tiny_model_dir), "adapter": adapter, "prompts": str(tmp_path / "p.jsonl"),
+               "out": str(tmp_path / "on"), "block_size": 4, "max_new_tokens": 12, "batch_size": 4,
+               "decoder": "gated:lookup_tokens=0:pool_candidates=1", "dtype": "fp64"}
+    summary = generate(resolve(GenConfig, gen_cfg))
+    assert summary["prompts_done"] == 6
+    records = load_trajectories(tmp_path / "on")
+    assert max(len(r["fixed_point"]) for r in records) == 3 and all(len(r["states"]) == 1 for r in records)
+    base, tok = load_model(str(tiny_model_dir), dtype="fp64")
+    model, _ = load_model(str(tiny_model_dir), dtype="fp64", adapter=adapter)
+    cfg_d = registry.DecodeConfig(block_size=4, max_new_tokens=12, lookup_tokens=0, pool_candidates=1)
+    for resp in group_responses(records):
+        prompt = resp["prompt_ids"]
+        [want] = registry.decode("ar", base, tok, [prompt], [0], cfg_d)
+        assert [t for b in resp["blocks"] for t in b["fixed_point"]] == want.token_ids
+        seed = 1_000_003 * 0 + resp["data_id"]
+        [got] = registry.decode("gated", model, tok, [prompt], [seed], cfg_d)
+        read = {g.start: g.states[0] for g in got.trajectory}
+        offset = 0
+        for b in resp["blocks"]:
+            m = len(b["fixed_point"])
+            assert b["states"][0] in (read.get(offset, [])[:m], b["fixed_point"])
+            offset += m
+    assert any(r["states"][0] != r["fixed_point"] for r in records)  # some guesses were wrong: something to train
+    train(resolve(TrainConfig, {**common, "data": [str(tmp_path / "on")], "output_dir": str(tmp_path / "g2"),
+                                "block_size": 3, "noise_window": 1, "init_adapter": adapter}))
+    assert (tmp_path / "g2" / "adapter" / "cllm_gate.json").is_file()
+    with pytest.raises(CllmError, match="--adapter"):
+        resolve(GenConfig, {**gen_cfg, "adapter": None})
+    with pytest.raises(CllmError, match="--decoder"):
+        resolve(GenConfig, {**gen_cfg, "decoder": "lookahead"})
+
+
 def test_gated_objective_refuses_what_cannot_train():
     from cllm.config import resolve
     from cllm.training.config import TrainConfig

@@ -27,6 +27,7 @@ from cllm.data.trajectories import (
     longest_run,
     summarize,
     thin_states,
+    tile_guesses,
 )
 
 REPO = Path(__file__).resolve().parents[1]
@@ -71,6 +72,25 @@ def test_pure_helpers():
     assert wrong_after == wrong_before - 2 and all(a in (9, b) for a, b in zip(aug, fp))
     assert augment_state([1, 2, 3, 4, 5, 9], fp, 0.5, gen) is None  # one wrong token: nothing to augment
     assert sum(a != b for a, b in zip(augment_state([9] * 6, fp, 1.0, gen), fp)) == 1
+
+
+def test_tile_guesses_covers_the_text_with_consecutive_blocks():
+    """By hand: guesses of width 3 at offsets 0, 1, 3, 4, 8 (each forward committed a + 1 tokens) over 11 tokens.
+    Kept: 0 (ends at 3), 3 (ends at 6), 8 (ends at 11, cut to the text); 6..8 is a noise-0 block; 1 and 4 overlap."""
+    from cllm.decoding.common import BlockTrajectory
+
+    text = list(range(100, 111))
+    starts = [0, 1, 3, 4, 8]
+    guesses = [BlockTrajectory(i, s, [[7, 8, 9]], text[s : s + 3]) for i, s in enumerate(starts)]
+    tiles = tile_guesses(guesses, text)
+    assert [(b.block_index, b.start) for b in tiles] == [(0, 0), (1, 3), (2, 6), (3, 8)]
+    assert [b.fixed_point for b in tiles] == [text[0:3], text[3:6], text[6:8], text[8:11]]
+    assert [b.states for b in tiles] == [[[7, 8, 9]], [[7, 8, 9]], [text[6:8]], [[7, 8, 9]]]
+    # a guess past the end (the last forward's, fixed point cut by EOS) keeps its committed part only
+    short = [BlockTrajectory(0, 0, [[7, 8, 9]], text[:3]), BlockTrajectory(1, 3, [[5, 6, 4]], text[3:4])]
+    assert [(b.start, b.states, b.fixed_point) for b in tile_guesses(short, text[:4])] == [
+        (0, [[7, 8, 9]], text[:3]), (3, [[5]], text[3:4])]
+    assert [b.fixed_point for b in tile_guesses([], text[:4])] == [text[:1], text[1:2], text[2:3], text[3:4]]
 
 
 def test_first_prompts_cpu_seconds_counts_the_batches_of_those_prompts(tmp_path):

@@ -138,10 +138,28 @@ def _prompt_ids(cfg: GenConfig, tok, max_prompt: int, batch) -> tuple[list, dict
     return ready, skipped
 
 
+def _decode(cfg: GenConfig, model, tok, ready: list) -> list:
+    """The batch's results with their trajectories: Jacobi's blocks, or a gated decode's guesses tiled into
+    consecutive blocks (`tile_guesses`), one prompt at a time."""
+    seeds = [cfg.seed * 1_000_003 + rec.index for rec, _ in ready]
+    if cfg.decoder == "jacobi":
+        from cllm.decoding import jacobi_decode
+        from cllm.decoding.options import JacobiOptions
+
+        opts = JacobiOptions(block_size=cfg.block_size, init=cfg.init, record_trajectory=True)
+        return jacobi_decode(model, tok, [ids for _, ids in ready], opts, cfg.max_new_tokens, seed=seeds)
+    from cllm.data.trajectories import tile_guesses
+    from cllm.decoding.registry import DecodeConfig, decode
+
+    dcfg = DecodeConfig(cfg.max_new_tokens, block_size=cfg.block_size)
+    results = [decode(cfg.decoder, model, tok, [ids], [seed], dcfg)[0] for (_, ids), seed in zip(ready, seeds)]
+    for res in results:
+        res.trajectory = tile_guesses(res.trajectory, res.token_ids)
+    return results
+
+
 def _collect_batch(cfg: GenConfig, model, tok, max_prompt: int, batch, store) -> dict:
     """Decode one batch with trajectories recorded and commit its records; returns the batch's statistics."""
-    from cllm.decoding import jacobi_decode
-    from cllm.decoding.options import JacobiOptions
     from cllm.data.trajectories import block_records
 
     t0, c0 = time.perf_counter(), time.process_time()
@@ -149,11 +167,7 @@ def _collect_batch(cfg: GenConfig, model, tok, max_prompt: int, batch, store) ->
     out_records, stats = [], {"blocks_kept": 0, "blocks_dropped": 0, "iterations": 0, "blocks": 0,
                               "new_tokens": 0, "forwards": 0, "state_tokens": 0}
     if ready:
-        results = jacobi_decode(
-            model, tok, [ids for _, ids in ready],
-            JacobiOptions(block_size=cfg.block_size, init=cfg.init, record_trajectory=True), cfg.max_new_tokens,
-            seed=[cfg.seed * 1_000_003 + rec.index for rec, _ in ready],
-        )
+        results = _decode(cfg, model, tok, ready)
         for (rec, ids), res in zip(ready, results):
             labels = None
             if cfg.labels and rec.answer:

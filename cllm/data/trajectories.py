@@ -40,12 +40,16 @@ FINGERPRINT_KEYS = (
     "max_new_tokens", "init", "seed", "labels", "augment", "augment_fraction", "repeat_threshold",
     "max_states_per_block", "max_prompt_tokens", "on_long_prompt", "n_workers",
 )
+DECODERS = ("jacobi", "gated")
 
 
 @dataclass
 class GenConfig:
     model: str = opt(DEFAULT_MODEL, "model spec: alias, local folder, HF id or .gguf")
     adapter: str | None = opt(None, "optional PEFT adapter merged into the model")
+    decoder: str = opt("jacobi", "whose states to record: jacobi (the model's Jacobi trajectories) or gated[:OPTION=VALUE"
+                                 "...] (on-policy: the guesses a gated --adapter's draft reads under gated decoding, "
+                                 "blocks of block_size - 1 tokens; options as in `cllm eval --methods`)")
     dtype: str = opt("fp32", "fp32 gives the model's exact greedy fixed points; bf16 is faster (its own fixed points)",
                      ("fp32", "bf16", "fp16", "fp64"))
     device: str | None = opt(None, "cpu, cuda, cuda:1 (default: cuda if available)")
@@ -100,6 +104,22 @@ class GenConfig:
             raise CllmError(f"--augment-fraction must be in (0, 1], got {self.augment_fraction}")
         if self.repeat_threshold < 0 or self.max_states_per_block < 0:
             raise CllmError("--repeat-threshold and --max-states-per-block must be >= 0")
+        self._check_decoder()
+
+    def _check_decoder(self) -> None:
+        from cllm.decoding.registry import split_variant
+
+        base = self.decoder.split(":")[0]
+        if base not in DECODERS:
+            raise CllmError(f"--decoder must be one of {', '.join(DECODERS)} (with gated options), got {self.decoder!r}")
+        if base == "jacobi" and self.decoder != "jacobi":
+            raise CllmError(f"--decoder jacobi takes no options (--block-size, --init set them), got {self.decoder!r}")
+        if base == "gated":
+            split_variant(self.decoder)  # its options are known and well typed
+            if not self.adapter:
+                raise CllmError("--decoder gated records a gated adapter's guesses: give --adapter")
+            if self.block_size < 2:
+                raise CllmError("--decoder gated needs --block-size >= 2 (its guess is block_size - 1 tokens)")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -138,6 +158,34 @@ def thin_states(states: list[list[int]], cap: int) -> list[list[int]]:
         return [states[-1]]
     idx = sorted({round(i * (len(states) - 1) / (cap - 1)) for i in range(cap)})
     return [states[i] for i in idx]
+
+
+def tile_guesses(guesses: list, token_ids: list[int]) -> list:
+    """Consecutive blocks covering `token_ids` from a gated decode's overlapping guesses (`BlockTrajectory`s, in
+    order, one state each): a guess is kept when it starts at or after the end of the last one kept (cut to its
+    fixed point); the text between kept guesses becomes blocks of at most the guess width whose state is their
+    fixed point (noise 0: they carry the context, the objectives train nothing on them). Packing needs whole
+    responses of consecutive blocks, hence the tiling."""
+    from cllm.decoding.common import BlockTrajectory
+
+    width = max((len(g.states[0]) for g in guesses), default=1)
+    out: list = []
+
+    def fill(lo: int, hi: int) -> None:
+        for a in range(lo, hi, width):
+            piece = list(token_ids[a : min(a + width, hi)])
+            out.append(BlockTrajectory(len(out), a, [piece], piece))
+
+    pos = 0
+    for g in guesses:
+        m = len(g.fixed_point)
+        if g.start < pos or m == 0:
+            continue
+        fill(pos, g.start)
+        out.append(BlockTrajectory(len(out), g.start, [list(g.states[0][:m])], list(g.fixed_point)))
+        pos = g.start + m
+    fill(pos, len(token_ids))
+    return out
 
 
 def augment_state(state: list[int], fixed_point: list[int], fraction: float, gen) -> list[int] | None:
@@ -194,6 +242,8 @@ def block_records(data_id: int, prompt_id: str, prompt: list[int], result, cfg: 
 
 def fingerprint(cfg: GenConfig, n_workers: int) -> dict:
     values = {k: getattr(cfg, k) for k in FINGERPRINT_KEYS if k != "n_workers"}
+    if cfg.decoder != "jacobi":  # only then: folders collected before the option resume unchanged
+        values["decoder"] = cfg.decoder
     if values["prompts"]:
         values["prompts"] = str(Path(values["prompts"]).resolve())
     values["n_workers"] = n_workers

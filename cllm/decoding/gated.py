@@ -48,7 +48,8 @@ import time
 
 import torch
 
-from cllm.decoding.common import DecodeResult, SeqCache, check_lengths, committed_result, eos_ids, finish, single_prompt
+from cllm.decoding.common import (BlockTrajectory, DecodeResult, SeqCache, check_lengths, committed_result, eos_ids,
+                                  finish, single_prompt)
 from cllm.decoding.gate import gated, shared_below
 from cllm.decoding.lookahead import NgramPool, _forward
 from cllm.decoding.options import DRAFT_INPUTS, GatedOptions  # noqa: F401 (re-exported)
@@ -164,6 +165,7 @@ def gated_decode(model, tokenizer, prompt_ids, options: GatedOptions | None = No
         if on_commit is not None:
             on_commit(0, taken)
     result = committed_result(tokenizer, run.generated, run.accept_lengths, reason, t0, run.stats)
+    result.trajectory = run.guess_trajectory()
     return result if single else [result]
 
 
@@ -228,6 +230,13 @@ class GatedRun:
         self._alts: list[int] = []  # the draft's runners-up for the guess's first token (draft_topk)
         self._tails: dict[int, list[int]] = {}  # a runner-up -> the sampler head's tokens after it
         self._n_alt = 0
+        self.guesses: list[tuple[int, list[int]]] = []  # (offset among the generated tokens, guess) of each forward
+
+    def guess_trajectory(self) -> list[BlockTrajectory]:
+        """Each forward's guess as the draft read it (one state) with the committed tokens at its positions as the
+        fixed point: the on-policy states `cllm gen --decoder gated` records. Consecutive guesses overlap."""
+        return [BlockTrajectory(i, start, [guess], self.generated[start : start + len(guess)])
+                for i, (start, guess) in enumerate(self.guesses)]
 
     def _add_ngrams(self, text: list[int], start: int) -> None:
         """The pool gets the N-grams of `text` that begin at index >= start."""
@@ -285,6 +294,7 @@ class GatedRun:
         tokens committed, the finish reason once the decode ends, the indices of this forward's tokens whose K/V
         stay: the head and the winning branch's accepted tokens)."""
         branches, h = self._branches, len(self.head)
+        self.guesses.append((len(self.generated), list(self.guess)))
         best, best_n, nxt = choice if choice is not None else self._greedy_choice(pred)
         best_start = h + sum(len(b) for b in branches[:best])
         winner = branches[best]
