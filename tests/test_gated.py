@@ -326,7 +326,7 @@ def test_gated_training_changes_only_the_draft_and_decodes_losslessly(tiny_model
 def test_on_policy_states_from_gated_decoding_train_the_draft(tiny_model_dir, tmp_path):
     """`cllm gen --decoder gated`: each response's blocks are consecutive, their fixed points are the base's greedy
     output, a kept block's state is the guess the gated decoder read at that offset, and the folder trains (block
-    size = the guess width, noise window 1: each block's one state); an old folder's manifest still resumes."""
+    size = the guess width, noise window 1: each block's one state); bad --decoder settings are refused."""
     from cllm.config import resolve
     from cllm.data.collect import generate
     from cllm.data.trajectories import GenConfig, load_trajectories

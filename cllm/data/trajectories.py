@@ -46,7 +46,8 @@ DECODERS = ("jacobi", "gated")
 @dataclass
 class GenConfig:
     model: str = opt(DEFAULT_MODEL, "model spec: alias, local folder, HF id or .gguf")
-    adapter: str | None = opt(None, "optional PEFT adapter merged into the model")
+    adapter: str | None = opt(None, "optional PEFT adapter merged into the model (a gated one is loaded gated, for "
+                                    "--decoder gated)")
     decoder: str = opt("jacobi", "whose states to record: jacobi (the model's Jacobi trajectories) or gated[:OPTION=VALUE"
                                  "...] (on-policy: the guesses a gated --adapter's draft reads under gated decoding, "
                                  "blocks of block_size - 1 tokens; options as in `cllm eval --methods`)")
