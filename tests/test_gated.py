@@ -355,8 +355,8 @@ def test_on_policy_states_from_gated_decoding_train_the_draft(tiny_model_dir, tm
         prompt = resp["prompt_ids"]
         [want] = registry.decode("ar", base, tok, [prompt], [0], cfg_d)
         assert [t for b in resp["blocks"] for t in b["fixed_point"]] == want.token_ids
-        seed = 1_000_003 * 0 + resp["data_id"]
-        [got] = registry.decode("gated", model, tok, [prompt], [seed], cfg_d)
+        # the collector's seed: --seed (0) * 1_000_003 + the prompt's index
+        [got] = registry.decode("gated", model, tok, [prompt], [resp["data_id"]], cfg_d)
         read = {g.start: g.states[0] for g in got.trajectory}
         offset = 0
         for b in resp["blocks"]:
