@@ -1,4 +1,4 @@
-"""The `cllm` console script: decode, eval, gen, train, train-draft, pipeline, export-adapter, export-draft, serve, chat."""
+"""The `cllm` console script: datastore, decode, eval, gen, train, train-draft, pipeline, export-adapter, export-draft, serve, chat."""
 
 from __future__ import annotations
 
@@ -13,6 +13,8 @@ _ENVIRONMENT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, er
 
 SUBCOMMANDS = {
     "chat": ("cllm.commands.chat", "an interactive terminal chat, answers streamed as tokens are committed"),
+    "datastore": ("cllm.commands.datastore", "a datastore of the base's own responses, for gated decoding's retrieval "
+                                             "branches"),
     "decode": ("cllm.commands.decode", "decode prompts with AR or Jacobi decoding and compare them"),
     "eval": ("cllm.commands.eval", "evaluate a checkpoint: speed-up vs the base model's AR, quality, plots"),
     "export-adapter": ("cllm.commands.export_adapter", "a trained LoRA adapter in bf16 safetensors, to publish"),

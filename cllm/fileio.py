@@ -43,3 +43,9 @@ def fsync_tree(folder: str | Path) -> None:
                     os.fsync(f.fileno())
     for root in reversed(folders):
         fsync_dir(root)
+
+
+def method_file_stem(method: str) -> str:
+    """A method's name as part of a file name: its options may hold a path (gated's `datastore=`), whose '/' must
+    not open a folder."""
+    return method.replace("/", "%2F")

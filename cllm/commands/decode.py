@@ -248,4 +248,6 @@ class _AnswerFiles:
 
 
 def _sibling(path: Path, method: str) -> Path:
-    return path.with_name(f"{path.stem}.{method}{path.suffix or '.jsonl'}")
+    from cllm.fileio import method_file_stem
+
+    return path.with_name(f"{path.stem}.{method_file_stem(method)}{path.suffix or '.jsonl'}")

@@ -430,3 +430,12 @@ def data_id_order(i) -> tuple:
 def first_ids(ids, n: int) -> set:
     """The n first data_ids (by `data_id_order`): what --max-prompts keeps."""
     return set(sorted(set(ids), key=data_id_order)[:n])
+
+
+def responses(out: str | Path) -> list[list[int]]:
+    """The whole responses of a trajectory folder: each prompt's fixed points joined in block order (the base's
+    greedy response, as far as the collection went), in data_id order."""
+    by_id: dict[int, list[list[int]]] = {}
+    for r in load_trajectories(out):
+        by_id.setdefault(r["data_id"], []).append(r["fixed_point"])
+    return [[t for block in blocks for t in block] for _, blocks in sorted(by_id.items())]

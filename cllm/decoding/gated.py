@@ -32,7 +32,8 @@ before it (`sampler_tokens` of them; the rest stay the draft's). Its runners-up 
 
 The pool holds the N-grams of the prompt and of the committed text keyed by their first token (prompt lookup, as
 Lookahead's pool holds its window's n-grams); the branches keyed by the head's last token are verified beside the
-guess in the same forward.
+guess in the same forward. With a datastore (`cllm.decoding.datastore`: the base's own responses to training
+prompts, REST's retrieval) the continuations of the committed text's longest suffix found there are verified too.
 
 Sampling (temperature > 0): the branches are deterministic proposals, so they are verified as a token tree by
 multi-candidate speculative sampling (SpecInfer's rule, Miao et al. 2024, with point-mass drafts): at each node the
@@ -50,6 +51,7 @@ import torch
 
 from cllm.decoding.common import (BlockTrajectory, DecodeResult, SeqCache, check_lengths, committed_result, eos_ids,
                                   finish, single_prompt)
+from cllm.decoding.datastore import load_datastore
 from cllm.decoding.gate import gated, shared_below
 from cllm.decoding.lookahead import NgramPool, _forward
 from cllm.decoding.options import DRAFT_INPUTS, GatedOptions  # noqa: F401 (re-exported)
@@ -219,6 +221,7 @@ class GatedRun:
         self.head, self.generated, self.prompt = list(prompt), [], list(prompt)
         self.accept_lengths: list[int] = []
         self.pool = NgramPool(opts.pool_candidates)
+        self.store = load_datastore(opts.datastore) if opts.datastore else None
         self._add_ngrams(prompt, 0)
         gen = torch.Generator().manual_seed(seed)
         idx = torch.randint(len(prompt), (self.width,), generator=gen).tolist()
@@ -229,7 +232,7 @@ class GatedRun:
         self._branches: list[list[int]] = []
         self._alts: list[int] = []  # the draft's runners-up for the guess's first token (draft_topk)
         self._tails: dict[int, list[int]] = {}  # a runner-up -> the sampler head's tokens after it
-        self._n_alt = 0
+        self._n_alt = self._n_store = 0  # runner-up and datastore branches among them
         self.guesses: list[tuple[int, list[int]]] = []  # (offset among the generated tokens, guess) of each forward
 
     def guess_trajectory(self) -> list[BlockTrajectory]:
@@ -252,6 +255,13 @@ class GatedRun:
         if self.opts.lookup_tokens:
             found = lookup_continuation(self.prompt + self.generated, self.opts.lookup_tokens)
             cands = ([found] if found else []) + [c for c in cands if c != found[: len(c)]]
+        self._n_store = 0
+        if self.store is not None:
+            o = self.opts
+            for c in self.store.continuations(self.prompt + self.generated, o.datastore_candidates, o.datastore_tokens):
+                if not any(c == b[: len(c)] for b in cands):  # a prefix of a branch already verified adds nothing
+                    cands.append(c)
+                    self._n_store += 1
         draft_in = self.guess if self.opts.draft_input == "guess" else [self.opts.mask_token_id] * self.width
         alt = [self._alt_branch(a)[: self._alt_rows] for a in self._alts if a != self.guess[0]]
         self._branches, self._n_alt = [self.guess, *alt, *cands], len(alt)
@@ -366,5 +376,7 @@ class GatedRun:
     def _record(self, best: int, n: int) -> None:
         self.stats["pool_verified"] += len(self._branches) - 1 - self._n_alt
         key = "tokens_from_draft" if best == 0 else "tokens_from_topk" if best <= self._n_alt else "tokens_from_pool"
+        if best >= len(self._branches) - self._n_store:
+            key = "tokens_from_datastore"
         self.stats[key] = self.stats.get(key, 0) + n
 

@@ -166,6 +166,11 @@ class GatedOptions(SamplingOptions):
     pool_ngram: int = opt(4, "gated: n-gram size of the pool")
     lookup_tokens: int = opt(10, "hf_prompt_lookup, gated: candidate tokens copied from the prompt per forward "
                                  "(gated: 0 = off)")
+    datastore: str | None = opt(None, "gated: a `cllm datastore` file of the base's own responses; the continuations "
+                                      "of the committed text's longest suffix found there are verified as branches "
+                                      "(REST, He et al. 2024)")
+    datastore_tokens: int = opt(10, "gated with a datastore: tokens per retrieved branch")
+    datastore_candidates: int = opt(1, "gated with a datastore: retrieved branches per forward, most frequent first")
     draft_topk: int = opt(1, "gated: verify the draft's k most likely tokens at the guess's first position, each "
                              "as a branch continuing with the rest of the guess (1 = the guess only)")
     topk_tokens: int = opt(0, "gated, draft_topk > 1: tokens per runner-up branch (1 = the runner-up alone; 0 = as "
@@ -193,6 +198,15 @@ class GatedOptions(SamplingOptions):
             raise CllmError(f"gated sampler_tokens must be -1 (all), 0 (off) or a count, got {self.sampler_tokens!r}")
         if not isinstance(self.sampler_candidates, int) or self.sampler_candidates < 0:
             raise CllmError(f"gated sampler_candidates must be >= 0, got {self.sampler_candidates!r}")
+        if not isinstance(self.datastore_tokens, int) or self.datastore_tokens < 1:
+            raise CllmError(f"gated datastore_tokens must be an integer >= 1, got {self.datastore_tokens!r}")
+        if not isinstance(self.datastore_candidates, int) or self.datastore_candidates < 1:
+            raise CllmError(f"gated datastore_candidates must be an integer >= 1, got {self.datastore_candidates!r}")
+        if self.datastore is not None:
+            from pathlib import Path
+
+            if not Path(self.datastore).is_file():
+                raise CllmError(f"datastore file not found: {self.datastore} (write one with `cllm datastore`)")
         if self.pool_candidates < 0 or self.pool_ngram < 2 or self.lookup_tokens < 0:
             raise CllmError(f"pool: candidates >= 0 and n-gram size >= 2, got {self.pool_candidates}, "
                             f"{self.pool_ngram}; lookup tokens >= 0, got {self.lookup_tokens}")

@@ -19,7 +19,7 @@ from pathlib import Path
 from cllm.decoding import registry
 from cllm.data.datasets import read_json
 from cllm.errors import CllmError
-from cllm.fileio import atomic_write_text
+from cllm.fileio import atomic_write_text, method_file_stem
 from cllm.eval.config import REFERENCE, EvalConfig
 
 SETTINGS_KEYS = ("model", "adapter", "base_model", "methods", "base_methods", "dataset", "prompts", "prompt_field",
@@ -314,7 +314,7 @@ def finish(out_dir: Path, settings: dict, all_methods: list[str], n_prompts: int
     answers.mkdir(exist_ok=True)
     model_id = Path(str(settings["model"])).name
     for m, mrows in by_method.items():
-        with open(answers / f"{m}.jsonl", "w", encoding="utf-8") as f:
+        with open(answers / f"{method_file_stem(m)}.jsonl", "w", encoding="utf-8") as f:
             for r in mrows:
                 line = answer_line({**r, "wall_time": r["seconds"]}, f"{model_id}-{m}")
                 f.write(json.dumps(line) + "\n")
