@@ -121,3 +121,26 @@ def test_datastore_command_joins_each_prompts_fixed_points(tiny_model_dir, tmp_p
     assert tokens == [t for _, resp in sorted(want.items()) for t in [*resp, -1]]
     assert main(["datastore", str(tmp_path / "x.npz"), str(tmp_path)]) == 2  # not a trajectory folder
     assert not (tmp_path / "x.npz").exists()
+
+
+def test_decode_command_writes_a_method_holding_a_path_beside_the_answers(tiny_model_dir, tmp_path):
+    """`--compare gated:datastore=DIR/FILE --out answers.jsonl`: the compared method's answers file is a sibling whose
+    name keeps the option's '/' encoded (a folder there made the write fail), and its text is the base's."""
+    import json
+
+    from cllm.cli import main
+    from test_gated import _save_gated_adapter
+
+    adapter = _save_gated_adapter(tiny_model_dir, tmp_path / "gated")
+    (tmp_path / "store").mkdir()
+    store = tmp_path / "store" / "d.npz"
+    Datastore([[5, 6, 7, 8]]).save(store)
+    method = f"gated:datastore={store}"
+    out = tmp_path / "answers.jsonl"
+    assert main(["decode", "--model", str(tiny_model_dir), "--adapter", str(adapter), "--prompt", "w3 w4 w5",
+                 "--method", "ar", "--compare", method, "--block-size", "4", "--max-new-tokens", "12",
+                 "--dtype", "fp32", "--out", str(out)]) == 0
+    sibling = tmp_path / f"answers.{method.replace('/', '%2F')}.jsonl"
+    assert sibling.is_file()
+    ar, gated_ = (json.loads(p.read_text().splitlines()[0]) for p in (out, sibling))
+    assert gated_["choices"][0]["turns"] == ar["choices"][0]["turns"]

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from cllm.decoding import registry
 from cllm.errors import CllmError
+from cllm.fileio import method_file_stem
 from cllm.models import DEFAULT_MODEL
 
 YAML_DEFAULTS = True  # --config FILE.yaml: flags by name (block_size: 8), the command line over them
@@ -248,6 +249,4 @@ class _AnswerFiles:
 
 
 def _sibling(path: Path, method: str) -> Path:
-    from cllm.fileio import method_file_stem
-
     return path.with_name(f"{path.stem}.{method_file_stem(method)}{path.suffix or '.jsonl'}")

@@ -13,6 +13,7 @@ import argparse
 import json
 
 from cllm.decoding.datastore import load_datastore
+from cllm.decoding.gated import accept_length
 
 
 def estimate(rows: list[dict], store, candidates: int, tokens: int) -> tuple[float, float, float]:
@@ -23,10 +24,7 @@ def estimate(rows: list[dict], store, candidates: int, tokens: int) -> tuple[flo
         for a in r["accept_lengths"]:
             retrieved = 1  # a branch the base confirms for m tokens commits m + 1
             for branch in store.continuations(text[:pos], candidates, tokens):
-                m = 0
-                while m < len(branch) and pos + m < len(text) and branch[m] == text[pos + m]:
-                    m += 1
-                retrieved = max(retrieved, m + 1)
+                retrieved = max(retrieved, accept_length(branch, text[pos : pos + len(branch)]) + 1)
             committed, best, forwards = committed + a, best + max(a, retrieved), forwards + 1
             longer += retrieved > a
             pos += a
