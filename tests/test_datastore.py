@@ -33,6 +33,20 @@ def test_longest_suffix_and_most_frequent_continuations_by_hand():
     assert store.continuations([6], 1, 3) == [] and store.continuations([], 1, 3) == []
 
 
+def test_tree_rule_follows_the_agreeing_occurrences_by_hand():
+    store = Datastore(RESPONSES, max_ngram=3)
+    # [2 3] is followed by 4 5, 7 and 4 8: branch 1 starts with 4 (2 of 3), then 5 and 8 once each (ties: first seen)
+    assert store.continuations([0, 2, 3], 3, 3, min_share=0) == [[4, 5], [7]]
+    # share 0.5: 2 of the 3 occurrences must agree: 4 (2 of 3) stays, 5 (1) is cut, 7 (1) is left out
+    assert store.continuations([0, 2, 3], 3, 3, min_share=0.5) == [[4]]
+    assert store.continuations([0, 2, 3], 3, 3, min_share=1.0) == []  # nothing all three agree on
+    # [3 4] twice (5, 8): at share 0.5 one of two is enough, so both branches, each cut at the response's end
+    assert store.continuations([3, 4], 2, 4, min_share=0.5) == [[5], [8]]
+    assert store.continuations([9], 1, 5, min_share=0.3) == [[2, 3, 7]]  # one occurrence: followed to its end
+    with pytest.raises(CllmError, match="datastore_share"):
+        GatedOptions(datastore_share=1.5).check()
+
+
 def test_file_round_trip_and_bad_files(tmp_path):
     path = tmp_path / "d.npz"
     Datastore(RESPONSES, max_ngram=2, meta={"model": "m"}).save(path)
@@ -80,8 +94,9 @@ def test_decoding_with_a_datastore_is_the_base_greedy_output(seed, tmp_path):
     Datastore(noise).save(wrong)
     opts = GatedOptions(block_size=4, pool_candidates=1, lookup_tokens=0)
     plain = gated_decode(model, None, prompt, opts, max_new_tokens=40, seed=seed, eos_token_id=[-1])
-    for path, k in ((right, 1), (right, 3), (wrong, 2)):
-        o = dataclasses.replace(opts, datastore=str(path), datastore_tokens=6, datastore_candidates=k)
+    for path, k, share in ((right, 1, None), (right, 3, None), (wrong, 2, None), (right, 2, 0.2), (wrong, 3, 0.0)):
+        o = dataclasses.replace(opts, datastore=str(path), datastore_tokens=6, datastore_candidates=k,
+                                datastore_share=share)
         got = gated_decode(model, None, prompt, o, max_new_tokens=40, seed=seed, eos_token_id=[-1])
         assert got.token_ids == want == plain.token_ids
         if path == right:

@@ -8,13 +8,19 @@ decoder verifies them with the base like any other branch, so they change how ma
 never which: a wrong proposal costs its rows and nothing else.
 
 Lookup: one dict per suffix length k from the k tokens before each position to the positions that follow them
-(never across two responses); a key's top continuations are counted the first time it is asked and kept.
+(never across two responses); a key's top continuations are counted the first time it is asked and kept. Two
+rules pick them: the most frequent whole continuations (`min_share` None), or paths down the tree of continuations
+(`min_share` a fraction): branch i starts with the i-th most frequent next token and then takes the most frequent
+next token among the occurrences that still agree, while at least `min_share` of the suffix's occurrences do. The
+tree rule cuts a branch where the responses stop agreeing, so it spends rows only where tokens are likely to be
+accepted (a branch the share rules out at its first token is left out).
 """
 
 from __future__ import annotations
 
 import functools
 import json
+import math
 from collections import Counter
 from pathlib import Path
 
@@ -45,16 +51,50 @@ class Datastore:
                 self.index[k].setdefault(tuple(toks[i - k : i]), []).append(i)
         self._top: dict[tuple, list[tuple[int, ...]]] = {}  # (k, key, length) -> ranked continuations
 
-    def continuations(self, text: list[int], count: int, length: int, max_ngram: int | None = None) -> list[list[int]]:
+    def continuations(self, text: list[int], count: int, length: int, max_ngram: int | None = None,
+                      min_share: float | None = None) -> list[list[int]]:
         """Up to `count` distinct continuations of up to `length` tokens after the longest suffix of `text` (at most
-        `max_ngram` tokens) that the responses hold, most frequent first (ties: first seen); [] when none matches."""
+        `max_ngram` tokens) that the responses hold, most frequent first (ties: first seen); [] when none matches.
+        With `min_share`, paths down the tree of continuations instead (the module's doc)."""
         top = min(max_ngram or self.max_ngram, self.max_ngram, len(text))
         for k in range(top, 0, -1):
             key = tuple(text[-k:])
             positions = self.index[k].get(key)
             if positions:
-                return [list(c) for c in self._ranked(k, key, positions, length)[:count]]
+                if min_share is None:
+                    return [list(c) for c in self._ranked(k, key, positions, length)[:count]]
+                return [list(c) for c in self._paths(k, key, positions, length, min_share)[:count]]
         return []
+
+    def _paths(self, k: int, key: tuple[int, ...], positions: list[int], length: int,
+               min_share: float) -> list[tuple[int, ...]]:
+        cached = self._top.get((k, key, length, min_share))
+        if cached is None:
+            need = max(1, math.ceil(min_share * len(positions) - 1e-9))  # occurrences that must still agree
+            firsts = Counter(self.tokens[p] for p in positions if self.tokens[p] != SEPARATOR)
+            cached = []
+            for first, n in firsts.most_common():
+                if n < need:
+                    break
+                alive = [p + 1 for p in positions if self.tokens[p] == first]
+                cached.append((first, *self._follow(alive, length - 1, need)))
+            self._top[(k, key, length, min_share)] = cached
+        return cached
+
+    def _follow(self, alive: list[int], length: int, need: int) -> list[int]:
+        """The most frequent next token of the occurrences `alive` (positions of their next token), step by step,
+        while at least `need` of them agree."""
+        out = []
+        for _ in range(length):
+            nxt = Counter(self.tokens[p] for p in alive if self.tokens[p] != SEPARATOR)
+            if not nxt:
+                break
+            t, n = nxt.most_common(1)[0]
+            if n < need:
+                break
+            out.append(t)
+            alive = [p + 1 for p in alive if self.tokens[p] == t]
+        return out
 
     def _ranked(self, k: int, key: tuple[int, ...], positions: list[int], length: int) -> list[tuple[int, ...]]:
         ranked = self._top.get((k, key, length))

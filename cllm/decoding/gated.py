@@ -258,7 +258,8 @@ class GatedRun:
         self._n_store = 0
         if self.store is not None:
             o = self.opts
-            for c in self.store.continuations(self.prompt + self.generated, o.datastore_candidates, o.datastore_tokens):
+            for c in self.store.continuations(self.prompt + self.generated, o.datastore_candidates, o.datastore_tokens,
+                                              min_share=o.datastore_share):
                 if not any(c == b[: len(c)] for b in cands):  # a prefix of a branch already verified adds nothing
                     cands.append(c)
                     self._n_store += 1

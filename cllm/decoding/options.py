@@ -171,6 +171,9 @@ class GatedOptions(SamplingOptions):
                                       "(REST, He et al. 2024)")
     datastore_tokens: int = opt(10, "gated with a datastore: tokens per retrieved branch")
     datastore_candidates: int = opt(1, "gated with a datastore: retrieved branches per forward, most frequent first")
+    datastore_share: float | None = opt(None, "gated with a datastore: follow the tree of continuations token by "
+                                              "token and cut a branch where fewer than this share of the suffix's "
+                                              "occurrences still agree (None: whole most frequent continuations)")
     draft_topk: int = opt(1, "gated: verify the draft's k most likely tokens at the guess's first position, each "
                              "as a branch continuing with the rest of the guess (1 = the guess only)")
     topk_tokens: int = opt(0, "gated, draft_topk > 1: tokens per runner-up branch (1 = the runner-up alone; 0 = as "
@@ -202,6 +205,9 @@ class GatedOptions(SamplingOptions):
             raise CllmError(f"gated datastore_tokens must be an integer >= 1, got {self.datastore_tokens!r}")
         if not isinstance(self.datastore_candidates, int) or self.datastore_candidates < 1:
             raise CllmError(f"gated datastore_candidates must be an integer >= 1, got {self.datastore_candidates!r}")
+        if self.datastore_share is not None and not (isinstance(self.datastore_share, (int, float))
+                                                     and 0 <= self.datastore_share <= 1):
+            raise CllmError(f"gated datastore_share must be a fraction in [0, 1], got {self.datastore_share!r}")
         if self.datastore is not None:
             from pathlib import Path
 
