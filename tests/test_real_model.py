@@ -137,7 +137,8 @@ def test_published_gated_adapter_leaves_the_base_exact_and_gated_decoding_lossle
     on two GSM8K test prompts, committing more than one token per forward on average; with LoRA on the top layers
     only, also with the layers below shared between the guess and its draft copy (`share_below`); with the
     draft's 2 runners-up at the guess's first position verified too (`draft_topk` 3); with a sampler head, also
-    with it over the whole vocabulary and with it off; with the datastore published beside it, its branches too."""
+    with it over the whole vocabulary and with it off; with the datastore published beside it, its branches
+    too (both rules)."""
     import json
 
     from cllm.decoding import registry
@@ -158,8 +159,9 @@ def test_published_gated_adapter_leaves_the_base_exact_and_gated_decoding_lossle
     settings = [{}, {"draft_topk": 3}] + ([{"share_below": True}] if gate_state(model).below else [])
     if sampler_of(model) is not None:  # the head over the whole vocabulary, and the draft without it
         settings += [{"sampler_candidates": 0}, {"sampler_tokens": 0}]
-    if (adapter / "datastore.npz").is_file():  # its retrieval branches, two per forward
-        settings += [{"datastore": str(adapter / "datastore.npz"), "datastore_candidates": 2}]
+    if (adapter / "datastore.npz").is_file():  # its retrieval branches, two per forward (whole, then the tree rule)
+        store = {"datastore": str(adapter / "datastore.npz"), "datastore_candidates": 2}
+        settings += [store, {**store, "datastore_share": 0.1}]
     tokens = forwards = 0
     for ids in prompts:
         ar = ar_decode(base, tok, ids, max_new_tokens=64)
