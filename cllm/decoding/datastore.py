@@ -49,7 +49,8 @@ class Datastore:
                 if i - k < 0 or toks[i - k] == SEPARATOR:
                     break
                 self.index[k].setdefault(tuple(toks[i - k : i]), []).append(i)
-        self._top: dict[tuple, list[tuple[int, ...]]] = {}  # (k, key, length) -> ranked continuations
+        # (k, key, length) -> ranked whole continuations; (k, key, length, min_share) -> the tree rule's paths
+        self._top: dict[tuple, list[tuple[int, ...]]] = {}
 
     def continuations(self, text: list[int], count: int, length: int, max_ngram: int | None = None,
                       min_share: float | None = None) -> list[list[int]]:
