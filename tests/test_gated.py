@@ -162,6 +162,7 @@ def test_topk_branches_by_hand():
     assert taken == [20, 11, 30] and reason is None and keep == [0, 1, 2, 6, 7]
     assert run.guess[0] == 42 and run._alts == [54, 55]
     assert run.stats["tokens_from_topk"] == 2 and run.stats["pool_verified"] == 0
+    assert run.stats["forward_rows"] == 12  # the forward's head, 3 branches of 3 and the draft copy
     # topk_tokens 1: each runner-up alone, one row; a right one commits itself and the base's token after it
     run = GatedRun([5, 6, 7], GatedOptions(block_size=4, pool_candidates=0, lookup_tokens=0, draft_topk=3,
                                            topk_tokens=1))

@@ -226,7 +226,8 @@ class GatedRun:
         gen = torch.Generator().manual_seed(seed)
         idx = torch.randint(len(prompt), (self.width,), generator=gen).tolist()
         self.guess = [prompt[i] for i in idx]  # y(0): prompt tokens at random, as Jacobi starts
-        self.stats = {"tokens_from_draft": 0, "tokens_from_pool": 0, "pool_verified": 0}
+        # forward_rows: the rows (tokens) of every forward, which set its cost
+        self.stats = {"tokens_from_draft": 0, "tokens_from_pool": 0, "pool_verified": 0, "forward_rows": 0}
         self._rng = torch.Generator().manual_seed(seed)  # sampling's draws (temperature > 0)
         self.head_ctx = HeadContext()  # the committed text as an attending sampler head reads it
         self._branches: list[list[int]] = []
@@ -269,6 +270,7 @@ class GatedRun:
         lengths = [len(b) for b in self._branches] + [self.width]
         h = len(head)
         ids = head + [t for b in self._branches for t in b] + draft_in
+        self.stats["forward_rows"] += len(ids)
         rel_pos = list(range(h)) + [h + j for g in lengths for j in range(g)]
         return ids, rel_pos, branch_mask(h, lengths), self.width
 

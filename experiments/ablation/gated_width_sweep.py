@@ -3,7 +3,7 @@ rows a forward carries on average, which sets its cost: in bf16 on the AVX512-BF
 of an AR step, `bench/window_cost.py`). Every setting decodes every prompt in turn in one process; rows are appended
 to OUT (jsonl) as they finish and a table is printed at the end. In fp32 every setting's text is the base's greedy
 text, so the rates compare on the same text (row g39 of docs/experiments/gated.md chose the datastore's tree rule
-this way); the width is counted by wrapping `GatedRun.inputs`.
+this way); the width is the decoder's own count (`forward_rows` among a gated result's stats).
 
     python experiments/ablation/gated_width_sweep.py --dtype fp32 --limit 10 --max-new-tokens 128 \
         --out runs/sweep.jsonl METHOD [METHOD ...]
@@ -18,7 +18,6 @@ import torch
 
 from cllm.data.datasets import load_dataset_prompts
 from cllm.data.prompts import format_prompt
-from cllm.decoding import gated
 from cllm.decoding.registry import DecodeConfig, decode
 from cllm.models.loading import load_model
 
@@ -34,24 +33,15 @@ def main() -> None:
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
     model, tok = load_model("smollm2-135m", dtype=args.dtype, adapter=args.adapter)
-    widths: list[int] = []
-    inputs = gated.GatedRun.inputs
-
-    def counted(run):
-        out = inputs(run)
-        widths.append(len(out[0]))
-        return out
-    gated.GatedRun.inputs = counted
     total = {m: collections.Counter() for m in args.methods}
     with open(args.out, "a") as f:
         for rec in load_dataset_prompts(args.dataset, limit=args.limit):
             ids = format_prompt(tok, rec.prompt)
             for m in args.methods:
-                widths.clear()
                 t = time.perf_counter()
                 [res] = decode(m, model, tok, [ids], [0], DecodeConfig(args.max_new_tokens))
                 row = {"id": rec.id, "method": m, "tokens": len(res.token_ids), "forwards": len(res.accept_lengths),
-                       "rows": sum(widths), "seconds": time.perf_counter() - t, "token_ids": res.token_ids}
+                       "rows": res.extra["forward_rows"], "seconds": time.perf_counter() - t, "token_ids": res.token_ids}
                 f.write(json.dumps(row) + "\n")
                 f.flush()
                 total[m].update({k: row[k] for k in ("tokens", "forwards", "rows", "seconds")})
